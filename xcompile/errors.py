@@ -1,0 +1,39 @@
+"""One family of exceptions whose messages a user can act on.
+
+The CLI prints these without a traceback and exits non-zero; any other exception is a bug and keeps
+its traceback.
+"""
+
+
+class XCompileError(Exception):
+    """Base class: the message says what is wrong and what to do."""
+
+    exit_code = 2
+
+
+class TargetError(XCompileError):
+    """A robot or hardware target is unknown or malformed."""
+
+
+class CheckpointError(XCompileError):
+    """A checkpoint is missing, unsafe, truncated, foreign or of an unknown version."""
+
+
+class PlanError(XCompileError):
+    """A pass pipeline cannot run as written (unknown pass, wrong order, bad option)."""
+
+
+class PassCheckError(XCompileError):
+    """A pass ran but its result failed its own check."""
+
+    exit_code = 3
+
+
+class GateError(XCompileError):
+    """A build finished but missed a deployment gate (latency, size, score)."""
+
+    exit_code = 4
+
+
+class ContractError(XCompileError):
+    """A compiled policy was used for a robot it was not compiled for."""

@@ -1,0 +1,1 @@
+"""The fat multi-robot policy: architecture, joint descriptors and checkpoint format."""

@@ -1,0 +1,226 @@
+"""The fat policy: one transformer that acts for many robot bodies, and its pinned form for one body.
+
+Each joint is a token. Its identity is the joint's descriptor vector (read from the URDF, see
+`descriptors.py`), encoded by a small MLP, plus a projection of its state (position, velocity,
+last action). One extra token carries the task's global observation (base state, command or
+target), encoded per task family. Pre-LayerNorm transformer blocks mix the tokens and a per-family
+head reads one action per joint token. Nothing is indexed by joint position or body id, so any
+number of joints works and a body never seen in training is described like a known one.
+
+`pin` is the first compiler pass in miniature: partial evaluation on one body. Everything that
+depends only on the body (descriptor embeddings, the family's embedding) is computed once and
+stored as constants; other families' weights and the descriptor encoder are dropped. The pinned
+module takes the robot's flat observation vector and returns the same actions as the fat network
+(to float rounding). Attention is written with plain ops, not `nn.MultiheadAttention`, so both
+forms export to ONNX without fused kernels or data-dependent branches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from xcompile.errors import TargetError
+from xcompile.models.descriptors import DESC_DIM
+
+JOINT_STATE_DIM = 3  # q - q_default, 0.1 * qdot, last action
+
+
+class FatConfig(BaseModel):
+    """Architecture of the fat policy; stored in every checkpoint."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Sized for CPU training: the per-sample cost is in the blocks, so they stay small; the
+    # descriptor encoder runs once per body per batch, so it can be wide (pinning folds it away).
+    d_model: int = Field(128, gt=0, description="token width")
+    n_layers: int = Field(3, ge=1, description="number of transformer blocks")
+    n_heads: int = Field(4, ge=1, description="attention heads per block; must divide d_model")
+    d_ff: int = Field(384, gt=0, description="hidden width of each block's MLP")
+    desc_hidden: int = Field(512, gt=0, description="hidden width of the descriptor encoder")
+    desc_layers: int = Field(3, ge=1, description="hidden layers of the descriptor encoder")
+    joint_state_dim: int = Field(JOINT_STATE_DIM, gt=0,
+                                 description="per-joint state features (q, qdot, last action)")
+    desc_dim: int = Field(DESC_DIM, gt=0, description="length of a joint descriptor")
+    global_dims: dict[str, int] = Field(
+        default_factory=lambda: {"locomotion": 12, "reach": 9},
+        description="task family -> length of its global observation",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> FatConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        if not self.global_dims:
+            raise ValueError("global_dims needs at least one task family")
+        return self
+
+    @property
+    def families(self) -> list[str]:
+        return sorted(self.global_dims)
+
+    def obs_dim(self, family: str, n_joints: int) -> int:
+        """Length of the flat observation of a body of `family` with `n_joints` joints."""
+        return self.global_dims[family] + self.joint_state_dim * n_joints
+
+
+def split_obs(obs: Tensor, family_dim: int, n: int) -> tuple[Tensor, Tensor]:
+    """Split a flat observation (B, G + 3n) into global (B, G) and joint state (B, n, 3).
+
+    The flat layout is `[global | q - q_default | 0.1*qdot | last_action]`, each joint block in
+    policy joint order. Shapes are static in G and n (reshape with -1 for the batch) so the split
+    traces into ONNX with a dynamic batch.
+    """
+    global_obs = obs[:, :family_dim]
+    joint_state = obs[:, family_dim:].reshape(-1, JOINT_STATE_DIM, n).transpose(1, 2)
+    return global_obs, joint_state
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block with attention written out in plain ops."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        # Python constants, so tracing exporters see a fixed scale rather than shape arithmetic.
+        self.head_dim = d_model // n_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        qkv = self.qkv(self.ln1(x)).reshape(b, t, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, dh)
+        att = torch.softmax(q @ k.transpose(-2, -1) * self.scale, dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.out(y)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+def _check_family(cfg: FatConfig, family: str) -> None:
+    if family not in cfg.global_dims:
+        raise TargetError(
+            f"task family {family!r} is not one this fat policy was built for; "
+            f"it knows {cfg.families}. Pick a target of one of those families."
+        )
+
+
+class FatPolicy(nn.Module):
+    """The multi-body policy: (global obs, joint states, joint descriptors, family) -> actions."""
+
+    def __init__(self, config: FatConfig | None = None) -> None:
+        super().__init__()
+        cfg = config or FatConfig()
+        self.config = cfg
+        d = cfg.d_model
+        self.global_encoder = nn.ModuleDict(
+            {f: nn.Linear(g, d) for f, g in sorted(cfg.global_dims.items())})
+        self.family_embed = nn.ParameterDict(
+            {f: nn.Parameter(torch.randn(d) * 0.02) for f in cfg.families})
+        self.joint_state_proj = nn.Linear(cfg.joint_state_dim, d)
+        widths = [cfg.desc_dim] + [cfg.desc_hidden] * cfg.desc_layers
+        layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(a, b), nn.GELU()]
+        self.desc_encoder = nn.Sequential(*layers, nn.Linear(cfg.desc_hidden, d))
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.n_heads, cfg.d_ff) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.heads = nn.ModuleDict({f: nn.Linear(d, 1) for f in cfg.families})
+
+    def forward(self, global_obs: Tensor, joint_state: Tensor, desc: Tensor,
+                family: str) -> Tensor:
+        """global_obs (B, G), joint_state (B, n, 3), desc (n, D) -> action (B, n)."""
+        _check_family(self.config, family)
+        g = self.global_encoder[family](global_obs) + self.family_embed[family]
+        joints = self.joint_state_proj(joint_state) + self.desc_encoder(desc)
+        x = torch.cat([g.unsqueeze(1), joints], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.heads[family](self.ln_f(x[:, 1:])).squeeze(-1)
+
+    def act(self, obs_flat: Tensor, desc: Tensor | np.ndarray, family: str) -> Tensor:
+        """Act on flat observations (B, obs_dim) of one body."""
+        _check_family(self.config, family)
+        desc_t = _as_desc(desc, self.config, obs_flat)
+        global_obs, joint_state = split_obs(
+            obs_flat, self.config.global_dims[family], desc_t.shape[0])
+        return self(global_obs, joint_state, desc_t, family)
+
+
+def _as_desc(desc: Tensor | np.ndarray, cfg: FatConfig, like: Tensor | None = None) -> Tensor:
+    t = torch.as_tensor(desc, dtype=torch.float32)
+    if like is not None:
+        t = t.to(like.device)
+    if t.ndim != 2 or t.shape[1] != cfg.desc_dim:
+        raise ValueError(f"descriptors must be (n_joints, {cfg.desc_dim}), got {tuple(t.shape)}")
+    return t
+
+
+class PinnedPolicy(nn.Module):
+    """The fat policy partially evaluated on one body: flat obs (B, obs_dim) -> action (B, n)."""
+
+    def __init__(self, fat: FatPolicy, desc: Tensor | np.ndarray, family: str) -> None:
+        super().__init__()
+        cfg = fat.config
+        _check_family(cfg, family)
+        desc_t = _as_desc(desc, cfg, next(fat.parameters()))
+        self.family = family
+        self.n_joints = int(desc_t.shape[0])
+        self.global_dim = cfg.global_dims[family]
+        self.obs_dim = cfg.obs_dim(family, self.n_joints)
+
+        with torch.no_grad():
+            enc = copy.deepcopy(fat.global_encoder[family])
+            # The family embedding is a constant added after the encoder: fold it into the bias.
+            enc.bias.add_(fat.family_embed[family])
+            joint_const = fat.desc_encoder(desc_t) + fat.joint_state_proj.bias
+        self.global_encoder = enc
+        self.joint_weight = nn.Parameter(fat.joint_state_proj.weight.detach().clone())
+        # A buffer, not a parameter: it describes the body, so fine-tuning should not move it.
+        self.register_buffer("joint_const", joint_const.detach().clone())
+        self.blocks = copy.deepcopy(fat.blocks)
+        self.ln_f = copy.deepcopy(fat.ln_f)
+        self.head = copy.deepcopy(fat.heads[family])
+
+    def forward(self, obs: Tensor) -> Tensor:
+        global_obs, joint_state = split_obs(obs, self.global_dim, self.n_joints)
+        g = self.global_encoder(global_obs)
+        joints = F.linear(joint_state, self.joint_weight) + self.joint_const
+        x = torch.cat([g.unsqueeze(1), joints], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x[:, 1:])).squeeze(-1)
+
+
+def pin(fat: FatPolicy, desc: Tensor | np.ndarray, family: str) -> PinnedPolicy:
+    """Partially evaluate `fat` on the body described by `desc` (n, D) doing `family`."""
+    return PinnedPolicy(fat, desc, family).eval()
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameters (not buffers) in `module`."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def param_usage(fat: FatPolicy, family: str) -> dict[str, int | float]:
+    """How much of `fat` a body of `family` uses: shared parts plus its family's own parts."""
+    _check_family(fat.config, family)
+    shared = sum(count_params(m) for m in (fat.joint_state_proj, fat.desc_encoder, fat.blocks,
+                                            fat.ln_f))
+    own = (count_params(fat.global_encoder[family]) + fat.family_embed[family].numel()
+           + count_params(fat.heads[family]))
+    total = count_params(fat)
+    return {"shared": shared, "family": own, "used": shared + own, "total": total,
+            "fraction": (shared + own) / total}

@@ -1,0 +1,1 @@
+"""Headless PyBullet worlds built from a robot target, as gymnasium environments."""

@@ -1,0 +1,49 @@
+"""Headless frames and rollout GIFs (PyBullet's TinyRenderer: no display, no GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from xcompile.sim.env import RobotEnv
+
+
+def frame(env: RobotEnv, width: int = 320, height: int = 240) -> np.ndarray:
+    p, c = env.p, env.cid
+    pos, _ = p.getBasePositionAndOrientation(env.body, physicsClientId=c)
+    if env.family == "locomotion":
+        target, dist, yaw, pitch = [pos[0], pos[1], 0.25], 1.6, 30, -20
+    else:
+        target, dist, yaw, pitch = [pos[0] + 0.3, pos[1], 0.5], 1.8, 50, -25
+    view = p.computeViewMatrixFromYawPitchRoll(target, dist, yaw, pitch, 0, 2,
+                                               physicsClientId=c)
+    proj = p.computeProjectionMatrixFOV(60, width / height, 0.05, 20, physicsClientId=c)
+    img = p.getCameraImage(width, height, view, proj, renderer=p.ER_TINY_RENDERER,
+                           physicsClientId=c)[2]
+    rgb = np.asarray(img, dtype=np.uint8).reshape(height, width, 4)[:, :, :3].copy()
+    if env.family == "reach":
+        _mark_goal(env, rgb, view, proj, width, height)
+    return rgb
+
+
+def _mark_goal(env: RobotEnv, rgb: np.ndarray, view, proj, w: int, h: int) -> None:
+    """Draw the reach goal as a red square (TinyRenderer shows no debug items)."""
+    v = np.asarray(view).reshape(4, 4).T
+    pr = np.asarray(proj).reshape(4, 4).T
+    clip = pr @ v @ np.append(env.goal, 1.0)
+    if clip[3] <= 0:
+        return
+    x = int((clip[0] / clip[3] * 0.5 + 0.5) * w)
+    y = int((1 - (clip[1] / clip[3] * 0.5 + 0.5)) * h)
+    rgb[max(0, y - 3): y + 4, max(0, x - 3): x + 4] = (220, 30, 30)
+
+
+def write_gif(frames: list[np.ndarray], path: str | Path, fps: int = 12) -> None:
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps),
+                   loop=0, optimize=True)
