@@ -34,13 +34,13 @@ def evaluate(env: RobotEnv, gait: Gait, seeds: range) -> float:
     return float(np.mean(scores))
 
 
-def tune(name: str, iters: int, pop: int, seed: int) -> tuple[Gait, float]:
+def tune(name: str, iters: int, pop: int, seed: int, n_seeds: int = 3) -> tuple[Gait, float]:
     env = RobotEnv(name)
     rng = np.random.default_rng(seed)
-    seeds = range(1000, 1003)
+    seeds = range(1000, 1000 + n_seeds)
     best = max(
-        (Gait(thigh_sign=ts, knee_sign=ks, stride=st) for ts in (1.0, -1.0) for ks in (1.0, -1.0)
-         for st in (0.3, 0.6)),
+        (Gait(thigh_sign=ts, knee_sign=ks, stride=st, lift=lift) for ts in (1.0, -1.0)
+         for ks in (1.0, -1.0) for st in (0.2, 0.5) for lift in (0.3, 0.6)),
         key=lambda g: evaluate(env, g, seeds),
     )
     mean = np.array([getattr(best, f) for f in FIELDS])
@@ -68,9 +68,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--pop", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--episodes", type=int, default=3, help="episodes per candidate")
     a = ap.parse_args()
     for name in a.robots:
-        gait, score = tune(name, a.iters, a.pop, a.seed)
+        gait, score = tune(name, a.iters, a.pop, a.seed, a.episodes)
         fields = ", ".join(f"{f.name}={round(getattr(gait, f.name), 3)}"
                            for f in dataclasses.fields(gait))
         print(f'RESULT "{name}": Gait({fields}),  # tuned score {score:.3f}', flush=True)

@@ -176,6 +176,7 @@ class PinnedPolicy(nn.Module):
         cfg = fat.config
         _check_family(cfg, family)
         desc_t = _as_desc(desc, cfg, next(fat.parameters()))
+        self.fat_config = cfg  # kept so the pinned module can be saved and rebuilt (slim.py)
         self.family = family
         self.n_joints = int(desc_t.shape[0])
         self.global_dim = cfg.global_dims[family]
@@ -193,6 +194,14 @@ class PinnedPolicy(nn.Module):
         self.blocks = copy.deepcopy(fat.blocks)
         self.ln_f = copy.deepcopy(fat.ln_f)
         self.head = copy.deepcopy(fat.heads[family])
+
+    @classmethod
+    def empty(cls, config: FatConfig, family: str, n_joints: int) -> PinnedPolicy:
+        """A pinned policy of the right shapes with throwaway weights, to `load_state_dict` into."""
+        _check_family(config, family)
+        if n_joints < 1:
+            raise ValueError(f"n_joints must be >= 1, got {n_joints}")
+        return cls(FatPolicy(config), torch.zeros(n_joints, config.desc_dim), family)
 
     def forward(self, obs: Tensor) -> Tensor:
         global_obs, joint_state = split_obs(obs, self.global_dim, self.n_joints)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -60,12 +60,11 @@ class Faults:
 
 
 class RobotEnv(gym.Env):
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 25}
+    metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": 25}
 
     def __init__(self, robot: RobotTarget | str, faults: Faults | None = None,
                  render_mode: str | None = None):
         import pybullet as p
-        import pybullet_data
 
         self.robot = robot if isinstance(robot, RobotTarget) else load_robot(robot)
         self.faults = faults or Faults()
@@ -75,7 +74,7 @@ class RobotEnv(gym.Env):
         self.family = r.family
         self.substeps = max(1, round(r.physics_hz / r.control_hz))
         self.dt = 1.0 / r.control_hz
-        self.max_steps = int(round(r.task.episode_s * r.control_hz))
+        self.max_steps = round(r.task.episode_s * r.control_hz)
         j = r.joints
         self.q0 = np.asarray(j.default, dtype=np.float64)
         self.kp = np.asarray(j.kp, dtype=np.float64)
@@ -84,7 +83,23 @@ class RobotEnv(gym.Env):
 
         self.p = p
         self.cid = p.connect(p.DIRECT)
+        self._build_world()
+
+        od = obs_dim(r)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (od,), np.float32)
+        self.action_space = gym.spaces.Box(-j.action_clip, j.action_clip, (self.n,), np.float32)
+        self._pending: list[np.ndarray] = []
+
+    def _build_world(self) -> None:
+        """(Re)create the world in our client. Done at every reset: hand-resetting joints leaves
+        PyBullet's contact caches behind, so a second episode with the same seed could differ
+        (seen on laikago's mesh feet); a rebuilt world starts from the same solver state."""
+        import pybullet_data
+
+        p, r = self.p, self.robot
+        p.resetSimulation(physicsClientId=self.cid)
         p.setPhysicsEngineParameter(fixedTimeStep=1.0 / (self.substeps * r.control_hz),
+                                    deterministicOverlappingPairs=1,
                                     physicsClientId=self.cid)
         p.setGravity(0, 0, -9.81, physicsClientId=self.cid)
         if r.family == "locomotion":
@@ -115,10 +130,6 @@ class RobotEnv(gym.Env):
             self.n_movable = len(movable)
             self.driven_pos = [movable.index(j) for j in self.jids]
 
-        od = obs_dim(r)
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (od,), np.float32)
-        self.action_space = gym.spaces.Box(-j.action_clip, j.action_clip, (self.n,), np.float32)
-        self._pending: list[np.ndarray] = []
 
     # ---------------------------------------------------------------- state
     def _joint_state(self) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +171,7 @@ class RobotEnv(gym.Env):
         self.t = 0
         self.last_action = np.zeros(self.n)
         self._pending = []
+        self._build_world()
         q_init = self.q0 + rng.uniform(-0.05, 0.05, self.n)
         for jid, q in zip(self.jids, q_init):
             p.resetJointState(self.body, jid, q, 0.0, physicsClientId=c)
@@ -283,8 +295,6 @@ class RobotEnv(gym.Env):
 
     def close(self):
         if getattr(self, "cid", None) is not None:
-            try:
+            if self.p.isConnected(physicsClientId=self.cid):
                 self.p.disconnect(self.cid)
-            except Exception:  # already disconnected: nothing to release
-                pass
             self.cid = None

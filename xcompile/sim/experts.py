@@ -31,12 +31,17 @@ class Gait:
     duty_shift: float = 0.0    # phase lead of knee fold relative to hip swing, rad
 
 
-GAITS: dict[str, Gait] = {
-    "a1": Gait(),
-    "aliengo": Gait(),
-    "laikago": Gait(),
-    "mini_cheetah": Gait(thigh_sign=1.0, knee_sign=1.0),
-    "spot": Gait(),
+GAITS: dict[str, Gait] = {  # from examples/tune_gaits.py (seed 0)
+    "a1": Gait(thigh_sign=1.0, knee_sign=1.0, stride=0.6, lift=0.5, k_speed=0.3, k_roll=0.3,
+               k_pitch=0.3, duty_shift=0.0),
+    "aliengo": Gait(thigh_sign=1.0, knee_sign=1.0, stride=0.206, lift=0.601, k_speed=0.457,
+                    k_roll=0.399, k_pitch=0.906, duty_shift=0.662),
+    "laikago": Gait(thigh_sign=1.0, knee_sign=1.0, stride=0.1, lift=0.5, k_speed=0.326,
+                    k_roll=0.109, k_pitch=0.571, duty_shift=0.493),
+    "mini_cheetah": Gait(thigh_sign=1.0, knee_sign=1.0, stride=1.2, lift=0.814, k_speed=-0.017,
+                         k_roll=0.181, k_pitch=-0.993, duty_shift=0.122),
+    "spot": Gait(thigh_sign=1.0, knee_sign=1.0, stride=0.243, lift=0.225, k_speed=0.66,
+                 k_roll=0.049, k_pitch=-0.611, duty_shift=-0.51),
 }
 
 # Trot: diagonal legs together. Legs in policy order are FR/FL/RR/RL-like groups of 3; the phase
@@ -85,3 +90,24 @@ def expert_action(env: RobotEnv, obs: np.ndarray) -> np.ndarray:
     if env.family == "locomotion":
         return locomotion_action(env, obs, GAITS.get(env.robot.name, Gait()))
     return reach_action(env)
+
+
+def evaluate_expert(robot, episodes: int = 20, seed: int = 0):
+    """Score of the scripted expert on the same seeded episodes `xcompile eval` uses."""
+    from xcompile.evaluate import EvalResult
+
+    env = RobotEnv(robot)
+    res = EvalResult(robot=env.robot.name, seed=seed, scores=[])
+    try:
+        for i in range(episodes):
+            obs, _ = env.reset(seed=seed + i)
+            while True:
+                obs, _, term, trunc, info = env.step(expert_action(env, obs))
+                res.steps += 1
+                if term or trunc:
+                    break
+            res.scores.append(float(info["score"]))
+            res.falls += int(env.fell)
+    finally:
+        env.close()
+    return res

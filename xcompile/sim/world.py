@@ -6,7 +6,8 @@ from xcompile.errors import TargetError
 from xcompile.targets import RobotTarget
 
 
-def load_body(client: int, robot: RobotTarget, base_z: float | None = None) -> tuple[int, list[int]]:
+def load_body(client: int, robot: RobotTarget,
+              base_z: float | None = None) -> tuple[int, list[int]]:
     """Load `robot`'s URDF into `client`; return (body id, PyBullet joint ids in policy order)."""
     import pybullet as p
 
@@ -17,7 +18,8 @@ def load_body(client: int, robot: RobotTarget, base_z: float | None = None) -> t
             physicsClientId=client,
         )
     except p.error as e:
-        raise TargetError(f"{robot.name}: PyBullet cannot load URDF {robot.urdf_path()}: {e}") from e
+        raise TargetError(
+            f"{robot.name}: PyBullet cannot load URDF {robot.urdf_path()}: {e}") from e
     by_name = {}
     for i in range(p.getNumJoints(body, physicsClientId=client)):
         info = p.getJointInfo(body, i, physicsClientId=client)
