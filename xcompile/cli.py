@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from xcompile import __version__
@@ -50,7 +51,7 @@ def _user_errors():
     try:
         yield
     except XCompileError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True)
         raise typer.Exit(e.exit_code) from None
 
 
@@ -58,9 +59,11 @@ def _print_json(doc) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
 
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print one JSON document instead of a table.")]
 TargetOpt = Annotated[str, typer.Option(
-    "--target", "-t", help="Robot: a built-in name (see `xcompile targets`) or a path to a robot TOML.")]
+    "--target", "-t",
+    help="Robot: a built-in name (see `xcompile targets`) or a path to a robot TOML.")]
 
 
 @app.command()
@@ -136,7 +139,8 @@ def eval_(
     target: TargetOpt,
     episodes: Annotated[int, typer.Option(min=1, max=10000, help="Evaluation episodes.")] = 20,
     seed: Annotated[int, typer.Option(min=0, help="Episode i uses seed SEED+i.")] = 0,
-    gif: Annotated[Optional[Path], typer.Option(help="Write a rollout GIF of episode 0 here.")] = None,  # noqa: UP007
+    gif: Annotated[Optional[Path], typer.Option(  # noqa: UP007
+        help="Write a rollout GIF of episode 0 here.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Closed-loop score of a policy in PyBullet on one robot.
@@ -169,3 +173,232 @@ def eval_(
                   f"(seed {seed}), falls {res.falls}, success {100 * res.success_rate:.0f}%")
     if gif:
         console.print(f"rollout GIF: {gif}")
+
+
+# --------------------------------------------------------------------------------------------
+# build, passes, report
+
+
+class _RichHooks:
+    """Progress lines for the pass manager: one line per stage, spinner, elapsed time."""
+
+    def __init__(self, progress) -> None:
+        self.prog = progress
+        self.tasks: dict[str, object] = {}
+
+    def before_pass(self, name: str, index: int, total: int) -> None:
+        what = "measuring the input" if index == 0 else "running"
+        self.tasks[name] = self.prog.add_task(f"[{index}/{total - 1}] {name}: {what}", total=1.0)
+
+    def progress(self, name: str, desc: str, frac: float) -> None:
+        task = self.tasks.get(name)
+        if task is not None:
+            self.prog.update(task, description=f"{name}: {desc}", completed=max(0.0, min(frac, 1)))
+
+    def after_pass(self, rec) -> None:
+        task = self.tasks[rec.name]
+        if rec.skipped:
+            line = f"[yellow]–[/] {rec.name} skipped: {escape(str(rec.skip_reason))}"
+        elif rec.name in ("fat", "input"):          # stage 0: the build's input, measured
+            line = f"[green]✓[/] {rec.name}: input measured"
+        else:
+            line = f"[green]✓[/] {rec.name} → {rec.format}" + (" (cached)" if rec.cached else "")
+        self.prog.update(task, description=line, completed=1.0)
+        self.prog.stop_task(task)
+
+    def on_failure(self, name: str, error: BaseException, reproducer: Path | None) -> None:
+        task = self.tasks.get(name)
+        if task is not None:
+            self.prog.update(task, description=f"[red]✗[/] {name} failed")
+            self.prog.stop_task(task)
+
+
+@app.command()
+def build(
+    checkpoint: Annotated[Path, typer.Argument(
+        help="Fat checkpoint (.pt/.safetensors), or a reproducer folder (*.repro) to re-run.")],
+    target: TargetOpt,
+    hardware: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        help="Hardware target name or TOML path. Default: the robot's own (see `targets`).")
+    ] = None,
+    int8: Annotated[bool, typer.Option(
+        "--int8", help="Quantize to int8 (QDQ). This is the default when the plan has quantize "
+                       "(quantize's own default precision).")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Quantize to fp16 instead of int8.")] = False,
+    fp32: Annotated[bool, typer.Option("--fp32", help="No quantization: drop quantize from the "
+                                                      "plan.")] = False,
+    passes: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        help="The plan: pass names separated by commas, e.g. pin-embodiment,export-onnx,"
+             "quantize. Default: pin-embodiment,export-onnx,quantize,build-tensorrt.")] = None,
+    config: Annotated[Optional[Path], typer.Option(  # noqa: UP007
+        help="TOML build file: passes (list), seed, profile, episodes, and one table of "
+             "options per pass named pass.<name>. The command line overrides it.")] = None,
+    out: Annotated[Optional[Path], typer.Option(  # noqa: UP007
+        help="Output folder (replaced when the build completes). Default: build/<robot>/.")] = None,
+    seed: Annotated[Optional[int], typer.Option(  # noqa: UP007
+        min=0, help="Seed of every pass and of the score episodes. Default 0.")] = None,
+    profile: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        help="fast | default | thorough: how much effort heavy passes and scoring spend.")] = None,
+    episodes: Annotated[Optional[int], typer.Option(  # noqa: UP007
+        min=1, help="Score episodes per stage. Default by profile: fast 3, default 10, "
+                    "thorough 30.")] = None,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="Run every pass and measurement again (results still refresh the "
+                           "cache).")] = False,
+    cache_dir: Annotated[Path, typer.Option(help="Pass and measurement cache.")] = Path(
+        ".xcompile/cache"),
+    tensorrt: Annotated[bool, typer.Option(
+        "--tensorrt", help="Require TensorRT: fail instead of skipping build-tensorrt when "
+                           "TensorRT or a GPU is missing.")] = False,
+    max_latency_us: Annotated[Optional[float], typer.Option(  # noqa: UP007
+        help="Gate: the final policy's p99 latency must be at most this (µs).")] = None,
+    max_size_kb: Annotated[Optional[float], typer.Option(  # noqa: UP007
+        help="Gate: the final policy file must be at most this (kB, 1000 bytes).")] = None,
+    min_score_ratio: Annotated[Optional[float], typer.Option(  # noqa: UP007
+        help="Gate: final score / fat score (the first scored stage) must be at least this.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compile a fat checkpoint into a slim policy for one robot, with a report.
+
+    Writes OUT/policy.onnx, report.json, report.md, stages.png, rollout.gif and manifest.json.
+    A missed gate exits with code 4 after the report is written.
+
+    Example: xcompile build examples/fat_policy.pt --target spot --int8 --max-latency-us 500
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from xcompile import pipeline
+    from xcompile.report import render_table
+    from xcompile.targets import load_hardware, load_robot
+
+    with _user_errors():
+        chosen = [n for n, on in (("int8", int8), ("fp16", fp16), ("fp32", fp32)) if on]
+        if len(chosen) > 1:
+            flags = " and ".join("--" + c for c in chosen)
+            raise XCompileError(f"choose one precision, not {flags}")
+        robot = load_robot(target)
+        hw = load_hardware(hardware or robot.hardware)
+        if checkpoint.is_dir() and (checkpoint / "plan.json").is_file():
+            inp, _ = pipeline.load_reproducer(checkpoint)
+        else:
+            inp = pipeline.input_artifact(checkpoint, robot)
+        file_cfg = pipeline.read_build_file(config) if config else {}
+        cli_cfg = {"passes": pipeline.parse_plan(passes) if passes is not None else None,
+                   "seed": seed, "profile": profile, "episodes": episodes,
+                   "precision": chosen[0] if chosen else None}
+        settings = pipeline.resolve_settings(pipeline.DEFAULTS, file_cfg, cli_cfg,
+                                             input_format=inp.format)
+        out_dir = out or Path("build") / robot.name
+        gates = pipeline.Gates(max_latency_us, max_size_kb, min_score_ratio)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=err_console, disable=as_json) as prog:
+            result = pipeline.run_plan(
+                inp, robot, hw, settings.plan, out_dir, cache_dir, use_cache=not no_cache,
+                seed=settings.seed, profile=settings.profile, episodes=settings.episodes,
+                hooks=[_RichHooks(prog)], tensorrt_required=tensorrt, gates=gates,
+                extra_manifest={"command": sys.argv})
+    if as_json:
+        _print_json(result.report)
+    else:
+        console.print(render_table(result.report))
+        for note in result.report["notes"]:
+            console.print(f"note: {escape(note)}", highlight=False)
+        for g in result.report["gates"]:
+            mark = "[green]pass[/]" if g["passed"] else "[bold red]MISSED[/]"
+            console.print(f"gate {g['name']}: {mark} — {escape(g['message'])}", highlight=False)
+        console.print(f"wrote {out_dir}/ ({result.report['final']['policy']}, report.md, "
+                      "report.json, manifest.json)", highlight=False)
+    with _user_errors():
+        result.raise_for_gates()
+
+
+def _type_name(ann) -> str:
+    from typing import Literal, get_args, get_origin
+
+    if get_origin(ann) is Literal:
+        return "|".join(repr(a) for a in get_args(ann))
+    name = getattr(ann, "__name__", None)
+    return name if name and get_origin(ann) is None else str(ann).replace("typing.", "")
+
+
+def pass_info(cls) -> dict:
+    """A registered pass as a JSON-able dict: formats, version, options from its Config."""
+    from pydantic_core import PydanticUndefined
+
+    opts = []
+    for fname, f in cls.Config.model_fields.items():
+        if f.default is not PydanticUndefined:
+            default = f.default
+        elif f.default_factory is not None:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        opts.append({"name": fname, "type": _type_name(f.annotation), "default": default,
+                     "description": f.description or ""})
+    return {"name": cls.name, "summary": cls.summary, "input_format": cls.input_format,
+            "output_format": cls.output_format, "version": cls.version,
+            "requires": list(cls.requires), "options": opts}
+
+
+@app.command("passes")
+def passes_(as_json: JsonOpt = False) -> None:
+    """List every registered pass: what it does, formats, version and options.
+
+    Options are set in a build file, in a table per pass named pass.<name>.
+
+    Example: xcompile passes --json
+    """
+    from xcompile.passes.base import all_passes
+    from xcompile.pipeline import DEFAULT_PLAN
+
+    registry = all_passes()
+    order = [n for n in DEFAULT_PLAN if n in registry] + sorted(set(registry) - set(DEFAULT_PLAN))
+    infos = [pass_info(registry[n]) for n in order]
+    if as_json:
+        _print_json({"default_plan": DEFAULT_PLAN, "passes": infos})
+        return
+    console.print(f"default plan: [bold]{','.join(DEFAULT_PLAN)}[/]\n", highlight=False)
+    for p in infos:
+        req = f", requires {', '.join(p['requires'])}" if p["requires"] else ""
+        console.print(f"[bold]{p['name']}[/] ({p['input_format']} → {p['output_format']}, "
+                      f"version {p['version']}{req}): {p['summary']}", highlight=False)
+        if p["options"]:
+            t = Table(show_header=True, box=None, padding=(0, 2, 0, 2))
+            for c in ("option", "type", "default", "description"):
+                t.add_column(c, style="dim" if c == "type" else None)
+            for o in p["options"]:
+                t.add_row(o["name"], o["type"], repr(o["default"]), o["description"])
+            console.print(t)
+        console.print()
+
+
+@app.command()
+def report(
+    build_dir: Annotated[Path, typer.Argument(help="A build output folder (holds report.json).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the report of a finished build again.
+
+    Example: xcompile report build/spot
+    """
+    from xcompile.report import render_table
+
+    path = build_dir / "report.json"
+    with _user_errors():
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise XCompileError(f"{path} does not exist: give the --out folder of a build") \
+                from None
+        except ValueError as e:
+            raise XCompileError(f"{path} is not valid JSON ({e})") from None
+    if as_json:
+        _print_json(doc)
+        return
+    console.print(render_table(doc))
+    for note in doc.get("notes", []):
+        console.print(f"note: {escape(note)}", highlight=False)
+    for g in doc.get("gates", []):
+        console.print(f"gate {g['name']}: {'pass' if g['passed'] else 'MISSED'} — "
+                      f"{escape(g['message'])}", highlight=False)

@@ -37,3 +37,11 @@ class GateError(XCompileError):
 
 class ContractError(XCompileError):
     """A compiled policy was used for a robot it was not compiled for."""
+
+
+class ToolUnavailable(XCompileError):
+    """A pass needs a tool or device this machine lacks (TensorRT, a CUDA GPU).
+
+    The pass manager decides whether that skips the pass (it was a default) or fails the build (the
+    user asked for it explicitly).
+    """

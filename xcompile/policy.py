@@ -1,9 +1,11 @@
-"""Load any policy xcompile knows (fat checkpoint, compiled ONNX) as a batch policy for one robot.
+"""Load any policy xcompile knows (fat checkpoint, torch policy, compiled ONNX) as a batch policy.
 
 A fat checkpoint drives a body by its joint descriptors: those stored in its registry for a body it
 was trained on, or descriptors computed from the URDF for a body it never saw (zero-shot). A
 compiled ONNX policy carries its deployment contract in its metadata and refuses a robot it was not
-compiled for, the way a loader refuses a binary for another architecture.
+compiled for, the way a loader refuses a binary for another architecture. A one-robot torch policy
+(`.pt`, format "xcompile.torch-policy") is told from a fat checkpoint by its content, not its suffix,
+and refuses another robot the same way when its spec names the robot.
 """
 
 from __future__ import annotations
@@ -92,10 +94,49 @@ def onnx_act(path: Path, threads: int = 1) -> tuple[BatchPolicy, dict[str, str]]
     return act, meta
 
 
+def torch_act(module) -> BatchPolicy:
+    import torch
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+
+    return act
+
+
+def _torch_file_format(path: Path) -> str | None:
+    """The format tag of a `.pt` file (fat checkpoint or torch policy): dispatch on content."""
+    from xcompile.models.checkpoint import _read_torch
+
+    tag = _read_torch(path).get("format")
+    return tag if isinstance(tag, str) else None
+
+
+def _load_torch_policy(path: Path, robot: RobotTarget) -> LoadedPolicy:
+    from xcompile.models.slim import build_from_spec, read_torch_policy
+
+    payload = read_torch_policy(path)
+    spec = payload["spec"]
+    if "robot" in spec:
+        check_contract({"robot": str(spec["robot"]),
+                        "joint_order": json.dumps(list(spec.get("joint_order", [])))}, robot, path)
+    module = build_from_spec(spec)
+    try:
+        module.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the weights do not fit the spec ({e})") from e
+    return LoadedPolicy(torch_act(module.eval()), "torch", path, {"spec": spec})
+
+
 def load_policy(path: str | Path, robot: RobotTarget) -> LoadedPolicy:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
+    if path.suffix in FAT_SUFFIXES and path.suffix != ".safetensors":
+        from xcompile.models.slim import FORMAT as TORCH_POLICY_FORMAT
+
+        if _torch_file_format(path) == TORCH_POLICY_FORMAT:
+            return _load_torch_policy(path, robot)
     if path.suffix in FAT_SUFFIXES:
         from xcompile.models.checkpoint import load_checkpoint
 
@@ -119,5 +160,5 @@ def load_policy(path: str | Path, robot: RobotTarget) -> LoadedPolicy:
         return LoadedPolicy(act, "onnx", path, {"metadata": meta})
     raise CheckpointError(
         f"{path}: unknown policy file type '{path.suffix}'. Expected a fat checkpoint "
-        f"({', '.join(FAT_SUFFIXES)}) or a compiled policy (.onnx)"
+        f"({', '.join(FAT_SUFFIXES)}), a torch policy (.pt) or a compiled policy (.onnx)"
     )

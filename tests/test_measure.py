@@ -1,0 +1,77 @@
+"""Measurements: sane latencies, MACs that agree across formats, params and bytes, scores."""
+
+from __future__ import annotations
+
+import pytest
+
+from xcompile import measure
+from xcompile.artifact import Artifact
+from xcompile.models.checkpoint import load_checkpoint
+from xcompile.models.fat import count_params
+from xcompile.passes.base import BuildContext, get_pass
+from xcompile.sim.env import obs_dim
+from xcompile.targets import load_hardware, load_robot
+
+N = 300   # latency calls: enough for a sane p50/p99 on a tiny model, quick on a shared machine
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_fat_ckpt, tmp_path_factory):
+    """fat, pinned and onnx artifacts for a1."""
+    robot = load_robot("a1")
+    tmp = tmp_path_factory.mktemp("measure")
+    fat = Artifact.create("fat-checkpoint", tiny_fat_ckpt, "a1")
+    arts = {"fat": fat}
+    for key, name, src, cfg in (("pinned", "pin-embodiment", "fat",
+                                 {"n_check_obs": 64, "check_episodes": 0}),
+                                ("onnx", "export-onnx", "pinned", {"n_check_obs": 64})):
+        cls = get_pass(name)
+        ctx = BuildContext(robot=robot, hardware=load_hardware("cpu"), workdir=tmp / key)
+        ctx.workdir.mkdir()
+        arts[key] = cls().run(arts[src], cls.Config(**cfg), ctx)
+    return robot, arts
+
+
+def test_params_and_bytes(stages, tiny_fat_ckpt):
+    robot, arts = stages
+    pb = {k: measure.count_params_bytes(a) for k, a in arts.items()}
+    assert pb["fat"]["params"] == count_params(load_checkpoint(tiny_fat_ckpt).model)
+    assert 0 < pb["pinned"]["params"] < pb["fat"]["params"]
+    # The ONNX graph holds the pinned weights plus a few scalar constants, less the tensors the
+    # exporter shares because they are equal (a random model's LayerNorms are all ones/zeros).
+    assert 0.9 * pb["pinned"]["params"] < pb["onnx"]["params"] <= pb["pinned"]["params"] + 16
+    for k, a in arts.items():
+        assert pb[k]["bytes"] == a.path.stat().st_size > 0
+
+
+def test_macs(stages):
+    robot, arts = stages
+    m = {k: measure.macs(a, robot) for k, a in arts.items()}
+    assert all(v > 0 for v in m.values())
+    assert m["pinned"] < m["fat"]            # the descriptor encoder is folded away
+    assert m["onnx"] == m["pinned"]          # graph count agrees with torch's flop counter
+
+
+def test_latency_and_floor(stages):
+    robot, arts = stages
+    lat = {k: measure.latency(a, robot, n=N) for k, a in arts.items()}
+    for k, v in lat.items():
+        assert 0 < v["p50_us"] <= v["p99_us"] < 1e6, (k, v)
+    assert lat["fat"]["runtime"] == lat["pinned"]["runtime"] == "torch"
+    assert lat["onnx"]["runtime"] == "onnxruntime"
+    floor = measure.ort_floor_us(obs_dim(robot), n=N)
+    assert 0 < floor < lat["onnx"]["p50_us"]
+    assert measure.latency(arts["onnx"], robot, n=N) is lat["onnx"]   # cached by artifact id
+
+
+def test_measure_artifact_row(stages):
+    robot, arts = stages
+    row = measure.measure_artifact(arts["onnx"], robot, episodes=2, seed=0, latency_n=N)
+    assert set(row) == {"format", "params", "bytes", "macs", "latency_p50_us", "latency_p99_us",
+                        "runtime", "score", "score_std", "episodes"}
+    assert row["format"] == "onnx" and row["episodes"] == 2
+    assert 0.0 <= row["score"] <= 1.0 and row["score_std"] >= 0.0
+    res = measure.score(arts["onnx"], robot, 2, 0)
+    assert len(res.scores) == 2 and res.observations       # observations recorded
+    # The same policy in torch scores the same on the same seeded episodes.
+    assert measure.score(arts["pinned"], robot, 2, 0).score == pytest.approx(res.score, abs=0.02)

@@ -1,0 +1,293 @@
+"""The passes check meaning: pinned == fat, ONNX == torch, quantized is smaller and close."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from xcompile.artifact import Artifact
+from xcompile.errors import CheckpointError, ContractError, TargetError, ToolUnavailable
+from xcompile.measure import random_obs
+from xcompile.models.checkpoint import save_checkpoint
+from xcompile.models.fat import FatConfig, FatPolicy
+from xcompile.models.slim import MLPPolicy, load_torch_policy, save_torch_policy
+from xcompile.passes.base import BuildContext, get_pass
+from xcompile.passes.build_tensorrt import import_tensorrt
+from xcompile.passes.quantize import tensorrt_ready
+from xcompile.policy import load_policy
+from xcompile.sim.env import obs_dim
+from xcompile.targets import load_hardware, load_robot
+
+
+def run_pass(name: str, art: Artifact, robot, workdir: Path, history=(), **cfg):
+    """Run one pass and its check the way the pass manager does; return (artifact, report)."""
+    cls = get_pass(name)
+    assert art.format == cls.input_format
+    workdir.mkdir(parents=True)
+    ctx = BuildContext(robot=robot, hardware=load_hardware("cpu"), workdir=workdir,
+                       source_sha256="ab" * 32, history=list(history))
+    conf = cls.Config(**cfg)
+    out = cls().run(art, conf, ctx)
+    assert out.format == cls.output_format
+    assert all(p.is_relative_to(workdir) for p in workdir.rglob("*"))
+    return out, cls().check(art, out, conf, ctx)
+
+
+def fat_artifact(path: str, robot) -> Artifact:
+    return Artifact.create("fat-checkpoint", path, robot.name)
+
+
+def my_dog(tmp_path: Path):
+    """a1 given only by a TOML path, under another name, with an absolute URDF path."""
+    a1 = load_robot("a1")
+    text = (Path(a1.source).read_text()
+            .replace('name = "a1"', 'name = "my_dog"')
+            .replace('urdf = "pybullet_data:a1/a1.urdf"', f'urdf = "{a1.urdf_path()}"'))
+    path = tmp_path / "my_dog.toml"
+    path.write_text(text)
+    return load_robot(path)
+
+
+@pytest.fixture(scope="module")
+def a1_onnx(tiny_fat_ckpt, tmp_path_factory):
+    """(pinned torch artifact, exported onnx artifact) for a1."""
+    robot = load_robot("a1")
+    tmp = tmp_path_factory.mktemp("a1")
+    pinned, _ = run_pass("pin-embodiment", fat_artifact(tiny_fat_ckpt, robot), robot,
+                         tmp / "pin", n_check_obs=256, check_episodes=0)
+    exported, report = run_pass("export-onnx", pinned, robot, tmp / "export",
+                                history=["pin-embodiment"])
+    return pinned, exported, report
+
+
+@pytest.fixture(scope="module")
+def mlp_onnx(tmp_path_factory):
+    """An exported 48 -> 256 -> 256 -> 12 MLP for a1 (weights dominate its file size), with an
+    observation normalisation that export folds into its first layer."""
+    robot = load_robot("a1")
+    tmp = tmp_path_factory.mktemp("mlp")
+    torch.manual_seed(1)
+    mlp = MLPPolicy(obs_dim(robot), [256, 256], robot.n_joints, "elu", normalize=True)
+    mlp.obs_mean.copy_(torch.as_tensor(random_obs(robot, 256).mean(0)))
+    mlp.obs_std.fill_(0.5)    # export folds this into the first layer; its check compares
+    path = save_torch_policy(tmp / "mlp.pt", mlp, {**mlp.spec(), "robot": "a1",
+                                                   "joint_order": list(robot.joints.names)})
+    art = Artifact.create("torch", path, "a1", meta={"kind": "mlp"})
+    exported, _ = run_pass("export-onnx", art, robot, tmp / "export", n_check_obs=128)
+    return exported
+
+
+# ------------------------------------------------------------------------------ slim files
+
+
+def test_mlp_normalization_folds_exactly(tmp_path):
+    torch.manual_seed(0)
+    mlp = MLPPolicy(10, [16], 3, "tanh", normalize=True).eval()
+    mlp.obs_mean.copy_(torch.randn(10))
+    mlp.obs_std.copy_(torch.rand(10) + 0.5)
+    x = torch.randn(32, 10)
+    folded = mlp.fold_normalization().eval()
+    assert not folded.normalize
+    torch.testing.assert_close(folded(x), mlp(x), atol=1e-5, rtol=1e-5)
+    path = save_torch_policy(tmp_path / "m.pt", mlp, mlp.spec())
+    torch.testing.assert_close(load_torch_policy(path)(x), mlp(x))
+
+
+def test_torch_policy_errors(tmp_path, tiny_fat_ckpt):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError):
+        load_torch_policy(bad)
+    with pytest.raises(CheckpointError, match="not an xcompile torch policy"):
+        load_torch_policy(tiny_fat_ckpt)          # a fat checkpoint is not a torch policy
+    torch.save({"format": "xcompile.torch-policy", "version": 1,
+                "spec": {"kind": "mlp", "obs_dim": 4, "hidden": [8], "n_actions": 2},
+                "state_dict": {"net.0.weight": torch.zeros(3, 3)}}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_torch_policy(tmp_path / "w.pt")
+
+
+# ------------------------------------------------------------------------------ pin-embodiment
+
+
+@pytest.mark.parametrize("name", ["a1", "panda", "xarm6", "my_dog"])
+def test_pin_equals_fat(name, tiny_fat_ckpt, tmp_path):
+    robot = my_dog(tmp_path) if name == "my_dog" else load_robot(name)
+    fat = fat_artifact(tiny_fat_ckpt, robot)
+    out, report = run_pass("pin-embodiment", fat, robot, tmp_path / "w", n_check_obs=1024,
+                           check_episodes=1 if name in ("a1", "xarm6") else 0)
+    assert report["max_abs_err"] <= 1e-5
+    assert report["params_pinned"] < report["params_fat"]
+    assert report["params_removed"] > 0 and report["bytes_removed"] > 0
+    assert report["known_body"] is (name in ("a1", "panda"))   # xarm6, my_dog: zero-shot
+
+    # Independently of the pass's own check: the file reloads and acts like the fat policy.
+    loaded = load_policy(out.path, robot)
+    assert loaded.kind == "torch"
+    obs = random_obs(robot, 64, seed=7)
+    np.testing.assert_allclose(loaded.act(obs), load_policy(tiny_fat_ckpt, robot).act(obs),
+                               atol=1e-5)
+    assert load_torch_policy(out.path).n_joints == robot.n_joints
+
+
+def test_pin_refuses_unserved_family(tmp_path):
+    model = FatPolicy(FatConfig(d_model=16, n_layers=1, n_heads=2, d_ff=16, desc_hidden=16,
+                                desc_layers=1, global_dims={"locomotion": 12}))
+    path = save_checkpoint(tmp_path / "loco.pt", model, [])
+    panda = load_robot("panda")
+    with pytest.raises(TargetError, match="reach"):
+        run_pass("pin-embodiment", fat_artifact(str(path), panda), panda, tmp_path / "w")
+
+
+def test_torch_policy_refuses_other_robot(a1_onnx):
+    pinned, _, _ = a1_onnx
+    with pytest.raises(ContractError, match="compiled for robot 'a1'"):
+        load_policy(pinned.path, load_robot("aliengo"))
+
+
+# ------------------------------------------------------------------------------ export-onnx
+
+
+def test_export_matches_torch_and_carries_contract(a1_onnx):
+    pinned, exported, report = a1_onnx
+    assert report["max_abs_err_b1"] <= 1e-4 and report["max_abs_err_b64"] <= 1e-4
+    model = onnx.load(str(exported.path))
+    assert [i.name for i in model.graph.input] == ["obs"]
+    assert [o.name for o in model.graph.output] == ["action"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param   # dynamic batch
+    b1 = onnx.load(exported.meta["b1_path"])
+    assert b1.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert {o.version for o in model.opset_import if o.domain == ""} == {17}
+    assert not list(exported.path.parent.glob("*.data"))          # weights inside
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    robot = load_robot("a1")
+    assert meta["robot"] == "a1" and meta["family"] == "locomotion"
+    assert json.loads(meta["joint_order"]) == list(robot.joints.names)
+    assert json.loads(meta["default_pose"]) == list(robot.joints.default)
+    assert float(meta["action_scale"]) == robot.joints.action_scale
+    assert float(meta["control_period_s"]) == pytest.approx(1 / robot.control_hz)
+    assert json.loads(meta["kp"]) == list(robot.joints.kp)
+    assert sum(w for _, w in json.loads(meta["obs_layout"])) == obs_dim(robot)
+    assert json.loads(meta["pass_history"]) == ["pin-embodiment", "export-onnx"]
+    assert meta["source_checkpoint_sha256"] == "ab" * 32
+    for key in ("action_clip", "kd", "torque_limit", "xcompile_version"):
+        assert meta[key]
+
+    # The compiled policy runs through the generic loader and acts like the torch one.
+    obs = random_obs(robot, 16, seed=3)
+    np.testing.assert_allclose(load_policy(exported.path, robot).act(obs),
+                               load_policy(pinned.path, robot).act(obs), atol=1e-4)
+    np.testing.assert_allclose(load_policy(exported.meta["b1_path"], robot).act(obs),
+                               load_policy(pinned.path, robot).act(obs), atol=1e-4)
+
+
+def test_export_is_deterministic(a1_onnx, tmp_path):
+    pinned, exported, _ = a1_onnx
+    again, _ = run_pass("export-onnx", pinned, load_robot("a1"), tmp_path / "again",
+                        history=["pin-embodiment"], n_check_obs=64)
+    assert again.path.read_bytes() == exported.path.read_bytes()
+    assert Path(again.meta["b1_path"]).read_bytes() == Path(exported.meta["b1_path"]).read_bytes()
+
+
+# ------------------------------------------------------------------------------ quantize
+
+
+def test_int8_is_smaller_close_and_tensorrt_ready(mlp_onnx, tmp_path):
+    robot = load_robot("a1")
+    q, report = run_pass("quantize", mlp_onnx, robot, tmp_path / "q", precision="int8",
+                         calibration_episodes=2, heldout_episodes=1, max_action_error=0.05)
+    assert report["size_ratio"] < 0.5                 # int8 weights: about 4x smaller
+    assert q.n_bytes < mlp_onnx.n_bytes
+    assert report["mean_action_err"] <= 0.05
+    model = onnx.load(str(q.path))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert tensorrt_ready(model) == []
+    assert report["tensorrt_ready"] is True
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["precision"] == "int8" and meta["robot"] == "a1"
+    assert json.loads(meta["pass_history"])[-1] == "quantize"
+    with pytest.raises(ContractError):
+        load_policy(q.path, load_robot("aliengo"))
+    obs = random_obs(robot, 8)
+    assert load_policy(q.path, robot).act(obs).shape == (8, robot.n_joints)
+
+
+def test_int8_pinned_keeps_output_layer_float(a1_onnx, tmp_path):
+    _, exported, _ = a1_onnx
+    q, report = run_pass("quantize", exported, load_robot("a1"), tmp_path / "q",
+                         calibration_episodes=1, heldout_episodes=0, max_action_error=0.2)
+    model = onnx.load(str(q.path))
+    assert tensorrt_ready(model) == []
+    # The action layer's MatMul reads float weights straight from an initializer, not a DQ.
+    inits = {i.name for i in model.graph.initializer}
+    last = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")][-1]
+    assert last.input[1] in inits
+
+
+def test_tensorrt_ready_flags_bad_qdq():
+    from onnx import TensorProto, helper
+
+    zp_u8 = helper.make_tensor("zp", TensorProto.UINT8, [], [3])
+    bias = helper.make_tensor("b", TensorProto.INT32, [2], [1, 2])
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="q0"),
+         helper.make_node("DequantizeLinear", ["b", "s"], ["bf"], name="dq_bias")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, [2])],
+        initializer=[zp_u8, bias, helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])])
+    problems = tensorrt_ready(helper.make_model(graph))
+    assert any("UINT8" in p for p in problems)
+    assert any("quantized bias" in p for p in problems)
+    assert any("no zero point" in p for p in problems)
+
+
+def test_fp16_loads_and_is_close(mlp_onnx, tmp_path):
+    robot = load_robot("a1")
+    h, report = run_pass("quantize", mlp_onnx, robot, tmp_path / "h", precision="fp16",
+                         heldout_episodes=0)
+    assert report["mean_action_err"] < 1e-2
+    assert h.n_bytes < 0.6 * mlp_onnx.n_bytes
+    model = onnx.load(str(h.path))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert {p.key: p.value for p in model.metadata_props}["precision"] == "fp16"
+    assert load_policy(h.path, robot).act(random_obs(robot, 4)).shape == (4, 12)
+
+
+# ------------------------------------------------------------------------------ build-tensorrt
+
+
+def _tensorrt_available() -> bool:
+    try:
+        import_tensorrt()
+    except ToolUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not _tensorrt_available(), reason="needs TensorRT and a CUDA device")
+def test_build_tensorrt(a1_onnx, tmp_path):
+    _, exported, _ = a1_onnx
+    out, report = run_pass("build-tensorrt", exported, load_robot("a1"), tmp_path / "trt")
+    assert out.path.name == "policy.plan" and out.n_bytes > 0
+    info = json.loads((out.path.parent / "policy.plan.json").read_text())
+    assert info["tensorrt_version"] and report["plan_bytes"] == out.n_bytes
+
+
+def test_build_tensorrt_unavailable(a1_onnx, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)      # import tensorrt -> ImportError
+    _, exported, _ = a1_onnx
+    with pytest.raises(ToolUnavailable, match="TensorRT is not installed") as e:
+        run_pass("build-tensorrt", exported, load_robot("a1"), tmp_path / "trt")
+    assert "\n" not in str(e.value)
+    assert not list((tmp_path / "trt").iterdir())
+

@@ -1,0 +1,214 @@
+"""export-onnx: the one-robot torch policy as ONNX graphs carrying their deployment contract.
+
+torch -> onnx. Cost: a few seconds (one torch.export trace per graph).
+
+Method: `torch.onnx.export(dynamo=True)` (torch.export + onnxscript) at a pinned opset, weights
+inside the file, inputs/outputs named `obs` -> `action`. Two graphs: `policy.onnx` with a dynamic
+batch (traced with an example batch of 2, or the batch may silently stay fixed) is the artifact;
+`policy_b1.onnx`, static batch 1, is what a robot's control loop calls (its path is in the artifact's
+meta). An MLP's observation normalisation is folded into its first layer before export.
+
+The deployment contract (robot, joint order, default pose, action scale and clip, PD gains, torque
+limits, control period, observation layout, task family, source checkpoint hash, pass history,
+xcompile version) goes into the model's `metadata_props`, so a runtime can refuse a policy for
+another robot (`xcompile.policy.check_contract`). The output is byte-identical for the same input:
+the exporter's graph names are deterministic, and doc strings and per-node metadata (stack traces,
+paths) are stripped.
+
+Check: onnxruntime against torch on random observations, at batch 1 (static graph, and the dynamic
+one) and at batch 64 (dynamic graph).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from xcompile.artifact import Artifact
+from xcompile.errors import PassCheckError
+from xcompile.passes.base import BuildContext, Pass, PassConfig, register_pass
+from xcompile.targets import RobotTarget
+
+
+class ExportConfig(PassConfig):
+    opset: int = Field(17, ge=17, le=21, description="ONNX opset the graphs are written for")
+    n_check_obs: int = Field(1000, ge=64, description="random observations the check compares on")
+    tolerance: float = Field(1e-4, gt=0, description="largest allowed |onnxruntime - torch|, in "
+                             "action units")
+
+
+def deployment_contract(robot: RobotTarget, ctx: BuildContext,
+                        history: list[str]) -> dict[str, str]:
+    """The metadata_props every compiled ONNX policy carries (all values are strings)."""
+    import xcompile
+    from xcompile.sim.env import obs_layout
+
+    j = robot.joints
+    return {
+        "robot": robot.name,
+        "joint_order": json.dumps(list(j.names)),
+        "default_pose": json.dumps(list(j.default)),
+        "action_scale": repr(float(j.action_scale)),
+        "action_clip": repr(float(j.action_clip)),
+        "kp": json.dumps(list(j.kp)),
+        "kd": json.dumps(list(j.kd)),
+        "torque_limit": json.dumps(list(j.torque_limit)),
+        "control_period_s": repr(1.0 / robot.control_hz),
+        "obs_layout": json.dumps([[name, width] for name, width in obs_layout(robot)]),
+        "family": robot.family,
+        "source_checkpoint_sha256": ctx.source_sha256,
+        "pass_history": json.dumps(list(history)),
+        "xcompile_version": xcompile.__version__,
+    }
+
+
+def set_metadata(model: Any, props: dict[str, str]) -> None:
+    """Replace `model.metadata_props` by `props`, in sorted key order (deterministic bytes)."""
+    del model.metadata_props[:]
+    for key in sorted(props):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, props[key]
+
+
+def save_onnx(model: Any, path: Path) -> Path:
+    """Write an ONNX model (weights inside) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        Path(tmp).write_bytes(model.SerializeToString())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _strip_volatile(model: Any) -> None:
+    # Node metadata of the dynamo exporter can hold stack traces with absolute paths: drop it so the
+    # same policy gives the same bytes on any machine. Doc strings go for the same reason.
+    model.doc_string = ""
+    model.graph.doc_string = ""
+    for node in model.graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+    for fn in model.functions:
+        for node in fn.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+
+
+def _export(module: Any, obs_dim: int, opset: int, dynamic: bool) -> Any:
+    import onnx
+    import torch
+
+    example = torch.zeros(2 if dynamic else 1, obs_dim)
+    dynamic_shapes = {"obs": {0: torch.export.Dim("batch")}} if dynamic else None
+    # The exporter logs and prints a lot (opset conversion notes, missing torchvision ops); a
+    # failure still raises with its message.
+    sink = io.StringIO()
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), torch.no_grad():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(module, (example,), dynamo=True, input_names=["obs"],
+                                     output_names=["action"], dynamic_shapes=dynamic_shapes,
+                                     opset_version=opset, external_data=False, verbose=False)
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+    assert prog is not None
+    model = prog.model_proto
+    model = onnx.load_from_string(model.SerializeToString())
+    _strip_volatile(model)
+    return model
+
+
+def _ort_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@register_pass
+class ExportOnnx(Pass):
+    name = "export-onnx"
+    version = 1
+    input_format = "torch"
+    output_format = "onnx"
+    Config = ExportConfig
+    summary = "export to ONNX (dynamic batch + static batch 1) with the deployment contract"
+
+    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> Artifact:
+        import onnx
+
+        from xcompile.models.slim import MLPPolicy, load_torch_policy
+        from xcompile.sim.env import obs_dim
+
+        assert isinstance(cfg, ExportConfig)
+        module = load_torch_policy(art.path)
+        if isinstance(module, MLPPolicy) and module.normalize:
+            module = module.fold_normalization().eval()
+        n_obs = obs_dim(ctx.robot)
+        if getattr(module, "obs_dim", n_obs) != n_obs:
+            raise PassCheckError(
+                f"export-onnx: the policy takes {module.obs_dim} observations but robot "
+                f"{ctx.robot.name} gives {n_obs}; it was made for another robot")
+        props = deployment_contract(ctx.robot, ctx, [*ctx.history, self.name])
+        paths = {}
+        for fname, dynamic in (("policy.onnx", True), ("policy_b1.onnx", False)):
+            model = _export(module, n_obs, cfg.opset, dynamic)
+            set_metadata(model, props)
+            onnx.checker.check_model(model)
+            paths[fname] = save_onnx(model, ctx.workdir / fname)
+        return Artifact.create(
+            "onnx", paths["policy.onnx"], ctx.robot.name,
+            meta={"precision": "fp32", "opset": cfg.opset, "b1_path": str(paths["policy_b1.onnx"]),
+                  "kind": art.meta.get("kind", "")},
+            lineage=(*art.lineage, self.name))
+
+    def check(self, inp: Artifact, out: Artifact, cfg: PassConfig,
+              ctx: BuildContext) -> dict[str, Any]:
+        import torch
+
+        from xcompile.measure import random_obs
+        from xcompile.models.slim import load_torch_policy
+
+        assert isinstance(cfg, ExportConfig)
+        module = load_torch_policy(inp.path)
+        obs = random_obs(ctx.robot, cfg.n_check_obs, seed=ctx.seed + 1)
+        with torch.inference_mode():
+            want = module(torch.as_tensor(obs)).numpy()
+        dyn, b1 = _ort_session(out.path), _ort_session(Path(out.meta["b1_path"]))
+        got_b1 = np.concatenate([b1.run(None, {"obs": obs[i:i + 1]})[0] for i in range(len(obs))])
+        got_dyn_b1 = np.concatenate([dyn.run(None, {"obs": obs[i:i + 1]})[0]
+                                     for i in range(0, len(obs), 10)])
+        got_b64 = np.concatenate([dyn.run(None, {"obs": obs[i:i + 64]})[0]
+                                  for i in range(0, len(obs), 64)])
+        errs = {"max_abs_err_b1": float(np.abs(got_b1 - want).max()),
+                "max_abs_err_dynamic_b1": float(np.abs(got_dyn_b1 - want[::10]).max()),
+                "max_abs_err_b64": float(np.abs(got_b64 - want).max())}
+        worst = max(errs.values())
+        if not worst <= cfg.tolerance:
+            raise PassCheckError(
+                f"export-onnx: onnxruntime and torch disagree by {worst:.3g} (tolerance "
+                f"{cfg.tolerance:g}; {errs}); the export is wrong for this model")
+        return {**errs, "opset": cfg.opset, "bytes_dynamic": out.n_bytes,
+                "bytes_b1": Path(out.meta["b1_path"]).stat().st_size,
+                "n_check_obs": cfg.n_check_obs}

@@ -1,0 +1,265 @@
+"""quantize: the ONNX policy in int8 (explicit QDQ, TensorRT's form) or fp16.
+
+onnx -> onnx. Cost: int8 runs the float policy in closed loop for calibration (`calibration_episodes`
+simulator episodes) plus one calibration pass; fp16 is a conversion (under a second).
+
+Method.
+int8: post-training static quantization with onnxruntime (`quantize_static`) as explicit
+QuantizeLinear/DequantizeLinear pairs (QDQ): int8 activations and weights, symmetric (every zero
+point is int8 0), biases left in float, one Q/DQ pair per consumer. That is the form TensorRT builds
+a strongly typed int8 engine from; asymmetric zero points or int32 biases it refuses
+(`tensorrt_ready` checks). Activation ranges come from observations that the *float* policy meets in
+closed loop on the target (calibration on the deployment distribution, not on random inputs). The
+output layer (the last MatMul/Gemm) stays in float unless `keep_output_float=false`: actions are
+where the error lands. Shape inference (`quant_pre_process`) runs first.
+fp16: `onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)`: the weights and
+arithmetic in fp16, `obs` and `action` stay float32.
+
+The deployment contract is copied from the input; `precision` is added and `pass_history` extended.
+
+Check: action error against the float graph on held-out closed-loop observations (episodes other
+than the calibration ones; random observations only if `heldout_episodes=0`, where int8 may clip
+what it was not calibrated for); refused beyond `max_action_error` (mean absolute, in action
+units). Reports the size ratio, and with `score_episodes > 0` the closed-loop score of both.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from xcompile.artifact import Artifact
+from xcompile.errors import PassCheckError
+from xcompile.passes.base import BuildContext, Pass, PassConfig, register_pass
+from xcompile.passes.export_onnx import save_onnx, set_metadata
+
+_CALIBRATION_SEED = 10_000   # calibration episodes use seeds seed+10000...; held-out ones +20000
+_HELDOUT_SEED = 20_000
+
+
+class QuantizeConfig(PassConfig):
+    precision: Literal["int8", "fp16"] = Field("int8", description="target precision")
+    calibration_episodes: int = Field(4, ge=1, description="closed-loop episodes of the float "
+                                      "policy whose observations calibrate int8 ranges")
+    calibration_samples: int = Field(2048, ge=16, description="most observations used for "
+                                     "calibration (a random subset if more were recorded)")
+    heldout_episodes: int = Field(1, ge=0, description="closed-loop episodes (not used for "
+                                  "calibration) whose observations the check compares on")
+    keep_output_float: bool = Field(True, description="leave the last MatMul/Gemm (the action "
+                                    "layer) in float")
+    max_action_error: float = Field(0.1, gt=0, description="largest allowed mean |quantized - "
+                                    "float| on held-out observations, in action units")
+    score_episodes: int = Field(0, ge=0, description="closed-loop episodes to score both the "
+                                "float and the quantized policy in the check (0: skip)")
+
+
+def _session(src: str | Path | bytes) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(src if isinstance(src, bytes) else str(src), so,
+                                providers=["CPUExecutionProvider"])
+
+
+def _run_batched(sess: Any, obs: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Run a (possibly static batch-1) session over many observations."""
+    inp = sess.get_inputs()[0]
+    b = inp.shape[0] if isinstance(inp.shape[0], int) else batch
+    return np.concatenate([sess.run(None, {inp.name: obs[i:i + b]})[0]
+                           for i in range(0, len(obs), b)])
+
+
+def _closed_loop_obs(onnx_path: Path, ctx: BuildContext, episodes: int, seed: int) -> np.ndarray:
+    from xcompile.evaluate import evaluate
+
+    sess = _session(onnx_path)
+    res = evaluate(lambda o: _run_batched(sess, np.asarray(o, np.float32)), ctx.robot,
+                   episodes=episodes, seed=seed, record_obs=True)
+    return np.concatenate(res.observations).astype(np.float32)
+
+
+def output_layer(model: Any) -> str | None:
+    """Name of the last MatMul/Gemm on the way to the graph's output (the action layer)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    todo, seen = [o.name for o in model.graph.output], set()
+    while todo:  # breadth-first backwards from the output: the nearest matrix product wins
+        name = todo.pop(0)
+        node = producer.get(name)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type in ("MatMul", "Gemm"):
+            return str(node.name)
+        todo += list(node.input)
+    return None
+
+
+def _drop_unused_opsets(model: Any) -> None:
+    # quantize_static declares every contrib domain it knows; keep only those the graph uses.
+    used = {n.domain for n in model.graph.node} | {""}
+    keep = [o for o in model.opset_import if o.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def _int8(src: Path, dst: Path, calib: np.ndarray, keep_output_float: bool) -> None:
+    import onnx
+    from onnxruntime import quantization as q
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self) -> None:
+            # Batches of 64 rows: the graph has a dynamic batch, and min/max do not care.
+            self._it = iter([{"obs": calib[i:i + 64]} for i in range(0, len(calib), 64)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        exclude = []
+        if keep_output_float:
+            last = output_layer(onnx.load(str(pre)))
+            exclude = [last] if last else []
+        q.quantize_static(
+            str(pre), str(dst), Reader(), quant_format=q.QuantFormat.QDQ,
+            activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+            nodes_to_exclude=exclude, per_channel=False,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                           "QuantizeBias": False, "DedicatedQDQPair": True})
+
+
+def tensorrt_ready(model: Any) -> list[str]:
+    """Problems that keep TensorRT from building a QDQ model: [] when there are none.
+
+    Every Q/DQ zero point must be an int8 0 (symmetric; a missing zero point means uint8), and no
+    DequantizeLinear may read an int32 tensor (a quantized bias).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    consts = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    consts[node.output[0]] = a.t
+    problems = []
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if len(node.input) < 3 or not node.input[2]:
+            problems.append(f"{node.op_type} {node.name!r} has no zero point (defaults to uint8)")
+        elif node.input[2] not in consts:
+            problems.append(f"{node.op_type} {node.name!r}: zero point is not a constant")
+        else:
+            zp = consts[node.input[2]]
+            if zp.data_type != onnx.TensorProto.INT8:
+                problems.append(f"{node.op_type} {node.name!r}: zero point is "
+                                f"{onnx.TensorProto.DataType.Name(zp.data_type)}, not INT8")
+            elif np.any(numpy_helper.to_array(zp) != 0):
+                problems.append(f"{node.op_type} {node.name!r}: non-zero zero point "
+                                "(asymmetric quantization)")
+        if node.op_type == "DequantizeLinear":
+            x = consts.get(node.input[0])
+            if x is not None and x.data_type == onnx.TensorProto.INT32:
+                problems.append(f"DequantizeLinear {node.name!r} reads int32 {node.input[0]!r} "
+                                "(a quantized bias)")
+    return problems
+
+
+@register_pass
+class Quantize(Pass):
+    name = "quantize"
+    version = 1
+    input_format = "onnx"
+    output_format = "onnx"
+    Config = QuantizeConfig
+    summary = "int8 QDQ (calibrated in closed loop) or fp16"
+
+    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> Artifact:
+        import onnx
+
+        assert isinstance(cfg, QuantizeConfig)
+        src_meta = {p.key: p.value for p in onnx.load(str(art.path)).metadata_props}
+        dst = ctx.workdir / f"policy_{cfg.precision}.onnx"
+        info: dict[str, Any] = {}
+        if cfg.precision == "int8":
+            obs = _closed_loop_obs(art.path, ctx, cfg.calibration_episodes,
+                                   ctx.seed + _CALIBRATION_SEED)
+            rng = np.random.default_rng(ctx.seed)
+            if len(obs) > cfg.calibration_samples:
+                obs = obs[np.sort(rng.choice(len(obs), cfg.calibration_samples, replace=False))]
+            info["calibration_obs"] = len(obs)
+            _int8(art.path, dst, obs, cfg.keep_output_float)
+            model = onnx.load(str(dst))
+        else:
+            from onnxconverter_common import float16
+
+            model = float16.convert_float_to_float16(onnx.load(str(art.path)),
+                                                     keep_io_types=True)
+        _drop_unused_opsets(model)
+        history = json.loads(src_meta.get("pass_history", "[]"))
+        set_metadata(model, {**src_meta, "precision": cfg.precision,
+                             "pass_history": json.dumps([*history, self.name])})
+        save_onnx(model, dst)
+        return Artifact.create(
+            "onnx", dst, ctx.robot.name,
+            meta={**{k: v for k, v in art.meta.items() if k != "b1_path"},
+                  "precision": cfg.precision, "float_path": str(art.path), **info},
+            lineage=(*art.lineage, self.name))
+
+    def check(self, inp: Artifact, out: Artifact, cfg: PassConfig,
+              ctx: BuildContext) -> dict[str, Any]:
+        from xcompile.measure import count_params_bytes, random_obs
+
+        assert isinstance(cfg, QuantizeConfig)
+        try:
+            quant = _session(out.path)
+        except Exception as e:  # onnxruntime raises its own types for a model it cannot load
+            raise PassCheckError(f"quantize: onnxruntime cannot load the {cfg.precision} model "
+                                 f"({e})") from e
+        flt = _session(inp.path)
+        # Held-out observations from the deployment distribution: int8 ranges were calibrated on
+        # it, and random inputs outside it get clipped (a large error no robot would see).
+        if cfg.heldout_episodes:
+            obs = _closed_loop_obs(inp.path, ctx, cfg.heldout_episodes, ctx.seed + _HELDOUT_SEED)
+        else:
+            obs = random_obs(ctx.robot, 256, seed=ctx.seed + 2)
+        want = _run_batched(flt, obs)
+        err = np.abs(_run_batched(quant, obs) - want)
+        mean_err, max_err = float(err.mean()), float(err.max())
+        if not mean_err <= cfg.max_action_error:
+            raise PassCheckError(
+                f"quantize: {cfg.precision} actions differ from float by {mean_err:.3g} on "
+                f"average (max {max_err:.3g}; limit max_action_error={cfg.max_action_error:g}). "
+                "Calibrate on more episodes, keep the output layer in float, or use fp16.")
+        fb, qb = count_params_bytes(inp)["bytes"], count_params_bytes(out)["bytes"]
+        res: dict[str, Any] = {"precision": cfg.precision, "mean_action_err": mean_err,
+                               "max_action_err": max_err,
+                               "relative_action_err": mean_err / max(float(want.std()), 1e-12),
+                               "n_check_obs": len(obs),
+                               "check_obs": "closed-loop" if cfg.heldout_episodes else "random",
+                               "bytes_float": fb, "bytes_quantized": qb,
+                               "size_ratio": qb / fb}
+        if cfg.precision == "int8":
+            import onnx
+
+            problems = tensorrt_ready(onnx.load(str(out.path)))
+            res["tensorrt_ready"] = not problems
+            res["tensorrt_problems"] = problems[:5]
+        if cfg.score_episodes:
+            from xcompile.measure import score
+
+            sf = score(inp, ctx.robot, cfg.score_episodes, ctx.seed)
+            sq = score(out, ctx.robot, cfg.score_episodes, ctx.seed)
+            res.update(score_float=round(sf.score, 4), score_quantized=round(sq.score, 4))
+        return res
