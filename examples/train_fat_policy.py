@@ -63,7 +63,8 @@ def collect(robot, episodes: int, seed: int, noise_rad: float, policy=None, para
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32)
 
 
-def fit(model, data, bodies, steps: int, lr: float, batch: int, gen: torch.Generator, log_every=200):
+def fit(model, data, bodies, steps: int, lr: float, batch: int, gen: torch.Generator,
+        log_every=100):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     model.train()
@@ -92,10 +93,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--robots", nargs="*", default=list_robots())
     ap.add_argument("--expert-episodes", type=int, default=60)
-    ap.add_argument("--dagger-rounds", type=int, default=2)
+    ap.add_argument("--dagger-rounds", type=int, default=1)
     ap.add_argument("--dagger-episodes", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=1500, help="fit steps for the first fit")
-    ap.add_argument("--dagger-steps", type=int, default=600, help="fit steps after each round")
+    ap.add_argument("--steps", type=int, default=1000, help="fit steps for the first fit")
+    ap.add_argument("--dagger-steps", type=int, default=400, help="fit steps after each round")
     ap.add_argument("--batch", type=int, default=64, help="per body per step")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--noise-rad", type=float, default=0.05, help="DART noise on expert actions")
@@ -113,8 +114,21 @@ def main() -> None:
     raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for i, (n, r) in enumerate(robots.items()):
         t = time.time()
-        raw[n] = collect(r, a.expert_episodes, seed=10_000 * (i + 1) + a.seed, noise_rad=a.noise_rad)
-        print(f"expert data {n}: {raw[n][0].shape[0]} samples ({time.time() - t:.0f}s)", flush=True)
+        raw[n] = collect(r, a.expert_episodes, seed=10_000 * (i + 1) + a.seed,
+                         noise_rad=a.noise_rad)
+        print(f"expert data {n}: {raw[n][0].shape[0]} samples ({time.time() - t:.0f}s)",
+              flush=True)
+
+    registry = [{"name": n, "family": r.family, "joints": list(r.joints.names),
+                 "descriptors": bodies[n]["desc"].tolist(), "urdf": r.urdf}
+                for n, r in robots.items()]
+
+    def save():
+        # Saved after every fit too, so a long run that is stopped still leaves a usable policy.
+        save_checkpoint(a.out, model, registry, extra={
+            "trained_by": "examples/train_fat_policy.py", "seed": a.seed,
+            "args": {k: v for k, v in vars(a).items() if k != "out"}})
+        print(f"saved {a.out}", flush=True)
 
     def tensors():
         return {n: (torch.as_tensor(x), torch.as_tensor(y)) for n, (x, y) in raw.items()}
@@ -122,6 +136,7 @@ def main() -> None:
     # FIT
     print("fit", flush=True)
     fit(model, tensors(), bodies, a.steps, a.lr, a.batch, gen)
+    save()
 
     # DAGGER
     for rnd in range(a.dagger_rounds):
@@ -132,15 +147,10 @@ def main() -> None:
             raw[n] = (np.concatenate([raw[n][0], x]), np.concatenate([raw[n][1], y]))
         print(f"dagger round {rnd}: {sum(v[0].shape[0] for v in raw.values())} samples", flush=True)
         fit(model, tensors(), bodies, a.dagger_steps, a.lr * 0.5, a.batch, gen)
+        save()
 
     # SAVE
-    registry = [{"name": n, "family": r.family, "joints": list(r.joints.names),
-                 "descriptors": bodies[n]["desc"].tolist(), "urdf": r.urdf}
-                for n, r in robots.items()]
-    save_checkpoint(a.out, model, registry, extra={
-        "trained_by": "examples/train_fat_policy.py", "seed": a.seed,
-        "args": {k: v for k, v in vars(a).items() if k != "out"}})
-    print(f"saved {a.out}", flush=True)
+    save()
     for n, r in robots.items():
         res = evaluate(fat_act(model, bodies[n]["desc"].numpy(), r.family), r,
                        episodes=a.eval_episodes, seed=0)

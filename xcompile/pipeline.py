@@ -46,16 +46,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
 from pydantic import ValidationError
 
 from xcompile.artifact import Artifact, file_sha256
 from xcompile.errors import CheckpointError, GateError, PlanError, ToolUnavailable, XCompileError
 from xcompile.passes.base import BuildContext, Pass, PassConfig, all_passes, get_pass
 from xcompile.targets import HardwareTarget, RobotTarget, load_hardware, load_robot
-from xcompile.targets.loader import HARDWARE_DIR, ROBOTS_DIR
+from xcompile.targets.loader import HARDWARE_DIR, ROBOTS_DIR, tomllib
 
-DEFAULT_PLAN: list[str] = ["pin-embodiment", "export-onnx", "quantize", "build-tensorrt"]
+DEFAULT_PLAN: list[str] = ["pin-embodiment", "rl-finetune", "distill", "export-onnx", "quantize",
+                           "build-tensorrt"]
 PROFILES = ("fast", "default", "thorough")
 # Score episodes per stage when neither the build file nor the command line says.
 EPISODES_BY_PROFILE = {"fast": 3, "default": 10, "thorough": 30}
