@@ -146,8 +146,8 @@ def test_parse_plan():
 
 
 def test_default_plan_is_one_constant():
-    assert pipeline.DEFAULT_PLAN == ["pin-embodiment", "export-onnx", "quantize",
-                                     "build-tensorrt"]
+    assert pipeline.DEFAULT_PLAN == ["pin-embodiment", "rl-finetune", "distill", "export-onnx",
+                                     "quantize", "build-tensorrt"]
     assert pipeline.DEFAULTS["passes"] == pipeline.DEFAULT_PLAN
 
 

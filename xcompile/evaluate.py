@@ -27,6 +27,7 @@ class EvalResult:
     falls: int = 0
     invalid_actions: int = 0
     steps: int = 0
+    returns: list[float] = field(default_factory=list)   # undiscounted env reward per episode
     observations: list[np.ndarray] = field(default_factory=list, repr=False)
 
     @property
@@ -49,7 +50,8 @@ class EvalResult:
 def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: int = 0,
              faults: Faults | None = None, parallel: int = 10, record_obs: bool = False,
              on_episode: Callable[[], None] | None = None) -> EvalResult:
-    res = EvalResult(robot=robot.name, seed=seed, scores=[0.0] * episodes)
+    res = EvalResult(robot=robot.name, seed=seed, scores=[0.0] * episodes,
+                     returns=[0.0] * episodes)
     envs = [RobotEnv(robot, faults=faults) for _ in range(min(parallel, episodes))]
     try:
         for start in range(0, episodes, len(envs)):
@@ -62,8 +64,9 @@ def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: 
                 actions = np.asarray(policy(obs[live]), dtype=np.float32)
                 still = []
                 for row, k in enumerate(live):
-                    o, _, term, trunc, info = envs[k].step(actions[row])
+                    o, r, term, trunc, info = envs[k].step(actions[row])
                     obs[k] = o
+                    res.returns[batch[k]] += float(r)
                     res.steps += 1
                     if term or trunc:
                         res.scores[batch[k]] = float(info["score"])

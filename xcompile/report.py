@@ -140,6 +140,10 @@ def write_outputs(out: Path, report: dict[str, Any], records: Sequence[StageReco
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "report.md").write_text(render_markdown(report))
     plot_stages(report, out / "stages.png")
+    for art in arts:   # a stage's own plots, named in its meta relative to its folder (rl-finetune)
+        png = art.meta.get("learning_curve_png")
+        if png and (art.path.parent / png).is_file():
+            shutil.copyfile(art.path.parent / png, out / "learning_curve.png")
     if rollout and onnx is not None:
         from xcompile.evaluate import rollout_gif
         from xcompile.policy import load_policy
@@ -272,7 +276,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             lines.append(f"- {name}: " + ", ".join(f"{k} = {_num(v)}" for k, v in c.items()))
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
-    lines += ["", "Plots: `stages.png`. Rollout of the final policy: `rollout.gif`.", ""]
+    plots = "`stages.png`" + (", `learning_curve.png` (rl-finetune)"
+                              if any("rl-finetune" == s["name"] for s in report["stages"]) else "")
+    lines += ["", f"Plots: {plots}. Rollout of the final policy: `rollout.gif`.", ""]
     return "\n".join(lines)
 
 

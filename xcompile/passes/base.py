@@ -61,6 +61,23 @@ class Pass(ABC):
         return {}
 
 
+def with_profile_defaults(cfg: PassConfig, profile: str,
+                          table: dict[str, dict[str, Any]]) -> PassConfig:
+    """`cfg` with the build profile's budgets for every field the user did not set.
+
+    "Set" means given explicitly (build file, command line, `Config(field=...)`): pydantic records
+    those in `model_fields_set`, even when the given value equals the field's default. A field left
+    out takes `table[profile][field]` when the table has it, else its class default. The result is
+    validated again, so a bad table entry fails like a bad option would.
+    """
+    budget = {k: v for k, v in table.get(profile, {}).items()
+              if k in type(cfg).model_fields and k not in cfg.model_fields_set}
+    if not budget:
+        return cfg
+    given = {k: getattr(cfg, k) for k in cfg.model_fields_set}
+    return type(cfg).model_validate({**budget, **given})
+
+
 REGISTRY: dict[str, type[Pass]] = {}
 
 

@@ -1,0 +1,57 @@
+"""Write bench/RESULTS.md from the full (non-quick) results files in bench/results/.
+
+A script without a results file gets a TODO line with the command that makes it: never a number
+that was not measured.
+
+    python bench/render_results.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import common
+
+SECTIONS = [  # script, title, command
+    ("inference", "Inference: latency, bytes, throughput", "python bench/inference.py"),
+    ("quality", "Quality: score per stage, all robots", "python bench/quality.py"),
+    ("robustness", "Robustness: scores under faults, fat vs slim int8",
+     "python bench/robustness.py"),
+    ("build_cost", "Build cost: time and memory per pass", "python bench/build_cost.py"),
+    ("runtime_floor", "Runtime floor: latency vs arithmetic vs call overhead",
+     "python bench/runtime_floor.py"),
+]
+
+HEAD = """# Benchmark results
+
+Each section: the command that made it, the machine, the date and the table, as the script
+printed it (its JSON is in `bench/results/`). Timings are ratios within one run: every variant of a
+table was timed back to back in the same process. The machine was shared with a training job while
+these ran (load average in each machine line), which widens p99s more than medians. Sections marked
+TODO were not run on the recorded machine: run the command shown to fill them (then
+`python bench/render_results.py`). No number here is estimated.
+"""
+
+
+def section(script: str, title: str, command: str, results: Path) -> str:
+    path = results / f"{script}.json"
+    if not path.is_file():
+        return f"## {title}\n\nTODO: not run yet. Command: `{command}`\n"
+    doc = json.loads(path.read_text())
+    notes = "".join(f"- {n}\n" for n in doc["notes"])
+    return (f"## {title}\n\nCommand: `{doc['command']}` (wall {doc['wall_s']} s)\n\n"
+            f"Machine: {common.machine_line(doc['machine'])}\n\n{doc['markdown']}\n"
+            + (f"\nNotes:\n\n{notes}" if notes else ""))
+
+
+def main() -> None:
+    results = common.REPO / "bench" / "results"
+    text = HEAD + "\n" + "\n".join(section(*s, results) for s in SECTIONS)
+    out = common.REPO / "bench" / "RESULTS.md"
+    out.write_text(text)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

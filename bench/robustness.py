@@ -1,0 +1,147 @@
+"""Does the slim policy keep the fat policy's robustness? Scores under the faults a robot meets.
+
+The slim int8 policy is built exactly as bench/quality.py builds it (same plan, options, profile
+(fast by default; `--profile`) and cache, so a quality run makes this one cheap); its nominal
+score and the fat network's are read from that build's report. Both are then scored on the same
+seeded episodes (xcompile.evaluate.evaluate with xcompile.sim.env.Faults) under each fault:
+
+- motors 30% weaker: torque_scale=0.7;
+- one joint locked: joint 2 in policy order (a knee on every quadruped here, an arm's third
+  joint), held at its default angle;
+- payload: 20% of the body's total mass (summed over its links in PyBullet) added to the base.
+  The simulator puts the payload on the base link, which a fixed-base arm does not move: arms get
+  "n/a" for this row rather than a meaningless number;
+- 20 ms action latency: action_delay_steps = round(0.02 * control_hz);
+- observation noise: Gaussian, std 0.05 on every observation entry.
+
+Retained = faulted score / nominal score of the same policy. "slim keeps" = slim retained / fat
+retained: 1.0 means the slim policy loses exactly what the fat one loses under that fault, below
+1 that compilation made it more fragile.
+
+    python bench/robustness.py                        # all 8 robots, 10 episodes per cell
+    python bench/robustness.py --quick --robots a1    # < 2 min: the test suite runs this
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import common
+from quality import quality_plan
+
+from xcompile.measure import torch_single_thread
+from xcompile.sim.env import Faults, RobotEnv
+from xcompile.targets import RobotTarget, list_robots, load_robot
+
+LOCKED_JOINT = 2
+PAYLOAD_FRACTION = 0.2
+DELAY_S = 0.02
+OBS_NOISE_STD = 0.05
+
+
+def body_mass_kg(robot: RobotTarget) -> float:
+    """Total mass of the robot's links as PyBullet loads them (base included)."""
+    env = RobotEnv(robot)
+    try:
+        p, body, cid = env.p, env.body, env.cid
+        return float(sum(p.getDynamicsInfo(body, link, physicsClientId=cid)[0]
+                         for link in range(-1, p.getNumJoints(body, physicsClientId=cid))))
+    finally:
+        env.close()
+
+
+def faults_for(robot: RobotTarget) -> list[tuple[str, Faults | None, str]]:
+    """(name, faults or None when it does not apply, detail) for one robot."""
+    delay = round(DELAY_S * robot.control_hz)
+    joint = robot.joints.names[LOCKED_JOINT]
+    out: list[tuple[str, Faults | None, str]] = [
+        ("motors 30% weaker", Faults(torque_scale=0.7), "torque_scale=0.7"),
+        ("one joint locked", Faults(locked_joint=LOCKED_JOINT), f"{joint} held at default"),
+    ]
+    if robot.fixed_base:
+        out.append(("payload +20% mass", None, "n/a: fixed base (payload goes on the base link)"))
+    else:
+        kg = round(PAYLOAD_FRACTION * body_mass_kg(robot), 2)
+        out.append(("payload +20% mass", Faults(payload_kg=kg), f"{kg} kg on the base"))
+    out += [("20 ms action latency", Faults(action_delay_steps=delay),
+             f"{delay} step(s) at {robot.control_hz:g} Hz"),
+            ("obs noise std 0.05", Faults(obs_noise_std=OBS_NOISE_STD), "Gaussian, every entry")]
+    return out
+
+
+def score(path: Any, robot: RobotTarget, episodes: int, seed: int, faults: Faults) -> float:
+    from xcompile.evaluate import evaluate
+    from xcompile.policy import load_policy
+
+    policy = load_policy(path, robot)
+    with torch_single_thread():
+        return evaluate(policy.act, robot, episodes=episodes, seed=seed, faults=faults).score
+
+
+def bench_robot(args: Any, robot_name: str, names: list[str]) -> tuple[dict[str, Any], list[Any],
+                                                                          list[str]]:
+    robot = load_robot(robot_name)
+    b = common.build(args.checkpoint, robot, names, quick=args.quick, work_dir=args.work_dir,
+                     tag="quality", seed=args.seed, episodes=args.episodes,
+                     options={"quantize": {"precision": "int8"}}, profile=args.profile)
+    if b.error:
+        return ({"robot": robot.name, "error": b.error},
+                [[robot.name, f"build failed: {b.error}"] + [""] * 7], [])
+    fat_art, slim_art = b.artifact("fat"), b.artifact("quantize")
+    assert fat_art is not None and slim_art is not None
+    fat_nom, slim_nom = b.row("fat")["score"], b.row("quantize")["score"]  # type: ignore[index]
+    cells, rows = [], []
+    one = common.fmt(common.ratio(fat_nom, fat_nom), ".2f")
+    rows.append([robot.name, "none (nominal)", "", common.fmt(fat_nom, ".3f"),
+                 common.fmt(slim_nom, ".3f"), one, common.fmt(common.ratio(slim_nom, slim_nom),
+                                                              ".2f"), one,
+                 common.fmt(common.ratio(slim_nom, fat_nom), ".2f")])
+    for name, faults, detail in faults_for(robot):
+        if faults is None:
+            cells.append({"fault": name, "detail": detail, "applies": False})
+            rows.append([robot.name, name, detail] + ["n/a"] * 6)
+            continue
+        fat_s = score(fat_art.path, robot, args.episodes, args.seed, faults)
+        slim_s = score(slim_art.path, robot, args.episodes, args.seed, faults)
+        fat_ret, slim_ret = common.ratio(fat_s, fat_nom), common.ratio(slim_s, slim_nom)
+        keeps = common.ratio(slim_ret, fat_ret)
+        cells.append({"fault": name, "detail": detail, "applies": True, "faults": vars(faults),
+                      "fat": fat_s, "slim_int8": slim_s, "fat_retained": fat_ret,
+                      "slim_retained": slim_ret, "slim_keeps_of_fat": keeps,
+                      "slim_over_fat": common.ratio(slim_s, fat_s)})
+        rows.append([robot.name, name, detail, common.fmt(fat_s, ".3f"), common.fmt(slim_s, ".3f"),
+                     common.fmt(fat_ret, ".2f"), common.fmt(slim_ret, ".2f"),
+                     common.fmt(keeps, ".2f"), common.fmt(common.ratio(slim_s, fat_s), ".2f")])
+    notes = [f"{robot.name}: {n}" for n in b.notes]
+    if not fat_nom:
+        notes.append(f"{robot.name}: the fat policy scores 0 nominally; retention is undefined")
+    return ({"robot": robot.name, "nominal": {"fat": fat_nom, "slim_int8": slim_nom},
+             "faults": cells}, rows, notes)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = common.parser(__doc__.split("\n\n")[0], list_robots(), default_profile="fast")
+    ap.add_argument("--episodes", type=int, default=None,
+                    help="episodes per policy per fault (default 10; quick 2)")
+    args = common.parse(ap, argv, "robustness")
+    args.episodes = args.episodes or (2 if args.quick else 10)
+    started = time.perf_counter()
+    names, notes = quality_plan()
+    results, rows = [], []
+    for robot in args.robots:
+        res, r_rows, n = bench_robot(args, robot, names)
+        results.append(res)
+        rows += r_rows
+        notes += n
+    headers = ["robot", "fault", "detail", "fat", "slim int8", "fat retained", "slim retained",
+               "slim keeps (slim ret. / fat ret.)", "slim / fat"]
+    md = (f"Scores in [0, 1], mean of {args.episodes} episodes (seeds {args.seed}.."
+          f"{args.seed + args.episodes - 1}) per cell; slim = plan `{','.join(names)}`"
+          f"{' (quick budgets)' if args.quick else f', profile {args.profile}'}.\n\n"
+          + common.md_table(headers, rows))
+    return common.finish(args, "robustness", results, md, notes, started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The benchmark scripts run end to end (--quick, on the tiny checkpoint) and their JSON means what
+their tables say: sizes shrink where they should, timings are ordered, scores are scores.
+
+The scripts share one work folder, so later ones reuse the builds of earlier ones (as they do for a
+user); inference.py runs first and builds the most.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xcompile.passes.base import all_passes
+
+REPO = Path(__file__).resolve().parent.parent
+HAVE_STUDENT = "distill" in all_passes()
+
+
+@pytest.fixture(scope="session")
+def bench_work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench-work")
+
+
+def run_script(name: str, ckpt: str | None, work: Path, out: Path, *extra: str) -> dict:
+    cmd = [sys.executable, str(REPO / "bench" / f"{name}.py"), "--quick", "--robots", "a1",
+           "--out", str(out), "--work-dir", str(work), *extra]
+    if ckpt:
+        cmd += ["--checkpoint", ckpt]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["script"] == name and doc["quick"] is True
+    assert doc["markdown"].strip() in proc.stdout        # the table is printed as written
+    assert "| " in proc.stdout and doc["machine"]["nproc"] >= 1
+    return doc
+
+
+def test_inference(tiny_fat_ckpt, bench_work, tmp_path):
+    doc = run_script("inference", tiny_fat_ckpt, bench_work, tmp_path / "inf.json")
+    (res,) = doc["results"]
+    rows = {r["key"]: r for r in res["rows"]}
+    assert {"fat", "pinned", "generic-fp32", "generic-int8"} <= set(rows)
+    assert rows["generic-int8"]["bytes"] < rows["generic-fp32"]["bytes"]
+    assert res["ort_floor_us"]["p50_us"] > 0
+    for r in rows.values():
+        assert 0 < r["p50_us"] <= r["p99_us"]
+        assert r["b64_rows_per_s"] > 0 and r["calls"] >= 300
+    assert rows["fat"]["speedup_vs_fat"] == pytest.approx(1.0)
+    # ONNX Runtime cannot beat its own empty graph.
+    assert rows["generic-fp32"]["x_floor"] > 1.0
+    if HAVE_STUDENT:
+        assert {"student", "slim-fp32", "slim-int8", "slim-fp16"} <= set(rows)
+        assert rows["slim-int8"]["bytes"] < rows["slim-fp16"]["bytes"] < rows["slim-fp32"]["bytes"]
+    else:
+        assert any("distill" in n for n in doc["notes"])
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "GPU section skipped" in res["gpu"]["skipped"]
+
+
+def test_runtime_floor(tiny_fat_ckpt, bench_work, tmp_path):
+    doc = run_script("runtime_floor", tiny_fat_ckpt, bench_work, tmp_path / "rf.json")
+    rates = doc["results"]["rates"]
+    assert rates["peak_mac_per_s"] > rates["matvec_mac_per_s"] > 0
+    (res,) = doc["results"]["robots"]
+    rows = {r["key"]: r for r in res["rows"]}
+    for r in rows.values():
+        assert r["macs"] > 0 and r["arith_floor_peak_us"] < r["p50_us"]
+        assert sum(r["shares"].values()) >= 0.999
+    assert rows["pinned"]["macs"] < rows["fat"]["macs"]       # pinning folds the descriptor work
+    assert rows["generic-fp32"]["macs"] == rows["pinned"]["macs"]
+    assert res["crossover_macs_peak_rate"] > 0
+
+
+def test_quality(tiny_fat_ckpt, bench_work, tmp_path):
+    doc = run_script("quality", tiny_fat_ckpt, bench_work, tmp_path / "q.json")
+    (res,) = doc["results"]
+    assert res["error"] is None
+    scores = res["scores"]
+    for k in ("fat", "pinned", "int8"):
+        assert 0.0 <= scores[k] <= 1.0
+    # Pinning is exact: same episodes, same score (to float rounding of the rollout).
+    assert scores["pinned"] == pytest.approx(scores["fat"], abs=0.02)
+    assert res["compression"] > 1.0
+
+
+def test_robustness(tiny_fat_ckpt, bench_work, tmp_path):
+    doc = run_script("robustness", tiny_fat_ckpt, bench_work, tmp_path / "r.json")
+    (res,) = doc["results"]
+    cells = {c["fault"]: c for c in res["faults"]}
+    assert len(cells) == 5 and all(c["applies"] for c in cells.values())   # a1 is free-base
+    assert cells["20 ms action latency"]["faults"]["action_delay_steps"] == 1   # 50 Hz
+    assert cells["payload +20% mass"]["faults"]["payload_kg"] > 0
+    assert cells["motors 30% weaker"]["faults"]["torque_scale"] == 0.7
+    for c in cells.values():
+        assert 0.0 <= c["fat"] <= 1.0 and 0.0 <= c["slim_int8"] <= 1.0
+
+
+def test_payload_does_not_apply_to_fixed_base_arms():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from robustness import faults_for
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from xcompile.targets import load_robot
+
+    faults = {name: f for name, f, _ in faults_for(load_robot("panda"))}
+    assert faults["payload +20% mass"] is None
+    assert faults["one joint locked"].locked_joint == 2
+
+
+@pytest.mark.slow
+def test_build_cost(bench_work, tmp_path):
+    doc = run_script("build_cost", None, bench_work, tmp_path / "bc.json")
+    rows = doc["results"]["rows"]
+    plan = doc["results"]["plan"]
+    assert plan[0] == "pin-embodiment" and plan[-1] == "quantize"
+    assert {(r["bodies"], r["pass"]) for r in rows} == {(b, p) for b in (2, 8) for p in plan}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["wall_s"] > 0 and not r["cached"]
+        assert r["rss_peak_mb"] >= r["rss_before_mb"] > 0

@@ -1,0 +1,207 @@
+"""rl-finetune and distill check meaning on tiny budgets: fine-tuning never lowers the held-out
+score, DAgger's action error falls round over round, the student exports to ONNX and its folded
+normalisation is exact, and a `--profile fast` build runs the whole default plan."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xcompile.artifact import Artifact
+from xcompile.evaluate import evaluate
+from xcompile.measure import random_obs
+from xcompile.models.slim import MLPPolicy, load_torch_policy, read_torch_policy
+from xcompile.passes import distill as distill_mod
+from xcompile.passes import rl_finetune as rl_mod
+from xcompile.passes.base import BuildContext, get_pass, with_profile_defaults
+from xcompile.policy import load_policy, torch_act
+from xcompile.targets import load_hardware, load_robot
+
+
+def run_pass(name, art, robot, workdir: Path, profile="default", history=(), **cfg):
+    cls = get_pass(name)
+    workdir.mkdir(parents=True)
+    ctx = BuildContext(robot=robot, hardware=load_hardware("cpu"), workdir=workdir,
+                       profile=profile, source_sha256="ab" * 32, history=list(history))
+    conf = cls.Config(**cfg)
+    out = cls().run(art, conf, ctx)
+    assert out.format == cls.output_format
+    return out, cls().check(art, out, conf, ctx)
+
+
+@pytest.fixture(scope="module")
+def pinned_panda(tiny_fat_ckpt, tmp_path_factory):
+    robot = load_robot("panda")
+    tmp = tmp_path_factory.mktemp("panda")
+    art = Artifact.create("fat-checkpoint", tiny_fat_ckpt, robot.name)
+    pinned, _ = run_pass("pin-embodiment", art, robot, tmp / "pin", n_check_obs=64,
+                         check_episodes=0)
+    return robot, pinned, tmp
+
+
+# ------------------------------------------------------------------------------ profiles
+
+
+def test_profile_budgets_fill_only_unset_fields():
+    cfg = rl_mod.RLFinetuneConfig(env_steps=24_576)    # equal to the class default, but given
+    fast = with_profile_defaults(cfg, "fast", rl_mod.PROFILE_DEFAULTS)
+    assert fast.env_steps == 24_576                        # explicit wins, even at the default
+    assert fast.n_envs == rl_mod.PROFILE_DEFAULTS["fast"]["n_envs"]
+    assert fast.eval_episodes == rl_mod.PROFILE_DEFAULTS["fast"]["eval_episodes"]
+    thorough = with_profile_defaults(distill_mod.DistillConfig(), "thorough",
+                                     distill_mod.PROFILE_DEFAULTS)
+    assert thorough.auto and thorough.rounds == distill_mod.PROFILE_DEFAULTS["thorough"]["rounds"]
+    for mod in (rl_mod, distill_mod):
+        assert set(mod.PROFILE_DEFAULTS) == {"fast", "default", "thorough"}
+        for table in mod.PROFILE_DEFAULTS.values():     # every entry is a valid option
+            cls = rl_mod.RLFinetuneConfig if mod is rl_mod else distill_mod.DistillConfig
+            cls.model_validate(table)
+
+
+# ------------------------------------------------------------------------------ rl-finetune
+
+
+def test_rl_finetune_never_lowers_heldout_score(pinned_panda):
+    robot, pinned, tmp = pinned_panda
+    # 2 iterations of 4 x 80 steps: a critic warm-up and one PPO update; every env ends an episode.
+    out, m = run_pass("rl-finetune", pinned, robot, tmp / "rl", env_steps=640, n_envs=4,
+                      rollout_steps=80, epochs=2, minibatch=64, critic_warmup_iters=1,
+                      eval_episodes=2, lr=3e-4)
+    assert m["kept"] in ("tuned", "start")
+    assert m["env_steps"] == 640
+    assert max(m["score_start"], m["score_tuned"]) == pytest.approx(
+        m["score_tuned"] if m["kept"] == "tuned" else m["score_start"])
+    # The kept policy scores what the check says on the held-out seeds: never below the start.
+    kept = evaluate(torch_act(load_torch_policy(out.path)), robot, episodes=2,
+                    seed=rl_mod.HELDOUT_SEED).score
+    assert kept == pytest.approx(max(m["score_start"], m["score_tuned"]), abs=1e-4)
+    assert kept >= m["score_start"] - 1e-4
+    # Same kind as the input (export-onnx takes it unchanged), robot recorded, meta names plots.
+    assert read_torch_policy(out.path)["spec"]["kind"] == "pinned"
+    assert load_policy(out.path, robot).kind == "torch"
+    doc = json.loads((out.path.parent / out.meta["learning_curve_json"]).read_text())
+    assert (out.path.parent / out.meta["learning_curve_png"]).stat().st_size > 1000
+    assert [r["phase"] for r in doc["curve"]] == ["warmup", "ppo"]
+    losses = [r[k] for r in doc["curve"] for k in ("pg_loss", "v_loss", "anchor_loss")
+              if r[k] is not None]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    last = doc["curve"][-1]            # 160 steps per env: each ends one 150-step episode
+    assert last["episodes"] == 4 and 0 <= last["score"] <= 1 and last["return"] is not None
+
+
+def test_split_for_tuning_is_exact(pinned_panda):
+    robot, pinned, _ = pinned_panda
+    x = torch.as_tensor(random_obs(robot, 32))
+    for module in (load_torch_policy(pinned.path),
+                   MLPPolicy(x.shape[1], [16, 16], robot.n_joints, normalize=True)):
+        for mode in ("all", "last"):
+            features, tail = rl_mod.split_for_tuning(module, mode)
+            with torch.no_grad():
+                torch.testing.assert_close(tail(features(x)), module(x))
+            assert all(any(p is q for q in module.parameters()) for p in tail.parameters())
+
+
+# ------------------------------------------------------------------------------ distill
+
+
+@pytest.fixture(scope="module")
+def distilled(pinned_panda):
+    robot, pinned, tmp = pinned_panda
+    out, m = run_pass("distill", pinned, robot, tmp / "distill", hidden=[32, 32], rounds=3,
+                      episodes_per_round=2, fit_epochs=15, final_fit_epochs=15,
+                      eval_episodes=1, heldout_episodes=1)
+    return robot, pinned, out, m, tmp
+
+
+def test_dagger_action_error_falls_round_over_round(distilled):
+    _, pinned, out, m, _ = distilled
+    err = m["action_error_per_round"]
+    assert len(err) == 3
+    assert all(b < a for a, b in zip(err, err[1:])), err
+    assert m["action_error_final"] <= err[-1] * 1.05
+    assert m["samples"] == 3 * 2 * 150                       # panda: 150 steps per episode
+    assert m["params_student"] == read_params(out) and m["compression"] > 0
+    assert m["hidden"] == [32, 32]
+    assert read_torch_policy(out.path)["spec"]["kind"] == "mlp"
+    assert not read_torch_policy(out.path)["spec"]["normalize"]   # folded before saving
+
+
+def read_params(art) -> int:
+    return sum(p.numel() for p in load_torch_policy(art.path).parameters())
+
+
+def test_student_folded_normalisation_is_exact(distilled):
+    robot, _, out, m, _ = distilled
+    folded = load_torch_policy(out.path)
+    unfolded = load_torch_policy(out.path.parent / out.meta["unfolded"])
+    assert unfolded.normalize and not folded.normalize
+    assert float(unfolded.obs_std.min()) >= distill_mod.MIN_OBS_STD
+    x = torch.as_tensor(np.concatenate([
+        random_obs(robot, 512, seed=5),
+        *evaluate(torch_act(unfolded), robot, episodes=1, seed=7, record_obs=True).observations]))
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), unfolded(x), atol=1e-5, rtol=0)
+    assert m["fold_max_abs_err"] <= 1e-5
+
+
+def test_student_exports_to_onnx(distilled):
+    robot, _, out, _, tmp = distilled
+    onnx_art, m = run_pass("export-onnx", out, robot, tmp / "export",
+                           history=["pin-embodiment", "distill"])
+    assert m["max_abs_err_b1"] <= 1e-4
+    pol = load_policy(onnx_art.path, robot)
+    obs = random_obs(robot, 8, seed=9)
+    with torch.inference_mode():
+        want = load_torch_policy(out.path)(torch.as_tensor(obs)).numpy()
+    np.testing.assert_allclose(pol.act(obs), want, atol=1e-4)
+
+
+def test_auto_picks_smallest_rung_that_meets_score_and_latency(pinned_panda, monkeypatch):
+    robot, pinned, tmp = pinned_panda
+    # Latency is faked so the outcome does not depend on the machine: rung [64] is over budget.
+    monkeypatch.setattr(distill_mod, "_latency_us",
+                        lambda robot, hidden, act: 10.0 * hidden[0])   # cpu budget: 500 µs
+    tiny = dict(rounds=1, episodes_per_round=1, fit_epochs=2, final_fit_epochs=0,
+                eval_episodes=1, heldout_episodes=1)
+    _, m = run_pass("distill", pinned, robot, tmp / "auto0", auto=True,
+                    ladder=[[8], [16], [64]], min_score_fraction=0.0, **tiny)
+    assert m["hidden"] == [8]                        # the first rung already meets 0 x teacher
+    out, m = run_pass("distill", pinned, robot, tmp / "auto1", auto=True,
+                      ladder=[[8], [16], [64]], min_score_fraction=1.0,
+                      **tiny)
+    s = json.loads((out.path.parent / out.meta["summary"]).read_text())
+    if s["met_target"]:
+        assert m["hidden"] in ([8], [16])
+    else:                                            # none met it: best within budget, [64] refused
+        assert s["tried"][-1] == {"hidden": [64], "latency_us": 640.0, "over_budget": True}
+        assert m["hidden"] in ([8], [16])
+
+
+# ------------------------------------------------------------------------------ whole build
+
+
+# About 20 s each on an idle 2-core machine (60 s under load): in the default run, not marked slow.
+@pytest.mark.parametrize("name", ["a1", "panda"])
+def test_fast_build_runs_the_default_plan(name, tiny_fat_ckpt, tmp_path):
+    from xcompile.pipeline import DEFAULT_PLAN, resolve_settings, run_plan
+
+    s = resolve_settings(None, {}, {"profile": "fast"})
+    assert s.pass_names == DEFAULT_PLAN
+    res = run_plan(tiny_fat_ckpt, name, None, s.plan, tmp_path / "out", tmp_path / "cache",
+                   profile=s.profile, episodes=s.episodes, rollout=False)
+    stages = {st["name"]: st for st in res.report["stages"]}
+    assert {"rl-finetune", "distill", "export-onnx", "quantize"} <= set(stages)
+    rl = stages["rl-finetune"]["checks"]
+    assert rl["env_steps"] == rl_mod.PROFILE_DEFAULTS["fast"]["env_steps"]
+    assert rl["score_tuned" if rl["kept"] == "tuned" else "score_start"] >= rl["score_start"]
+    assert stages["distill"]["checks"]["samples"] > 0
+    assert (res.out_dir / "learning_curve.png").is_file()
+    for st in res.stages[1:]:
+        if st.artifact is not None and st.artifact.format in ("torch", "onnx"):
+            assert load_policy(st.artifact.path, load_robot(name)).act(
+                random_obs(load_robot(name), 2)).shape == (2, load_robot(name).n_joints)

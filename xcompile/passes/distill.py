@@ -1,0 +1,392 @@
+"""distill: on-policy distillation of the given policy into a small MLP over the flat observation.
+
+torch -> torch (kind "mlp"). Cost: `rounds * episodes_per_round` simulator episodes with the teacher
+labelling every step, a few seconds of MLP fitting per round, and the teacher's and student's
+scoring episodes; with `auto` up to one such run per ladder rung.
+
+Method: DAgger (Ross, Gordon and Bagnell 2011). Round 0: the teacher acts, with Gaussian noise of
+`noise_std` action units on its actions (DART, Laskey et al. 2017) so the data covers a little more
+than its own path. Round i >= 1: the student acts, except that at each step and in each simulator
+the teacher acts with probability beta_i = `beta_decay`**i (β-mixing; 0 gives pure DAgger). In every
+round the teacher labels every visited state, the data set grows, and the student is fitted on all
+of it (MSE, Adam, `fit_epochs`, warm-started from the previous round); a final longer fit
+(`final_fit_epochs`, cosine learning rate) follows the last round.
+
+The student is `slim.MLPPolicy` over the robot's own flat observation, with observation
+normalisation (mean and std of round 0's data, std at least 0.05 so a near-constant input is not
+amplified) folded into the first Linear before it is saved: the saved MLP has no normalisation step.
+Its widths come from `hidden`, or with `auto` from the smallest rung of `ladder` whose closed-loop
+score is at least `min_score_fraction` x the teacher's score on the same seeds and whose batch-1
+latency fits the hardware target's `latency_budget_us` (torch eager, one thread: an upper bound of
+the onnxruntime latency it will have). Data gathered for a rung is kept for the next one.
+
+Seeds: DAgger round r uses episodes ctx.seed + 200_000 + 1000 r + i; the held-out teacher-labelled
+states come from teacher episodes ctx.seed + 40_000 + i; teacher and student are scored on
+ctx.seed + 50_000 + i (the report scores on ctx.seed + i).
+
+Budgets (`rounds`, `episodes_per_round`, `fit_epochs`, `final_fit_epochs`, `eval_episodes`,
+`heldout_episodes`, `auto`) come from `PROFILE_DEFAULTS[ctx.profile]` for fields the user did not
+set (`model_fields_set`, see `with_profile_defaults`).
+
+Check: the folded student (reloaded) equals the unfolded one to 1e-5 on random observations and gives
+finite actions. Measurements: teacher and student score, action error on the held-out states after
+each round, parameters of both and the compression ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from xcompile.artifact import Artifact
+from xcompile.errors import PassCheckError
+from xcompile.passes.base import (
+    BuildContext,
+    Pass,
+    PassConfig,
+    register_pass,
+    with_profile_defaults,
+)
+
+DAGGER_SEED = 200_000
+HELDOUT_SEED = 40_000
+EVAL_SEED = 50_000
+MIN_OBS_STD = 0.05
+
+# Budgets per build profile for fields the user did not set. Fitting is cheap (a few seconds); the
+# simulator episodes are the cost. Measured on panda (the harder one to distill: a reach score
+# needs the final pose within 5 cm): 4 rounds x 6 episodes, 30/100 epochs gave a student at 0.89 of
+# the teacher; 6 x 8 episodes, 60/300 epochs matched it (1.0) in 35 s.
+PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fast": {"rounds": 3, "episodes_per_round": 3, "fit_epochs": 40, "final_fit_epochs": 150,
+             "eval_episodes": 2, "heldout_episodes": 1},
+    "default": {"rounds": 6, "episodes_per_round": 8, "fit_epochs": 60, "final_fit_epochs": 300,
+                "eval_episodes": 6, "heldout_episodes": 2},
+    "thorough": {"rounds": 10, "episodes_per_round": 12, "fit_epochs": 80,
+                 "final_fit_epochs": 500, "eval_episodes": 20, "heldout_episodes": 4,
+                 "auto": True},
+}
+
+
+# OPTIONS
+class DistillConfig(PassConfig):
+    hidden: list[int] = Field([128, 128], min_length=1, description="hidden widths of the "
+                              "student MLP (ignored with auto)")
+    auto: bool = Field(False, description="pick the smallest rung of `ladder` that keeps "
+                       "min_score_fraction of the teacher's score within the latency budget "
+                       "(profile thorough: on)")
+    ladder: list[list[int]] = Field([[32, 32], [64, 64], [128, 128], [256, 256]], min_length=1,
+                                    description="student sizes auto tries, smallest first")
+    min_score_fraction: float = Field(0.98, ge=0, le=1, description="auto: student score / "
+                                      "teacher score a rung must reach")
+    activation: Literal["elu", "relu", "tanh", "gelu", "silu"] = Field(
+        "elu", description="student activation")
+    rounds: int = Field(6, ge=1, description="DAgger rounds, the teacher-driven round 0 included")
+    episodes_per_round: int = Field(8, ge=1, description="simulator episodes per round")
+    beta_decay: float = Field(0.5, ge=0, le=1, description="round i >= 1: the teacher acts with "
+                              "probability beta_decay**i per step (0: the student always acts)")
+    noise_std: float = Field(0.1, ge=0, description="round 0: Gaussian noise on the teacher's "
+                             "actions, in action units")
+    fit_epochs: int = Field(60, ge=1, description="epochs over the data set after each round")
+    final_fit_epochs: int = Field(300, ge=0, description="epochs of the final fit")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    batch: int = Field(256, ge=1, description="samples per gradient step")
+    heldout_episodes: int = Field(2, ge=1, description="teacher episodes whose labelled states "
+                                  "measure the action error after each round")
+    eval_episodes: int = Field(6, ge=1, description="episodes that score teacher and student "
+                               "(same seeds for both)")
+
+
+# NETWORK
+def make_student(obs_dim: int, n_act: int, hidden: list[int], activation: str,
+                 obs: np.ndarray) -> Any:
+    """An MLPPolicy whose normalisation buffers hold the mean and std of `obs`."""
+    import torch
+
+    from xcompile.models.slim import MLPPolicy
+
+    student = MLPPolicy(obs_dim, hidden, n_act, activation, normalize=True)
+    x = torch.as_tensor(obs)
+    with torch.no_grad():
+        student.obs_mean.copy_(x.mean(0))
+        student.obs_std.copy_(x.std(0).clamp_min(MIN_OBS_STD))
+    return student
+
+
+@dataclass
+class _Data:
+    obs: list[np.ndarray] = field(default_factory=list)
+    act: list[np.ndarray] = field(default_factory=list)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.concatenate(self.obs), np.concatenate(self.act)
+
+    def __len__(self) -> int:
+        return sum(len(o) for o in self.obs)
+
+
+@register_pass
+class Distill(Pass):
+    name = "distill"
+    version = 1
+    input_format = "torch"
+    output_format = "torch"
+    Config = DistillConfig
+    summary = "DAgger into a small MLP over the flat observation (normalisation folded in)"
+
+    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> Artifact:
+        import torch
+
+        from xcompile.models.slim import load_torch_policy, read_torch_policy, save_torch_policy
+        from xcompile.policy import torch_act
+
+        assert isinstance(cfg, DistillConfig)
+        cfg = with_profile_defaults(cfg, ctx.profile, PROFILE_DEFAULTS)
+        assert isinstance(cfg, DistillConfig)
+        t0 = time.perf_counter()
+        teacher_spec = read_torch_policy(art.path)["spec"]
+        teacher = torch_act(load_torch_policy(art.path))
+        robot = ctx.robot
+        budget_us = float(ctx.hardware.latency_budget_us)
+
+        from xcompile.measure import torch_single_thread
+
+        # One thread: small MLP steps gain nothing from a second, and on a shared machine a
+        # second intra-op thread that waits for a core makes every step many times slower.
+        with torch.random.fork_rng(devices=[]), torch_single_thread():
+            torch.manual_seed(ctx.seed)
+            heldout = _collect(teacher, None, 0.0, 0.0, ctx, cfg.heldout_episodes,
+                               ctx.seed + HELDOUT_SEED)
+            teacher_score = _score(teacher, cfg, ctx)
+            data = _Data()
+            candidates = cfg.ladder if cfg.auto else [cfg.hidden]
+            tried: list[dict[str, Any]] = []
+            chosen: tuple[Any, dict[str, Any]] | None = None
+            for ci, hidden in enumerate(candidates):
+                lat = _latency_us(robot, hidden, cfg.activation)
+                if cfg.auto and lat > budget_us:
+                    tried.append({"hidden": hidden, "latency_us": round(lat, 1),
+                                  "over_budget": True})
+                    break           # the ladder only grows: larger rungs are slower still
+                student, rec = _dagger(teacher, hidden, cfg, ctx, data, heldout,
+                                       progress=(ci, len(candidates)))
+                rec.update(latency_us=round(lat, 1), over_budget=lat > budget_us)
+                tried.append(rec)
+                if chosen is None or rec["score"] > chosen[1]["score"]:
+                    chosen = (student, rec)
+                if not cfg.auto or rec["score"] >= cfg.min_score_fraction * teacher_score:
+                    chosen = (student, rec)
+                    break
+            if chosen is None:
+                raise PassCheckError(
+                    f"distill: even the smallest student {candidates[0]} takes {tried[0]['latency_us']}"
+                    f" µs per call, over {ctx.hardware.name}'s budget of {budget_us:g} µs; add a "
+                    "smaller rung to `ladder` or pick other hardware")
+        student, rec = chosen
+        folded = student.fold_normalization().eval()
+        extra = {k: teacher_spec[k] for k in ("robot", "joint_order", "source_checkpoint_sha256")
+                 if k in teacher_spec}
+        path = save_torch_policy(ctx.workdir / "student.pt", folded, {**folded.spec(), **extra})
+        save_torch_policy(ctx.workdir / "student_unfolded.pt", student,
+                          {**student.spec(), **extra})
+        summary = {"teacher_score": round(teacher_score, 4), "student_score": rec["score"],
+                   "score_ratio": round(rec["score"] / teacher_score, 4) if teacher_score > 0
+                   else None,
+                   "hidden": rec["hidden"], "action_error_per_round": rec["action_error"],
+                   "action_error_final": rec["action_error_final"],
+                   "dagger_score_per_round": rec["dagger_score"], "samples": rec["samples"],
+                   "latency_budget_us": budget_us, "student_latency_us": rec["latency_us"],
+                   "auto": cfg.auto, "tried": tried,
+                   "met_target": (rec["score"] >= cfg.min_score_fraction * teacher_score)
+                   if cfg.auto else None,
+                   "wall_s": round(time.perf_counter() - t0, 2),
+                   "config": cfg.model_dump(mode="json")}
+        (ctx.workdir / "distill.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return Artifact.create("torch", path, robot.name,
+                               meta={"kind": "mlp", "family": robot.family,
+                                     "hidden": rec["hidden"], "unfolded": "student_unfolded.pt",
+                                     "summary": "distill.json"},
+                               lineage=(*art.lineage, self.name))
+
+    def check(self, inp: Artifact, out: Artifact, cfg: PassConfig,
+              ctx: BuildContext) -> dict[str, Any]:
+        import torch
+
+        from xcompile.measure import count_params_bytes, random_obs
+        from xcompile.models.slim import load_torch_policy
+
+        folded = load_torch_policy(out.path)
+        unfolded = load_torch_policy(out.path.parent / out.meta["unfolded"])
+        x = torch.as_tensor(random_obs(ctx.robot, 2048, seed=ctx.seed + 3))
+        with torch.inference_mode():
+            a, b = folded(x), unfolded(x)
+        if not bool(torch.isfinite(a).all()):
+            raise PassCheckError("distill: the student outputs NaN or Inf")
+        fold_err = float((a - b).abs().max())
+        if not fold_err <= 1e-5 * max(1.0, float(b.abs().max())):
+            raise PassCheckError(f"distill: folding the observation normalisation changed the "
+                                 f"actions by {fold_err:.3g} (tolerance 1e-5); this is a bug")
+        s = json.loads((out.path.parent / out.meta["summary"]).read_text())
+        p_t, p_s = count_params_bytes(inp)["params"], count_params_bytes(out)["params"]
+        return {"teacher_score": s["teacher_score"], "student_score": s["student_score"],
+                "score_ratio": s["score_ratio"], "hidden": s["hidden"],
+                "action_error_per_round": s["action_error_per_round"],
+                "action_error_final": s["action_error_final"],
+                "samples": s["samples"], "params_teacher": p_t, "params_student": p_s,
+                "compression": round(p_t / p_s, 2), "fold_max_abs_err": fold_err,
+                "student_latency_us": s["student_latency_us"], "wall_s": s["wall_s"]}
+
+
+def _collect(teacher: Any, student: Any, beta: float, noise_std: float, ctx: BuildContext,
+             episodes: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Roll out (student, teacher with probability beta, or the noisy teacher when student is
+    None); return the visited observations, the teacher's labels and the mean score."""
+    from xcompile.evaluate import evaluate
+    from xcompile.measure import torch_single_thread
+
+    rng = np.random.default_rng(seed)
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        label = teacher(obs)
+        xs.append(obs.copy())
+        ys.append(label)
+        if student is None:
+            return label + noise_std * rng.standard_normal(label.shape).astype(np.float32)
+        mine = student(obs)
+        use_teacher = rng.random(len(obs)) < beta
+        return np.where(use_teacher[:, None], label, mine)
+
+    with torch_single_thread():
+        res = evaluate(act, ctx.robot, episodes=episodes, seed=seed)
+    return (np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32),
+            res.score)
+
+
+def _score(policy: Any, cfg: DistillConfig, ctx: BuildContext) -> float:
+    from xcompile.evaluate import evaluate
+    from xcompile.measure import torch_single_thread
+
+    with torch_single_thread():
+        return evaluate(policy, ctx.robot, episodes=cfg.eval_episodes,
+                        seed=ctx.seed + EVAL_SEED).score
+
+
+def _latency_us(robot: Any, hidden: list[int], activation: str, n: int = 300) -> float:
+    """Median batch-1 latency of an MLP of these widths, torch eager on one thread."""
+    import torch
+
+    from xcompile.measure import random_obs, torch_single_thread
+    from xcompile.models.slim import MLPPolicy
+    from xcompile.sim.env import obs_dim
+
+    mlp = MLPPolicy(obs_dim(robot), hidden, robot.n_joints, activation).eval()
+    x = torch.as_tensor(random_obs(robot, 1))
+    times = []
+    with torch_single_thread(), torch.inference_mode():
+        for i in range(n + 30):
+            t = time.perf_counter_ns()
+            mlp(x)
+            if i >= 30:
+                times.append(time.perf_counter_ns() - t)
+    return float(np.median(times) / 1e3)
+
+
+def _fit(student: Any, x: Any, y: Any, epochs: int, lr: float, batch: int, gen: Any,
+         cosine: bool = False) -> float:
+    """MSE fit of `student` on (x, y); returns the last epoch's mean loss."""
+    import torch
+
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    steps = epochs * math.ceil(len(x) / batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.05) \
+        if cosine else None
+    student.train()
+    loss_sum = 0.0
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        loss_sum, n_mb = 0.0, 0
+        for s in range(0, len(x), batch):
+            mb = perm[s:s + batch]
+            loss = torch.mean((student(x[mb]) - y[mb]) ** 2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            loss_sum, n_mb = loss_sum + loss.item(), n_mb + 1
+        loss_sum /= max(1, n_mb)
+    student.eval()
+    if not math.isfinite(loss_sum):
+        raise PassCheckError(f"distill: the fit loss became {loss_sum}; lower lr")
+    return loss_sum
+
+
+def _dagger(teacher: Any, hidden: list[int], cfg: DistillConfig, ctx: BuildContext, data: _Data,
+            heldout: tuple[np.ndarray, np.ndarray, float],
+            progress: tuple[int, int]) -> tuple[Any, dict[str, Any]]:
+    """DAgger rounds for one student size; `data` (shared across sizes) grows in place."""
+    import torch
+
+    from xcompile.policy import torch_act
+    from xcompile.sim.env import obs_dim
+
+    robot = ctx.robot
+    gen = torch.Generator().manual_seed(ctx.seed)
+    x_ho, y_ho = torch.as_tensor(heldout[0]), torch.as_tensor(heldout[1])
+    student = None
+    errors: list[float] = []
+    dagger_scores: list[float] = []
+    ci, n_cand = progress
+    total = cfg.rounds + 1
+    for rnd in range(cfg.rounds):
+        # ROLLOUT (round 0: noisy teacher, unless an earlier ladder rung left data; then: student)
+        seed = ctx.seed + DAGGER_SEED + 1000 * (rnd + cfg.rounds * ci)
+        if student is None and len(data) == 0:
+            x, y, sc = _collect(teacher, None, 0.0, cfg.noise_std, ctx, cfg.episodes_per_round,
+                                seed)
+        else:
+            if student is None:
+                student = make_student(obs_dim(robot), robot.n_joints, hidden, cfg.activation,
+                                       data.obs[0])
+                xa, ya = data.arrays()
+                _fit(student, torch.as_tensor(xa), torch.as_tensor(ya), cfg.fit_epochs, cfg.lr,
+                     cfg.batch, gen)
+            x, y, sc = _collect(teacher, torch_act(student), cfg.beta_decay ** max(rnd, 1), 0.0,
+                                ctx, cfg.episodes_per_round, seed)
+        data.obs.append(x)
+        data.act.append(y)
+        dagger_scores.append(round(sc, 4))
+        # FIT (warm start: the student keeps its weights across rounds)
+        if student is None:
+            student = make_student(obs_dim(robot), robot.n_joints, hidden, cfg.activation,
+                                   data.obs[0])
+        xa, ya = data.arrays()
+        _fit(student, torch.as_tensor(xa), torch.as_tensor(ya), cfg.fit_epochs, cfg.lr,
+             cfg.batch, gen)
+        with torch.inference_mode():
+            errors.append(round(float((student(x_ho) - y_ho).abs().mean()), 5))
+        ctx.progress(f"distill {hidden} round {rnd} action error {errors[-1]:.4f}",
+                     (ci + (rnd + 1) / total) / n_cand)
+    assert student is not None
+    # FINAL FIT
+    if cfg.final_fit_epochs:
+        xa, ya = data.arrays()
+        _fit(student, torch.as_tensor(xa), torch.as_tensor(ya), cfg.final_fit_epochs, cfg.lr,
+             cfg.batch, gen, cosine=True)
+        with torch.inference_mode():
+            final_error = round(float((student(x_ho) - y_ho).abs().mean()), 5)
+    else:
+        final_error = errors[-1]
+    score = _score(torch_act(student), cfg, ctx)
+    ctx.progress(f"distill {hidden} score {score:.2f}", (ci + 1) / n_cand)
+    return student, {"hidden": list(hidden), "score": round(score, 4), "action_error": errors,
+                     "action_error_final": final_error,
+                     "dagger_score": dagger_scores, "samples": len(data)}

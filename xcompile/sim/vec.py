@@ -1,0 +1,89 @@
+"""Several RobotEnvs stepped in lock-step, for training loops that need rewards step by step.
+
+One process, no subprocesses: on 2 cores async vector envs gain little (the policy's batched forward
+pass is where batching pays). An env whose episode ends is reset in the same step with the next
+unused seed (gymnasium's SAME_STEP autoreset), and its last observation is returned in `final_obs`
+so a learner can bootstrap a truncated episode. Episode k (counting over all envs, in the order they
+start) uses seed `seed + k`, so a run is reproducible.
+
+`xcompile.evaluate.evaluate` is the scoring loop; this is the training one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from xcompile.sim.env import Faults, RobotEnv
+from xcompile.targets import RobotTarget
+
+
+@dataclass
+class VecStep:
+    obs: np.ndarray          # (n, obs_dim) observation to act on next (after any reset)
+    reward: np.ndarray       # (n,) float
+    terminated: np.ndarray   # (n,) bool
+    truncated: np.ndarray    # (n,) bool
+    final_obs: np.ndarray    # (n, obs_dim) last observation of an episode that ended, else obs
+    score: np.ndarray        # (n,) info["score"] of an episode that ended, else NaN
+    ret: np.ndarray          # (n,) undiscounted return of an episode that ended, else NaN
+
+
+class LockstepEnvs:
+    def __init__(self, robot: RobotTarget, n: int, seed: int, faults: Faults | None = None):
+        if n < 1:
+            raise ValueError("LockstepEnvs needs n >= 1")
+        self.robot = robot
+        self.envs = [RobotEnv(robot, faults=faults) for _ in range(n)]
+        self.next_seed = seed
+        self.episodes_started = 0
+        self._ret = np.zeros(n)
+        self.obs = np.zeros((n, obs_dim_of(self.envs[0])), dtype=np.float32)
+
+    def __enter__(self) -> LockstepEnvs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _reset_one(self, k: int) -> np.ndarray:
+        obs, _ = self.envs[k].reset(seed=self.next_seed)
+        self.next_seed += 1
+        self.episodes_started += 1
+        self._ret[k] = 0.0
+        return obs
+
+    def reset(self) -> np.ndarray:
+        for k in range(len(self.envs)):
+            self.obs[k] = self._reset_one(k)
+        return self.obs.copy()
+
+    def step(self, actions: np.ndarray) -> VecStep:
+        n = len(self.envs)
+        reward = np.zeros(n)
+        term = np.zeros(n, dtype=bool)
+        trunc = np.zeros(n, dtype=bool)
+        score = np.full(n, np.nan)
+        ret = np.full(n, np.nan)
+        final = np.empty_like(self.obs)
+        for k, env in enumerate(self.envs):
+            o, r, te, tr, info = env.step(actions[k])
+            reward[k], term[k], trunc[k] = r, te, tr
+            self._ret[k] += r
+            final[k] = o
+            if te or tr:
+                score[k], ret[k] = float(info["score"]), self._ret[k]
+                o = self._reset_one(k)
+            self.obs[k] = o
+        return VecStep(self.obs.copy(), reward, term, trunc, final, score, ret)
+
+    def close(self) -> None:
+        for e in self.envs:
+            e.close()
+
+
+def obs_dim_of(env: RobotEnv) -> int:
+    shape = env.observation_space.shape
+    assert shape is not None
+    return int(shape[0])
