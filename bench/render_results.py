@@ -40,9 +40,16 @@ def section(script: str, title: str, command: str, results: Path) -> str:
         return f"## {title}\n\nTODO: not run yet. Command: `{command}`\n"
     doc = json.loads(path.read_text())
     notes = "".join(f"- {n}\n" for n in doc["notes"])
+    todo = ""
+    if script == "build_cost":
+        missing = [p for p in ("fast", "default")
+                   if p not in {r.get("profile") for r in doc["results"]["rows"]}]
+        if missing:
+            todo = (f"\nTODO: profile(s) {', '.join(missing)} not run here. Command: "
+                    f"`python bench/build_cost.py --profiles {','.join(missing)}`\n")
     return (f"## {title}\n\nCommand: `{doc['command']}` (wall {doc['wall_s']} s)\n\n"
             f"Machine: {common.machine_line(doc['machine'])}\n\n{doc['markdown']}\n"
-            + (f"\nNotes:\n\n{notes}" if notes else ""))
+            + todo + (f"\nNotes:\n\n{notes}" if notes else ""))
 
 
 def main() -> None:
