@@ -28,9 +28,13 @@ from xcompile.targets import list_robots
 
 COLS = [("fat", "fat"), ("pinned", "pin-embodiment"), ("tuned", "rl-finetune"),
         ("student", "distill"), ("int8", "quantize")]
+THIN_COLS = [("fat", "fat"), ("pinned", "pin-embodiment"), ("onnx", "export-onnx"),
+             ("int8", "quantize")]
 
 
-def quality_plan() -> tuple[list[str], list[str]]:
+def quality_plan(thin: bool = False) -> tuple[list[str], list[str]]:
+    if thin:
+        return list(common.GENERIC_PLAN), []
     names, notes = common.slim_plan()
     if names is None:   # no student: the int8 column is then the generic path's (pinned → int8)
         return list(common.GENERIC_PLAN), notes + [
@@ -38,49 +42,83 @@ def quality_plan() -> tuple[list[str], list[str]]:
     return names, notes
 
 
-def bench_robot(args: Any, robot: str, names: list[str]) -> tuple[dict[str, Any], list[Any]]:
+def bench_robot(args: Any, robot: str, names: list[str], cols: list[tuple[str, str]]
+                ) -> tuple[dict[str, Any], list[Any], list[list[Any]]]:
     b = common.build(args.checkpoint, robot, names, quick=args.quick, work_dir=args.work_dir,
-                     tag="quality", seed=args.seed, episodes=args.episodes,
-                     options={"quantize": {"precision": "int8"}}, profile=args.profile)
+                     tag="quality-thin" if args.plan == "thin" else "quality", seed=args.seed,
+                     episodes=args.episodes, options={"quantize": {"precision": "int8"}},
+                     profile=args.profile)
     res: dict[str, Any] = {"robot": robot, "plan": names, "error": b.error, "notes": b.notes}
     if b.error:
-        return res, [robot, f"build failed: {b.error}"] + [""] * (len(COLS) + 3)
-    stages = {key: b.row(stage) for key, stage in COLS}
-    res["stages"] = stages
+        return res, [robot, f"build failed: {b.error}"] + [""] * (len(cols) + 4), []
+    stages = {key: b.row(stage) for key, stage in cols}
+    # Batch-1 latency of every stage, timed back to back in one run (interleaved rounds).
+    arts = {key: a for key, stage in cols if (a := b.artifact(stage)) is not None}
+    calls, rounds = (50, 1) if args.quick else (500, 3)
+    timed, floor = common.time_latency(arts, b.robot, calls, rounds)
+    for key, t in timed.items():
+        stages[key] = {**stages[key], "latency_p50_us": round(t["p50_us"], 2),
+                       "latency_p99_us": round(t["p99_us"], 2), "runtime": t["runtime"]}
+    res.update(stages=stages, floor_us=floor["p50_us"],
+               wall_s={s["name"]: s["wall_s"] for s in b.result.report["stages"]})
     scores = {k: (s["score"] if s else None) for k, s in stages.items()}
     fat, q = stages["fat"], stages["int8"]
     res["scores"] = scores
     res["int8_over_fat"] = common.ratio(scores["int8"], scores["fat"])
+    res["int8_over_pinned"] = common.ratio(scores["int8"], scores["pinned"])
+    res["int8_over_tuned"] = common.ratio(scores["int8"], scores.get("tuned"))
     res["compression"] = common.ratio(fat["bytes"] if fat else None, q["bytes"] if q else None)
-    res["params_fat"] = fat["params"] if fat else None
-    res["params_int8"] = q["params"] if q else None
-    row = [robot] + [common.fmt(scores[k], ".3f", "n/a") for k, _ in COLS]
-    row += [common.fmt(res["int8_over_fat"], ".2f"), common.fmt(res["params_fat"]),
-            common.fmt(res["params_int8"]), common.fmt(res["compression"], ".1f") + "×"]
-    return res, row
+    res["speedup_vs_pinned"] = common.ratio(stages["pinned"].get("latency_p50_us"),
+                                            q.get("latency_p50_us"))
+    row = [robot] + [common.fmt(scores[k], ".3f", "n/a") for k, _ in cols]
+    row += [common.fmt(res["int8_over_pinned"], ".2f")]
+    if args.plan == "slim":
+        row += [common.fmt(res["int8_over_tuned"], ".2f")]
+    row += [common.fmt(res["compression"], ".1f") + "×",
+            common.fmt(res["speedup_vs_pinned"], ".1f") + "×",
+            common.fmt(sum(res["wall_s"].values()), ".0f") + " s"]
+    detail = [[robot, key, common.fmt(s.get("score"), ".3f", "n/a"), common.fmt(s.get("params")),
+               common.fmt(s.get("bytes")), common.fmt(s.get("latency_p50_us"), ".1f"),
+               common.fmt(s.get("latency_p99_us"), ".1f"), s.get("runtime") or "–"]
+              for key, s in stages.items() if s]
+    return res, row, detail
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = common.parser(__doc__.split("\n\n")[0], list_robots(), default_profile="fast")
     ap.add_argument("--episodes", type=int, default=None,
                     help="score episodes per stage (default 10; quick 2)")
-    args = common.parse(ap, argv, "quality")
+    ap.add_argument("--plan", choices=["slim", "thin"], default="slim",
+                    help="slim: pin, rl-finetune, distill, export, int8 (default); thin: pin, "
+                         "export, int8 (no fine-tuning or student)")
+    pre, _ = ap.parse_known_args(argv)
+    script = "quality" + ("-thin" if pre.plan == "thin" else "") + (
+        f"-{pre.profile}" if pre.profile != "fast" and not pre.quick else "")
+    args = common.parse(ap, argv, script)
     args.episodes = args.episodes or (2 if args.quick else 10)
     started = time.perf_counter()
-    names, notes = quality_plan()
-    results, rows = [], []
+    names, notes = quality_plan(args.plan == "thin")
+    cols = THIN_COLS if names == list(common.GENERIC_PLAN) else COLS
+    results, rows, details = [], [], []
     for robot in args.robots:
-        res, row = bench_robot(args, robot, names)
+        res, row, detail = bench_robot(args, robot, names, cols)
         results.append(res)
         rows.append(row)
+        details += detail
         notes += [f"{robot}: {n}" for n in res["notes"]]
-    headers = ["robot", "fat", "pinned", "tuned", "student", "int8", "int8 / fat",
-               "params fat", "params int8", "fat bytes / int8 bytes"]
+    headers = (["robot"] + [k for k, _ in cols] + ["int8 / pinned"]
+               + (["int8 / tuned"] if cols is COLS else [])
+               + ["fat bytes / int8 bytes", "int8 faster than pinned (p50)", "build time"])
     md = (f"Scores in [0, 1], mean of {args.episodes} episodes (seeds {args.seed}.."
           f"{args.seed + args.episodes - 1}, the same for every stage); plan "
-          f"`{','.join(names)}`{' (quick budgets)' if args.quick else ''}.\n\n"
-          + common.md_table(headers, rows))
-    return common.finish(args, "quality", results, md, notes, started)
+          f"`{','.join(names)}`, profile {'fast (quick budgets)' if args.quick else args.profile}. "
+          "Latency: batch 1, one thread, every stage of a robot timed back to back in one run "
+          "(fat and pinned in torch eager, the rest in onnxruntime).\n\n"
+          + common.md_table(headers, rows)
+          + "\n\nPer stage:\n\n"
+          + common.md_table(["robot", "stage", "score", "params", "bytes", "p50 µs", "p99 µs",
+                             "runtime"], details))
+    return common.finish(args, script, results, md, notes, started)
 
 
 if __name__ == "__main__":

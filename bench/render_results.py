@@ -15,7 +15,11 @@ import common
 
 SECTIONS = [  # script, title, command
     ("inference", "Inference: latency, bytes, throughput", "python bench/inference.py"),
-    ("quality", "Quality: score per stage, all robots", "python bench/quality.py"),
+    ("quality-thin", "Thin builds: pin → ONNX → int8, all robots",
+     "python bench/quality.py --plan thin"),
+    ("quality-default", "Default builds: every stage of `xcompile build --int8`, all robots",
+     "python bench/quality.py --profile default"),
+    ("quality", "Quality: score per stage, all robots (profile fast)", "python bench/quality.py"),
     ("robustness", "Robustness: scores under faults, fat vs slim int8",
      "python bench/robustness.py"),
     ("build_cost", "Build cost: time and memory per pass", "python bench/build_cost.py"),

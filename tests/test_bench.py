@@ -87,6 +87,7 @@ def test_quality(tiny_fat_ckpt, bench_work, tmp_path):
     # Pinning is exact: same episodes, same score (to float rounding of the rollout).
     assert scores["pinned"] == pytest.approx(scores["fat"], abs=0.02)
     assert res["compression"] > 1.0
+    assert all(s["latency_p50_us"] > 0 for s in res["stages"].values())
 
 
 def test_robustness(tiny_fat_ckpt, bench_work, tmp_path):

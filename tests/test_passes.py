@@ -19,7 +19,7 @@ from xcompile.models.fat import FatConfig, FatPolicy
 from xcompile.models.slim import MLPPolicy, load_torch_policy, save_torch_policy
 from xcompile.passes.base import BuildContext, get_pass
 from xcompile.passes.build_tensorrt import import_tensorrt
-from xcompile.passes.quantize import tensorrt_ready
+from xcompile.passes.quantize import output_layers, tensorrt_ready
 from xcompile.policy import load_policy
 from xcompile.sim.env import obs_dim
 from xcompile.targets import load_hardware, load_robot
@@ -227,10 +227,17 @@ def test_int8_pinned_keeps_output_layer_float(a1_onnx, tmp_path):
                          calibration_episodes=1, heldout_episodes=0, max_action_error=0.2)
     model = onnx.load(str(q.path))
     assert tensorrt_ready(model) == []
-    # The action layer's MatMul reads float weights straight from an initializer, not a DQ.
-    inits = {i.name for i in model.graph.initializer}
-    last = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")][-1]
-    assert last.input[1] in inits
+    # The action layer's products (the head and the joint-state skip added to it) read float
+    # weights straight from initializers, not through a DequantizeLinear; the rest is int8.
+    inits = {i.name: i for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    last = output_layers(model)
+    assert len(last) == 2
+    assert all(by_name[n].input[1] in inits for n in last)
+    widths = sorted(tuple(inits[by_name[n].input[1]].dims) for n in last)
+    assert widths == [(3, 1), (32, 1)]        # skip over (q, qdot, last action); head over d_model
+    products = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert any(n.input[1] not in inits for n in products)      # the blocks are quantized
 
 
 def test_tensorrt_ready_flags_bad_qdq():

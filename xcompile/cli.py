@@ -55,6 +55,28 @@ def _user_errors():
         raise typer.Exit(e.exit_code) from None
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup on the way out runs."""
+
+
+@contextmanager
+def _interruptible(what: str):
+    """Ctrl-C or SIGTERM: unwind (temporary files are removed on the way), say what is left."""
+    import signal
+
+    def on_term(signum, frame):
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        err_console.print(f"[bold red]interrupted:[/] {what}", highlight=False)
+        raise typer.Exit(143 if isinstance(e, Interrupted) else 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _print_json(doc) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
 
@@ -130,6 +152,27 @@ def inspect(
         t.add_row(b["name"], b["family"], str(b["n_joints"]), f"{b['params_used']:,}",
                   f"{100 * b['fraction_used']:.1f}%")
     console.print(t)
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="Fat checkpoint to read (.pt or .safetensors).")],
+    dest: Annotated[Path, typer.Argument(help="Where to write it; the suffix picks the container "
+                                              "(.safetensors recommended).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DEST if it exists.")
+                         ] = False,
+) -> None:
+    """Re-save a fat checkpoint as .safetensors (or back to .pt), checked bit for bit.
+
+    safetensors holds only tensors and a JSON header, so loading it can never run code.
+    Example: xcompile convert examples/fat_policy.pt fat_policy.safetensors
+    """
+    from xcompile.models.checkpoint import convert_checkpoint
+
+    with _user_errors():
+        out = convert_checkpoint(source, dest, overwrite=overwrite)
+    console.print(f"wrote {dest} ({out.n_bytes:,} bytes, {len(out.registry)} bodies, "
+                  f"sha256 {out.sha256[:12]}); weights identical to {source}", highlight=False)
 
 
 @app.command("eval")
@@ -215,9 +258,16 @@ class _RichHooks:
 
 @app.command()
 def build(
-    checkpoint: Annotated[Path, typer.Argument(
-        help="Fat checkpoint (.pt/.safetensors), or a reproducer folder (*.repro) to re-run.")],
-    target: TargetOpt,
+    checkpoint: Annotated[Optional[Path], typer.Argument(  # noqa: UP007
+        help="Fat checkpoint (.pt/.safetensors), or a reproducer folder (*.repro) to re-run. "
+             "With --from: the checkpoint's new path, if it moved.")] = None,
+    target: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--target", "-t",
+        help="Robot: a built-in name (see `xcompile targets`) or a path to a robot TOML. "
+             "Required unless --from is given.")] = None,
+    from_manifest: Annotated[Optional[Path], typer.Option(  # noqa: UP007
+        "--from", help="Rebuild exactly what a manifest.json records (inputs are checked by "
+                       "hash); the rebuilt policy is compared with the recorded one.")] = None,
     hardware: Annotated[Optional[str], typer.Option(  # noqa: UP007
         help="Hardware target name or TOML path. Default: the robot's own (see `targets`).")
     ] = None,
@@ -277,22 +327,49 @@ def build(
         if len(chosen) > 1:
             flags = " and ".join("--" + c for c in chosen)
             raise XCompileError(f"choose one precision, not {flags}")
-        robot = load_robot(target)
-        hw = load_hardware(hardware or robot.hardware)
-        if checkpoint.is_dir() and (checkpoint / "plan.json").is_file():
-            inp, _ = pipeline.load_reproducer(checkpoint)
+        rebuild = None
+        if from_manifest is not None:
+            fixed = [flag for flag, v in (
+                ("--target", target), ("--hardware", hardware), ("--passes", passes),
+                ("--config", config), ("--seed", seed), ("--profile", profile),
+                ("--episodes", episodes)) if v is not None] + ["--" + c for c in chosen]
+            if fixed:
+                raise XCompileError(f"--from rebuilds what the manifest records, so "
+                                    f"{', '.join(fixed)} cannot be given with it; drop "
+                                    f"{'them' if len(fixed) > 1 else 'it'}, or run a new build "
+                                    "without --from")
+            rebuild = pipeline.rebuild_from_manifest(from_manifest, checkpoint)
+            robot, hw, settings = rebuild.robot, rebuild.hardware, rebuild.settings
+            inp = pipeline.input_artifact(rebuild.checkpoint, robot)
+            for note in rebuild.notes:
+                err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         else:
-            inp = pipeline.input_artifact(checkpoint, robot)
-        file_cfg = pipeline.read_build_file(config) if config else {}
-        cli_cfg = {"passes": pipeline.parse_plan(passes) if passes is not None else None,
-                   "seed": seed, "profile": profile, "episodes": episodes,
-                   "precision": chosen[0] if chosen else None}
-        settings = pipeline.resolve_settings(pipeline.DEFAULTS, file_cfg, cli_cfg,
-                                             input_format=inp.format)
+            if checkpoint is None or target is None:
+                raise XCompileError(
+                    "give a fat checkpoint and a robot, e.g. xcompile build "
+                    "examples/fat_policy.pt --target spot (or --from build/spot/manifest.json "
+                    "to rebuild a recorded build)" if checkpoint is None else
+                    "give the robot to compile for with --target NAME (see `xcompile targets`)"
+                    " or --target path/to/robot.toml")
+            robot = load_robot(target)
+            hw = load_hardware(hardware or robot.hardware)
+            if checkpoint.is_dir() and (checkpoint / "plan.json").is_file():
+                inp, _ = pipeline.load_reproducer(checkpoint)
+            else:
+                inp = pipeline.input_artifact(checkpoint, robot)
+            file_cfg = pipeline.read_build_file(config) if config else {}
+            cli_cfg = {"passes": pipeline.parse_plan(passes) if passes is not None else None,
+                       "seed": seed, "profile": profile, "episodes": episodes,
+                       "precision": chosen[0] if chosen else None}
+            settings = pipeline.resolve_settings(pipeline.DEFAULTS, file_cfg, cli_cfg,
+                                                 input_format=inp.format)
         out_dir = out or Path("build") / robot.name
         gates = pipeline.Gates(max_latency_us, max_size_kb, min_score_ratio)
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=err_console, disable=as_json) as prog:
+        with _interruptible(f"{out_dir} was not touched (it holds the previous build, or "
+                            "nothing); finished passes are cached, so running the same command "
+                            "again resumes"), \
+                Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                         console=err_console, disable=as_json) as prog:
             result = pipeline.run_plan(
                 inp, robot, hw, settings.plan, out_dir, cache_dir, use_cache=not no_cache,
                 seed=settings.seed, profile=settings.profile, episodes=settings.episodes,
@@ -309,8 +386,16 @@ def build(
             console.print(f"gate {g['name']}: {mark} — {escape(g['message'])}", highlight=False)
         console.print(f"wrote {out_dir}/ ({result.report['final']['policy']}, report.md, "
                       "report.json, manifest.json)", highlight=False)
+    same = pipeline.compare_outputs(out_dir, rebuild.expected_outputs) if rebuild else {}
+    for name, ok in same.items():
+        mark = "[green]identical[/]" if ok else "[bold red]DIFFERS[/]"
+        err_console.print(f"{name}: {mark} to the one {from_manifest} records", highlight=False)
     with _user_errors():
         result.raise_for_gates()
+        if not all(same.values()):
+            raise XCompileError(f"the rebuild is not byte-identical to the build {from_manifest} "
+                                f"records ({', '.join(n for n, ok in same.items() if not ok)}); "
+                                "see the notes above for version differences")
 
 
 def _type_name(ann) -> str:

@@ -593,6 +593,9 @@ def run_plan(ckpt_path: str | Path | Artifact, robot: str | Path | RobotTarget,
                 if hasattr(e, "add_note"):
                     e.add_note(f"xcompile: pass '{step.name}' crashed; reproducer: {repro}")
                 raise
+            except BaseException:       # interrupted (Ctrl-C, SIGTERM): leave no partial work
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise
         rec.format, rec.artifact, rec.checks, rec.cache_key = out.format, out, checks, key
         rec.measurements = _measure_cached(measure, out, robot_t, hw, episodes, seed, latency_n,
                                            cache_dir, use_cache)
@@ -661,6 +664,109 @@ def _write_outputs(out_dir: Path, write: Callable[[Path], None]) -> None:
     os.rename(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# rebuilding from a manifest
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """What `xcompile build --from manifest.json` runs, checked against the manifest's hashes."""
+
+    checkpoint: Path
+    robot: RobotTarget
+    hardware: HardwareTarget
+    settings: BuildSettings
+    expected_outputs: dict[str, str]        # file name -> sha256 recorded by the original build
+    notes: list[str]
+
+
+def rebuild_from_manifest(manifest_path: str | Path, checkpoint: str | Path | None = None
+                          ) -> Rebuild:
+    """Read a build's manifest and check that its inputs are still the same files.
+
+    Every input (checkpoint, robot TOML, URDF, hardware TOML) must hash to what the manifest
+    recorded, and every pass must be at the recorded version; anything else is refused, since the
+    rebuild would silently be another build. `checkpoint` replaces the recorded path (the file
+    moved) but must have the same hash. Differing library versions are allowed and noted.
+    """
+    from xcompile import __version__
+    from xcompile.report import VERSIONED, lib_version
+
+    path = Path(manifest_path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PlanError(f"manifest {str(path)!r} does not exist; give the manifest.json of a "
+                        "finished build (in its --out folder)") from None
+    except (OSError, ValueError) as e:
+        raise PlanError(f"{path} is not a readable JSON manifest ({e})") from None
+    need = ("robot", "hardware", "inputs", "outputs", "plan", "seed", "profile", "episodes")
+    if not isinstance(doc, dict) or any(k not in doc for k in need):
+        raise PlanError(f"{path} is not an xcompile build manifest (it needs the keys "
+                        f"{', '.join(need)})")
+    inputs = doc["inputs"]
+
+    def same_file(kind: str, given: Path, recorded: Mapping[str, Any]) -> None:
+        if not given.is_file():
+            raise PlanError(f"the {kind} of that build, {str(given)!r}, does not exist here; "
+                            + ("give the checkpoint's new path as CHECKPOINT" if kind ==
+                               "checkpoint" else "restore it to rebuild"))
+        sha = file_sha256(given)
+        if sha != recorded["sha256"]:
+            raise PlanError(f"the {kind} {str(given)!r} has changed since the build (sha256 "
+                            f"{sha[:12]}, manifest {recorded['sha256'][:12]}); a rebuild from it "
+                            "would be another build. Restore the original file, or run a new "
+                            "build instead of --from.")
+
+    ckpt = Path(checkpoint) if checkpoint is not None else Path(inputs["checkpoint"]["path"])
+    same_file("checkpoint", ckpt, inputs["checkpoint"])
+
+    def locate(kind: str, key: str, builtin_dir: Path, name: str) -> Path:
+        # A built-in target's recorded path is where xcompile was installed on the build
+        # machine; on another machine the same built-in is found by name (its hash must match).
+        rec = inputs.get(key)
+        if rec is None:
+            raise PlanError(f"{path} records no {kind} file; it cannot be rebuilt")
+        p = Path(rec["path"])
+        if not p.is_file() and (builtin_dir / f"{name}.toml").is_file():
+            p = builtin_dir / f"{name}.toml"
+        same_file(kind, p, rec)
+        return p
+
+    robot_toml = locate("robot TOML", "robot_toml", ROBOTS_DIR, doc["robot"])
+    robot = load_robot(robot_toml)
+    if "urdf" in inputs:
+        same_file("URDF", robot.urdf_path(), inputs["urdf"])
+    hw = load_hardware(locate("hardware TOML", "hardware_toml", HARDWARE_DIR, doc["hardware"]))
+
+    plan = []
+    for step in doc["plan"]:
+        cls = get_pass(step["name"])
+        if cls.version != step.get("version"):
+            raise PlanError(f"pass '{step['name']}' is version {cls.version} in this xcompile; "
+                            f"the manifest was built with version {step.get('version')}. Use "
+                            f"xcompile {doc.get('xcompile_version', '?')} to rebuild it.")
+        plan.append(PlanStep(step["name"], make_config(step["name"], step.get("config"))))
+    validate_plan(plan)
+    settings = BuildSettings(plan=plan, seed=int(doc["seed"]), profile=str(doc["profile"]),
+                             episodes=int(doc["episodes"]),
+                             sources={"passes": "manifest"})
+    notes = []
+    here = {"xcompile": __version__, **{d: lib_version(d) for d in VERSIONED}}
+    for lib, v in here.items():
+        was = doc.get("versions", {}).get(lib)
+        if was is not None and v is not None and was != v:
+            notes.append(f"{lib} is {v} here, {was} in the original build: outputs may differ")
+    return Rebuild(ckpt, robot, hw, settings, dict(doc["outputs"]), notes)
+
+
+def compare_outputs(out_dir: Path, expected: Mapping[str, str],
+                    names: Sequence[str] = ("policy.onnx", "policy.plan")) -> dict[str, bool]:
+    """{file: identical?} for the compiled policy files the original build recorded."""
+    return {n: file_sha256(out_dir / n) == expected[n] for n in names
+            if n in expected and (out_dir / n).is_file()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ def write_outputs(out: Path, report: dict[str, Any], records: Sequence[StageReco
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
-def _version(dist: str) -> str | None:
+def lib_version(dist: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -186,7 +186,7 @@ def build_manifest(out: Path, inp: Artifact, robot: RobotTarget, hardware: Hardw
         "inputs": inputs,
         "outputs": outputs,
         "versions": {"xcompile": __version__, "python": sys.version.split()[0],
-                     **{d: _version(d) for d in VERSIONED}},
+                     **{d: lib_version(d) for d in VERSIONED}},
         "platform": platform.platform(),
         "plan": [s.to_json() for s in plan],
         "seed": seed,

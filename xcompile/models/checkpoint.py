@@ -36,7 +36,7 @@ from xcompile.errors import CheckpointError
 from xcompile.models.fat import FatConfig, FatPolicy, count_params, param_usage
 
 FORMAT = "xcompile.fat-policy"
-VERSION = 1
+VERSION = 2  # 2: per-family joint-state skip in the action head
 REGISTRY_KEYS = ("name", "family", "joints", "descriptors", "urdf")
 _SAFETENSORS_META_KEY = "xcompile"
 _TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
@@ -98,6 +98,9 @@ def save_checkpoint(path: str | os.PathLike[str], model: FatPolicy,
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes it private; a checkpoint is not
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -212,9 +215,15 @@ def _validate(payload: dict[str, Any], path: Path
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {where}: 'state_dict' must map names to tensors")
     _check_finite(state, where)
-    model = FatPolicy(config)
+    state = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
+             for k, v in state.items()}
+    # Built on the meta device and given the loaded tensors themselves (assign=True): the weights
+    # stay the memory-mapped ones from the file instead of being copied into fresh parameters,
+    # so a 200 MB checkpoint costs one copy of its weights in memory, not two.
+    with torch.device("meta"):
+        model = FatPolicy(config)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(
             f"checkpoint {where}: the weights do not fit its own config ({_first_line(e)}); "
@@ -228,7 +237,12 @@ def _validate(payload: dict[str, Any], path: Path
 
 
 def _check_finite(state: dict[str, torch.Tensor], where: str = "the model") -> None:
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    def finite(v: torch.Tensor) -> bool:
+        # In chunks: isfinite's temporaries on a whole 64 MB tensor would cost more memory than
+        # the memory-mapped weights themselves.
+        return all(bool(torch.isfinite(c).all()) for c in v.reshape(-1).split(1 << 20))
+
+    bad = [k for k, v in state.items() if v.is_floating_point() and not finite(v)]
     if bad:
         raise CheckpointError(
             f"{where} has NaN or Inf weights in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
@@ -290,6 +304,38 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
+                       overwrite: bool = False) -> FatCheckpoint:
+    """Re-save a fat checkpoint in the container its suffix names (.pt <-> .safetensors).
+
+    The source goes through the same safe, validating loader as every other command; the result is
+    loaded back and must act exactly like the source before this returns.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.suffix not in (".safetensors", *_TORCH_SUFFIXES):
+        raise CheckpointError(f"cannot convert to {dst.name!r}: name the output .safetensors "
+                              "(recommended) or .pt")
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{str(dst)!r} already exists; remove it or pass --overwrite")
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise CheckpointError("the output is the input file; give another output path")
+    ckpt = load_checkpoint(src)
+    extra = ckpt.extra
+    if dst.suffix == ".safetensors":
+        try:
+            json.dumps(extra)
+        except (TypeError, ValueError):
+            extra = json.loads(json.dumps(extra, default=str))   # tensors etc. become strings
+    save_checkpoint(dst, ckpt.model, ckpt.registry, extra=extra)
+    out = load_checkpoint(dst)
+    same = all(torch.equal(a, b) for a, b in zip(ckpt.model.state_dict().values(),
+                                                 out.model.state_dict().values()))
+    if not same or out.registry != ckpt.registry or out.config != ckpt.config:
+        dst.unlink(missing_ok=True)
+        raise CheckpointError(f"converting {str(src)!r} did not round-trip; nothing written")
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 Each joint is a token. Its identity is the joint's descriptor vector (read from the URDF, see
 `descriptors.py`), encoded by a small MLP, plus a projection of its state (position, velocity,
 last action). One extra token carries the task's global observation (base state, command or
-target), encoded per task family. Pre-LayerNorm transformer blocks mix the tokens and a per-family
-head reads one action per joint token. Nothing is indexed by joint position or body id, so any
-number of joints works and a body never seen in training is described like a known one.
+target), encoded per task family. Pre-LayerNorm transformer blocks mix the tokens; a per-family
+head reads one action per joint token, plus a per-family linear skip from the joint's own state.
+Nothing is indexed by joint position or body id, so any number of joints works and a body never
+seen in training is described like a known one.
 
 `pin` is the first compiler pass in miniature: partial evaluation on one body. Everything that
 depends only on the body (descriptor embeddings, the family's embedding) is computed once and
@@ -138,6 +139,15 @@ class FatPolicy(nn.Module):
             Block(d, cfg.n_heads, cfg.d_ff) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
         self.heads = nn.ModuleDict({f: nn.Linear(d, 1) for f in cfg.families})
+        # A linear path from each joint's own state straight to its action, per family (zero at
+        # start). Reaching's action is "current angle + a small correction": through the final
+        # LayerNorm the network can only copy the angle approximately, and that copy error, not
+        # the correction, was what held the arms off their goals. With the skip the blocks learn
+        # only the correction (as in residual policy learning).
+        self.skips = nn.ModuleDict(
+            {f: nn.Linear(cfg.joint_state_dim, 1, bias=False) for f in cfg.families})
+        for skip in self.skips.values():
+            nn.init.zeros_(skip.weight)
 
     def forward(self, global_obs: Tensor, joint_state: Tensor, desc: Tensor,
                 family: str) -> Tensor:
@@ -148,7 +158,8 @@ class FatPolicy(nn.Module):
         x = torch.cat([g.unsqueeze(1), joints], dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.heads[family](self.ln_f(x[:, 1:])).squeeze(-1)
+        out = self.heads[family](self.ln_f(x[:, 1:])) + self.skips[family](joint_state)
+        return out.squeeze(-1)
 
     def act(self, obs_flat: Tensor, desc: Tensor | np.ndarray, family: str) -> Tensor:
         """Act on flat observations (B, obs_dim) of one body."""
@@ -194,6 +205,7 @@ class PinnedPolicy(nn.Module):
         self.blocks = copy.deepcopy(fat.blocks)
         self.ln_f = copy.deepcopy(fat.ln_f)
         self.head = copy.deepcopy(fat.heads[family])
+        self.skip = copy.deepcopy(fat.skips[family])
 
     @classmethod
     def empty(cls, config: FatConfig, family: str, n_joints: int) -> PinnedPolicy:
@@ -210,7 +222,7 @@ class PinnedPolicy(nn.Module):
         x = torch.cat([g.unsqueeze(1), joints], dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x[:, 1:])).squeeze(-1)
+        return (self.head(self.ln_f(x[:, 1:])) + self.skip(joint_state)).squeeze(-1)
 
 
 def pin(fat: FatPolicy, desc: Tensor | np.ndarray, family: str) -> PinnedPolicy:
@@ -229,7 +241,7 @@ def param_usage(fat: FatPolicy, family: str) -> dict[str, int | float]:
     shared = sum(count_params(m) for m in (fat.joint_state_proj, fat.desc_encoder, fat.blocks,
                                             fat.ln_f))
     own = (count_params(fat.global_encoder[family]) + fat.family_embed[family].numel()
-           + count_params(fat.heads[family]))
+           + count_params(fat.heads[family]) + count_params(fat.skips[family]))
     total = count_params(fat)
     return {"shared": shared, "family": own, "used": shared + own, "total": total,
             "fraction": (shared + own) / total}

@@ -10,7 +10,7 @@ point is int8 0), biases left in float, one Q/DQ pair per consumer. That is the 
 a strongly typed int8 engine from; asymmetric zero points or int32 biases it refuses
 (`tensorrt_ready` checks). Activation ranges come from observations that the *float* policy meets in
 closed loop on the target (calibration on the deployment distribution, not on random inputs). The
-output layer (the last MatMul/Gemm) stays in float unless `keep_output_float=false`: actions are
+output layer (the MatMul/Gemm nodes that write the action) stays in float unless `keep_output_float=false`: actions are
 where the error lands. Shape inference (`quant_pre_process`) runs first.
 fp16: `onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)`: the weights and
 arithmetic in fp16, `obs` and `action` stay float32.
@@ -85,20 +85,25 @@ def _closed_loop_obs(onnx_path: Path, ctx: BuildContext, episodes: int, seed: in
     return np.concatenate(res.observations).astype(np.float32)
 
 
-def output_layer(model: Any) -> str | None:
-    """Name of the last MatMul/Gemm on the way to the graph's output (the action layer)."""
+def output_layers(model: Any) -> list[str]:
+    """Names of the matrix products that write the action with no other one in between.
+
+    Walks back from the graph's output and stops at each MatMul/Gemm it meets: for an MLP that is
+    its last layer; for a pinned fat network, the action head and the joint-state skip that is
+    added to it.
+    """
     producer = {out: node for node in model.graph.node for out in node.output}
-    todo, seen = [o.name for o in model.graph.output], set()
-    while todo:  # breadth-first backwards from the output: the nearest matrix product wins
-        name = todo.pop(0)
-        node = producer.get(name)
+    todo, seen, found = [o.name for o in model.graph.output], set(), []
+    while todo:
+        node = producer.get(todo.pop(0))
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
         if node.op_type in ("MatMul", "Gemm"):
-            return str(node.name)
-        todo += list(node.input)
-    return None
+            found.append(str(node.name))
+        else:
+            todo += list(node.input)
+    return found
 
 
 def _drop_unused_opsets(model: Any) -> None:
@@ -127,8 +132,7 @@ def _int8(src: Path, dst: Path, calib: np.ndarray, keep_output_float: bool) -> N
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
         exclude = []
         if keep_output_float:
-            last = output_layer(onnx.load(str(pre)))
-            exclude = [last] if last else []
+            exclude = output_layers(onnx.load(str(pre)))
         q.quantize_static(
             str(pre), str(dst), Reader(), quant_format=q.QuantFormat.QDQ,
             activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,

@@ -137,15 +137,21 @@ def split_for_tuning(module: Any, trainable: str) -> tuple[Callable[[Any], Any],
             x = torch.cat([m.global_encoder(global_obs).unsqueeze(1), joints], dim=1)
             for block in m.blocks[:-1]:
                 x = block(x)
-            return x
+            # The tail's state skip needs each joint's raw state: carried as extra channels
+            # (zeros on the global token) so features stay one tensor that can be cached.
+            state = torch.cat([joint_state.new_zeros(x.shape[0], 1, joint_state.shape[-1]),
+                               joint_state], dim=1)
+            return torch.cat([x, state], dim=-1)
 
         class Tail(nn.Module):
             def __init__(self) -> None:
                 super().__init__()
-                self.block, self.ln_f, self.head = m.blocks[-1], m.ln_f, m.head
+                self.block, self.ln_f, self.head, self.skip = m.blocks[-1], m.ln_f, m.head, m.skip
+                self.d = m.joint_const.shape[-1]
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return self.head(self.ln_f(self.block(x)[:, 1:])).squeeze(-1)
+                h, state = x[..., :self.d], x[:, 1:, self.d:]
+                return (self.head(self.ln_f(self.block(h)[:, 1:])) + self.skip(state)).squeeze(-1)
 
         return features, Tail()
     if isinstance(module, MLPPolicy):
