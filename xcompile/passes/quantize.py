@@ -11,7 +11,8 @@ a strongly typed int8 engine from; asymmetric zero points or int32 biases it ref
 (`tensorrt_ready` checks). Activation ranges come from observations that the *float* policy meets in
 closed loop on the target (calibration on the deployment distribution, not on random inputs). The
 output layer (the MatMul/Gemm nodes that write the action) stays in float unless
-`keep_output_float=false`: actions are where the error lands. Shape inference (`quant_pre_process`) runs first.
+`keep_output_float=false`: actions are where the error lands. Shape inference (`quant_pre_process`)
+runs first.
 fp16: `onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)`: the weights and
 arithmetic in fp16, `obs` and `action` stay float32.
 
