@@ -22,7 +22,7 @@ from xcompile.passes.build_tensorrt import import_tensorrt
 from xcompile.passes.quantize import output_layers, tensorrt_ready
 from xcompile.policy import load_policy
 from xcompile.sim.env import obs_dim
-from xcompile.targets import load_hardware, load_robot
+from xcompile.targets import list_robots, load_hardware, load_robot
 
 
 def run_pass(name: str, art: Artifact, robot, workdir: Path, history=(), **cfg):
@@ -116,9 +116,14 @@ def test_torch_policy_errors(tmp_path, tiny_fat_ckpt):
 # ------------------------------------------------------------------------------ pin-embodiment
 
 
-@pytest.mark.parametrize("name", ["a1", "panda", "xarm6", "my_dog"])
+ARM5 = Path(__file__).resolve().parents[1] / "examples" / "unseen_arm" / "arm5.toml"
+
+
+@pytest.mark.parametrize("name", [*list_robots(), "my_dog", "arm5"])
 def test_pin_equals_fat(name, tiny_fat_ckpt, tmp_path):
-    robot = my_dog(tmp_path) if name == "my_dog" else load_robot(name)
+    # Every built-in robot, a copy of spot under another name, and an arm nobody ships.
+    robot = (my_dog(tmp_path) if name == "my_dog" else load_robot(ARM5) if name == "arm5"
+             else load_robot(name))
     fat = fat_artifact(tiny_fat_ckpt, robot)
     out, report = run_pass("pin-embodiment", fat, robot, tmp_path / "w", n_check_obs=1024,
                            check_episodes=1 if name in ("a1", "xarm6") else 0)
