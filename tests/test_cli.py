@@ -29,9 +29,16 @@ def test_help_and_version():
     assert res.exit_code == 0 and __version__ in res.output
 
 
+def test_build_help_states_the_default_plan():
+    from xcompile.pipeline import DEFAULT_PLAN
+
+    res = runner.invoke(app, ["build", "--help"], env={"COLUMNS": "200"})
+    assert ", ".join(DEFAULT_PLAN) in " ".join(res.output.replace("│", " ").split())
+
+
 def test_every_command_has_an_example():
     commands = typer.main.get_command(app).commands
-    assert {"build", "passes", "report", "targets", "inspect", "eval"} <= set(commands)
+    assert {"build", "passes", "report", "targets", "inspect", "eval", "convert"} <= set(commands)
     for name in commands:
         res = runner.invoke(app, [name, "--help"])
         assert res.exit_code == 0, name

@@ -279,7 +279,8 @@ def build(
                                                       "plan.")] = False,
     passes: Annotated[Optional[str], typer.Option(  # noqa: UP007
         help="The plan: pass names separated by commas, e.g. pin-embodiment,export-onnx,"
-             "quantize. Default: pin-embodiment,export-onnx,quantize,build-tensorrt.")] = None,
+             "quantize. Default: pin-embodiment, rl-finetune, distill, export-onnx, "
+             "quantize, build-tensorrt (`xcompile passes` shows it).")] = None,
     config: Annotated[Optional[Path], typer.Option(  # noqa: UP007
         help="TOML build file: passes (list), seed, profile, episodes, and one table of "
              "options per pass named pass.<name>. The command line overrides it.")] = None,
