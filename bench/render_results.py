@@ -22,7 +22,11 @@ SECTIONS = [  # script, title, command
     ("quality", "Quality: score per stage, all robots (profile fast)", "python bench/quality.py"),
     ("robustness", "Robustness: scores under faults, fat vs slim int8",
      "python bench/robustness.py"),
-    ("build_cost", "Build cost: time and memory per pass", "python bench/build_cost.py"),
+    ("build_cost", "Build cost: time and memory per pass (profile fast)",
+     "python bench/build_cost.py --profiles fast --bodies 2,8"),
+    ("build_cost-default", "Build cost: time and memory per pass (profile default)",
+     "python bench/build_cost.py --profiles default --sizes 1M,5M --bodies 8 "
+     "--out bench/results/build_cost-default.json"),
     ("runtime_floor", "Runtime floor: latency vs arithmetic vs call overhead",
      "python bench/runtime_floor.py"),
 ]
@@ -31,8 +35,9 @@ HEAD = """# Benchmark results
 
 Each section: the command that made it, the machine, the date and the table, as the script
 printed it (its JSON is in `bench/results/`). Timings are ratios within one run: every variant of a
-table was timed back to back in the same process. The machine was shared with a training job while
-these ran (load average in each machine line), which widens p99s more than medians. Sections marked
+table was timed back to back in the same process. The scripts ran one after another, with no other
+heavy job on the machine (load average in each machine line; 2 cores, so a load near 2 is the
+script itself). Sections marked
 TODO were not run on the recorded machine: run the command shown to fill them (then
 `python bench/render_results.py`). No number here is estimated.
 """
@@ -44,16 +49,9 @@ def section(script: str, title: str, command: str, results: Path) -> str:
         return f"## {title}\n\nTODO: not run yet. Command: `{command}`\n"
     doc = json.loads(path.read_text())
     notes = "".join(f"- {n}\n" for n in doc["notes"])
-    todo = ""
-    if script == "build_cost":
-        missing = [p for p in ("fast", "default")
-                   if p not in {r.get("profile") for r in doc["results"]["rows"]}]
-        if missing:
-            todo = (f"\nTODO: profile(s) {', '.join(missing)} not run here. Command: "
-                    f"`python bench/build_cost.py --profiles {','.join(missing)}`\n")
     return (f"## {title}\n\nCommand: `{doc['command']}` (wall {doc['wall_s']} s)\n\n"
             f"Machine: {common.machine_line(doc['machine'])}\n\n{doc['markdown']}\n"
-            + todo + (f"\nNotes:\n\n{notes}" if notes else ""))
+            + (f"\nNotes:\n\n{notes}" if notes else ""))
 
 
 def main() -> None:

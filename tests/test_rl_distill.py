@@ -201,6 +201,10 @@ def test_fast_build_runs_the_default_plan(name, tiny_fat_ckpt, tmp_path):
     assert rl["score_tuned" if rl["kept"] == "tuned" else "score_start"] >= rl["score_start"]
     assert stages["distill"]["checks"]["samples"] > 0
     assert (res.out_dir / "learning_curve.png").is_file()
+    # The report says what fine-tuning added over the pinned policy (a1 and panda are in the
+    # tiny checkpoint's registry, so not zero-shot).
+    (note,) = [n for n in res.report["notes"] if n.startswith("RL fine-tuning on")]
+    assert "trained on" in note and f"pinned {stages['pin-embodiment']['score']:.3f}" in note
     for st in res.stages[1:]:
         if st.artifact is not None and st.artifact.format in ("torch", "onnx"):
             assert load_policy(st.artifact.path, load_robot(name)).act(

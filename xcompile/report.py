@@ -77,6 +77,22 @@ def evaluate_gates(stages: list[dict[str, Any]], gates: Gates) -> list[dict[str,
     return out
 
 
+def _finetune_notes(stages: list[dict[str, Any]]) -> list[str]:
+    """What RL fine-tuning added over the pinned policy (zero-shot or not), in words."""
+    by = {s["name"]: s for s in stages if not s["skipped"]}
+    pin, rl = by.get("pin-embodiment"), by.get("rl-finetune")
+    if not pin or not rl or pin["score"] is None or rl["score"] is None:
+        return []
+    known = pin["checks"].get("known_body")
+    body = ("a body the fat policy was trained on" if known else
+            "a body the fat policy never saw (zero-shot)" if known is False else "this body")
+    c = rl["checks"]
+    kept = (f"; the pass kept the {c['kept']} policy (held-out seeds: start "
+            f"{c['score_start']:.3f}, tuned {c['score_tuned']:.3f})" if "kept" in c else "")
+    return [f"RL fine-tuning on {body}: pinned {pin['score']:.3f} → tuned {rl['score']:.3f} "
+            f"({rl['score'] - pin['score']:+.3f}) on the report's episodes{kept}"]
+
+
 def build_report(robot: RobotTarget, hardware: HardwareTarget, plan: Sequence[PlanStep],
                  records: Sequence[StageRecord], *, seed: int, profile: str, episodes: int,
                  gates: Gates, runtime_floor_us: float | None) -> dict[str, Any]:
@@ -88,6 +104,7 @@ def build_report(robot: RobotTarget, hardware: HardwareTarget, plan: Sequence[Pl
     for s in stages:
         if s["skipped"]:
             notes.append(f"{s['name']} skipped: {s['skip_reason']}")
+    notes += _finetune_notes(stages)
     p50 = final["latency_p50_us"]
     if p50 is not None and p50 > hardware.latency_budget_us:
         notes.append(f"final p50 latency {p50:.1f} µs is over {hardware.name}'s budget of "
