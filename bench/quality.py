@@ -75,8 +75,7 @@ def bench_robot(args: Any, robot: str, names: list[str], cols: list[tuple[str, s
     if args.plan == "slim":
         row += [common.fmt(res["int8_over_tuned"], ".2f")]
     row += [common.fmt(res["compression"], ".1f") + "×",
-            common.fmt(res["speedup_vs_pinned"], ".1f") + "×",
-            common.fmt(sum(res["wall_s"].values()), ".0f") + " s"]
+            common.fmt(res["speedup_vs_pinned"], ".1f") + "×"]
     detail = [[robot, key, common.fmt(s.get("score"), ".3f", "n/a"), common.fmt(s.get("params")),
                common.fmt(s.get("bytes")), common.fmt(s.get("latency_p50_us"), ".1f"),
                common.fmt(s.get("latency_p99_us"), ".1f"), s.get("runtime") or "–"]
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes += [f"{robot}: {n}" for n in res["notes"]]
     headers = (["robot"] + [k for k, _ in cols] + ["int8 / pinned"]
                + (["int8 / tuned"] if cols is COLS else [])
-               + ["fat bytes / int8 bytes", "int8 faster than pinned (p50)", "build time"])
+               + ["fat bytes / int8 bytes", "pinned torch p50 / int8 p50"])
     md = (f"Scores in [0, 1], mean of {args.episodes} episodes (seeds {args.seed}.."
           f"{args.seed + args.episodes - 1}, the same for every stage); plan "
           f"`{','.join(names)}`, profile {'fast (quick budgets)' if args.quick else args.profile}. "
