@@ -107,7 +107,7 @@ def run_child(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
 def make_checkpoint(path: Path, size: str, robot: str, n_bodies: int) -> tuple[Path, int]:
     import torch
 
-    from xcompile.models.checkpoint import save_checkpoint
+    from xcompile.models.checkpoint import VERSION, save_checkpoint
     from xcompile.models.descriptors import joint_descriptors
     from xcompile.models.fat import FatConfig, FatPolicy, count_params
 
@@ -119,9 +119,19 @@ def make_checkpoint(path: Path, size: str, robot: str, n_bodies: int) -> tuple[P
         r = load_robot(n)
         registry.append({"name": n, "family": r.family, "joints": list(r.joints.names),
                          "descriptors": joint_descriptors(r).tolist(), "urdf": r.urdf})
-    if not path.is_file():
+    # Reused between runs, but only while it is of the checkpoint format this xcompile writes.
+    if not path.is_file() or read_version(path) != VERSION:
         save_checkpoint(path, model, registry)
     return path, count_params(model)
+
+
+def read_version(path: Path) -> int | None:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("version")
+    except Exception:  # noqa: BLE001 - unreadable: made again
+        return None
 
 
 def full_plan() -> tuple[list[str], list[str]]:
