@@ -347,6 +347,16 @@ def _dagger(teacher: Any, hidden: list[int], cfg: DistillConfig, ctx: BuildConte
     errors: list[float] = []
     dagger_scores: list[float] = []
     ci, n_cand = progress
+
+    def new_student() -> Any:
+        return make_student(obs_dim(robot), robot.n_joints, hidden, cfg.activation, data.obs[0])
+
+    def fit(model: Any) -> Any:
+        xa, ya = data.arrays()
+        _fit(model, torch.as_tensor(xa), torch.as_tensor(ya), cfg.fit_epochs, cfg.lr, cfg.batch,
+             gen)
+        return model
+
     total = cfg.rounds + 1
     for rnd in range(cfg.rounds):
         # ROLLOUT (round 0: noisy teacher, unless an earlier ladder rung left data; then: student)
@@ -356,23 +366,14 @@ def _dagger(teacher: Any, hidden: list[int], cfg: DistillConfig, ctx: BuildConte
                                 seed)
         else:
             if student is None:
-                student = make_student(obs_dim(robot), robot.n_joints, hidden, cfg.activation,
-                                       data.obs[0])
-                xa, ya = data.arrays()
-                _fit(student, torch.as_tensor(xa), torch.as_tensor(ya), cfg.fit_epochs, cfg.lr,
-                     cfg.batch, gen)
+                student = fit(new_student())
             x, y, sc = _collect(teacher, torch_act(student), cfg.beta_decay ** max(rnd, 1), 0.0,
                                 ctx, cfg.episodes_per_round, seed)
         data.obs.append(x)
         data.act.append(y)
         dagger_scores.append(round(sc, 4))
         # FIT (warm start: the student keeps its weights across rounds)
-        if student is None:
-            student = make_student(obs_dim(robot), robot.n_joints, hidden, cfg.activation,
-                                   data.obs[0])
-        xa, ya = data.arrays()
-        _fit(student, torch.as_tensor(xa), torch.as_tensor(ya), cfg.fit_epochs, cfg.lr,
-             cfg.batch, gen)
+        student = fit(student if student is not None else new_student())
         with torch.inference_mode():
             errors.append(round(float((student(x_ho) - y_ho).abs().mean()), 5))
         ctx.progress(f"distill {hidden} round {rnd} action error {errors[-1]:.4f}",

@@ -84,42 +84,54 @@ def _run_batched(sess: Any, obs: np.ndarray, batch: int = 256) -> np.ndarray:
                            for i in range(0, len(obs), b)])
 
 
-def _closed_loop_obs(onnx_path: Path, ctx: BuildContext, episodes: int, seed: int) -> np.ndarray:
-    from xcompile.evaluate import evaluate
-
-    sess = _session(onnx_path)
-    res = evaluate(lambda o: _run_batched(sess, np.asarray(o, np.float32)), ctx.robot,
-                   episodes=episodes, seed=seed, record_obs=True)
-    return np.concatenate(res.observations).astype(np.float32)
-
-
-def _score(onnx_path: Path, ctx: BuildContext, episodes: int, seed: int) -> float:
+def _rollouts(onnx_path: Path, ctx: BuildContext, episodes: int, seed: int,
+              record_obs: bool = False) -> Any:
+    """Closed-loop episodes of an ONNX policy on the build's robot (an EvalResult)."""
     from xcompile.evaluate import evaluate
 
     sess = _session(onnx_path)
     return evaluate(lambda o: _run_batched(sess, np.asarray(o, np.float32)), ctx.robot,
-                    episodes=episodes, seed=seed).score
+                    episodes=episodes, seed=seed, record_obs=record_obs)
+
+
+def _closed_loop_obs(onnx_path: Path, ctx: BuildContext, episodes: int, seed: int) -> np.ndarray:
+    res = _rollouts(onnx_path, ctx, episodes, seed, record_obs=True)
+    return np.concatenate(res.observations).astype(np.float32)
+
+
+def _nearest_products(model: Any, from_inputs: bool) -> list[str]:
+    """Names of the MatMul/Gemm nodes met first when walking from the graph's inputs (forward)
+    or from its outputs (backward); the walk stops at each one it meets."""
+    nodes = model.graph.node
+    if from_inputs:
+        nexts: dict[str, list[Any]] = {}
+        for node in nodes:
+            for name in node.input:
+                nexts.setdefault(name, []).append(node)
+        todo, onward = [i.name for i in model.graph.input], "output"
+    else:
+        nexts = {out: [node] for node in nodes for out in node.output}
+        todo, onward = [o.name for o in model.graph.output], "input"
+    seen, found = set(), []
+    while todo:
+        for node in nexts.get(todo.pop(0), []):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in ("MatMul", "Gemm"):
+                found.append(str(node.name))
+            else:
+                todo += list(getattr(node, onward))
+    return found
 
 
 def output_layers(model: Any) -> list[str]:
     """Names of the matrix products that write the action with no other one in between.
 
-    Walks back from the graph's output and stops at each MatMul/Gemm it meets: for an MLP that is
-    its last layer; for a pinned fat network, the action head and the joint-state skip that is
-    added to it.
+    For an MLP that is its last layer; for a pinned fat network, the action head and the
+    joint-state skip that is added to it.
     """
-    producer = {out: node for node in model.graph.node for out in node.output}
-    todo, seen, found = [o.name for o in model.graph.output], set(), []
-    while todo:
-        node = producer.get(todo.pop(0))
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node.op_type in ("MatMul", "Gemm"):
-            found.append(str(node.name))
-        else:
-            todo += list(node.input)
-    return found
+    return _nearest_products(model, from_inputs=False)
 
 
 def input_layers(model: Any) -> list[str]:
@@ -129,21 +141,7 @@ def input_layers(model: Any) -> list[str]:
     a few cm, scaled velocities); under one int8 range for the whole vector the small ones round
     away. Keeping these products in float keeps the observation in float.
     """
-    consumers: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    todo, seen, found = [i.name for i in model.graph.input], set(), []
-    while todo:
-        for node in consumers.get(todo.pop(0), []):
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if node.op_type in ("MatMul", "Gemm"):
-                found.append(str(node.name))
-            else:
-                todo += list(node.output)
-    return found
+    return _nearest_products(model, from_inputs=True)
 
 
 def _drop_unused_opsets(model: Any) -> None:
@@ -154,11 +152,9 @@ def _drop_unused_opsets(model: Any) -> None:
     model.opset_import.extend(keep)
 
 
-def _int8(src: Path, dst: Path, calib: np.ndarray, keep_output_float: bool,
-          input_float: bool) -> None:
-    import onnx
+def _int8(pre: Path, dst: Path, calib: np.ndarray, exclude: list[str]) -> None:
+    """Static int8 QDQ of the shape-inferred model `pre` (see `quant_pre_process`)."""
     from onnxruntime import quantization as q
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
@@ -168,18 +164,12 @@ def _int8(src: Path, dst: Path, calib: np.ndarray, keep_output_float: bool,
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._it, None)
 
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
-        graph = onnx.load(str(pre))
-        exclude = ((input_layers(graph) if input_float else [])
-                   + (output_layers(graph) if keep_output_float else []))
-        q.quantize_static(
-            str(pre), str(dst), Reader(), quant_format=q.QuantFormat.QDQ,
-            activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
-            nodes_to_exclude=exclude, per_channel=False,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                           "QuantizeBias": False, "DedicatedQDQPair": True})
+    q.quantize_static(
+        str(pre), str(dst), Reader(), quant_format=q.QuantFormat.QDQ,
+        activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+        nodes_to_exclude=exclude, per_channel=False,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                       "QuantizeBias": False, "DedicatedQDQPair": True})
 
 
 def tensorrt_ready(model: Any) -> list[str]:
@@ -276,19 +266,29 @@ class Quantize(Pass):
         the first layer's weights) was tried and dropped: xarm6 0.67, and it lowered aliengo
         (1.0 -> 0.90) and panda (1.0 -> 0.94).
         """
-        if cfg.input_layer != "auto":
-            _int8(src, dst, obs, cfg.keep_output_float, cfg.input_layer == "float")
-            return cfg.input_layer
-        _int8(src, dst, obs, cfg.keep_output_float, input_float=False)
-        seed = ctx.seed + _AUTO_SEED
-        ref = _score(src, ctx, cfg.auto_episodes, seed)
-        got = _score(dst, ctx, cfg.auto_episodes, seed)
-        info.update(auto_score_float=round(ref, 4), auto_score_int8=round(got, 4))
-        if got >= cfg.auto_min_score_ratio * ref:
-            return "int8"
-        _int8(src, dst, obs, cfg.keep_output_float, input_float=True)
-        info["auto_score_int8_float_input"] = round(_score(dst, ctx, cfg.auto_episodes, seed), 4)
-        return "float"
+        import onnx
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+            pre = Path(tmp) / "pre.onnx"
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+            graph = onnx.load(str(pre))
+            out = output_layers(graph) if cfg.keep_output_float else []
+            first = input_layers(graph)
+            if cfg.input_layer != "auto":
+                _int8(pre, dst, obs, out + (first if cfg.input_layer == "float" else []))
+                return cfg.input_layer
+            _int8(pre, dst, obs, out)
+            seed = ctx.seed + _AUTO_SEED
+            ref = _rollouts(src, ctx, cfg.auto_episodes, seed).score
+            got = _rollouts(dst, ctx, cfg.auto_episodes, seed).score
+            info.update(auto_score_float=round(ref, 4), auto_score_int8=round(got, 4))
+            if got >= cfg.auto_min_score_ratio * ref:
+                return "int8"
+            _int8(pre, dst, obs, out + first)
+            info["auto_score_int8_float_input"] = round(
+                _rollouts(dst, ctx, cfg.auto_episodes, seed).score, 4)
+            return "float"
 
     def check(self, inp: Artifact, out: Artifact, cfg: PassConfig,
               ctx: BuildContext) -> dict[str, Any]:
