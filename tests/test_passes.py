@@ -238,6 +238,24 @@ def test_input_layer_modes(mlp_onnx, tmp_path, mode):
     assert q.meta["input_layer"] == mode and tensorrt_ready(model) == []
 
 
+def test_weight_only_activations(mlp_onnx, tmp_path):
+    """activations="float": int8 weights behind their DequantizeLinear, no activation Q/DQ left,
+    closer to float than the int8 x int8 model on the same observations, and still smaller."""
+    robot = load_robot("a1")
+    opts = dict(calibration_episodes=1, heldout_episodes=1, input_layer="float")
+    q8, r8 = run_pass("quantize", mlp_onnx, robot, tmp_path / "q8", activations="int8", **opts)
+    wo, rwo = run_pass("quantize", mlp_onnx, robot, tmp_path / "wo", activations="float", **opts)
+    model = onnx.load(str(wo.path))
+    ops = [n.op_type for n in model.graph.node]
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" in ops
+    inits = {i.name: i for i in model.graph.initializer}
+    dq_inputs = [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq_inputs and all(inits[name].data_type == onnx.TensorProto.INT8 for name in dq_inputs)
+    assert wo.meta["activations"] == "float" and tensorrt_ready(model) == []
+    assert rwo["mean_action_err"] < r8["mean_action_err"]
+    assert rwo["bytes_quantized"] < rwo["bytes_float"]
+
+
 def test_int8_pinned_keeps_output_layer_float(a1_onnx, tmp_path):
     _, exported, _ = a1_onnx
     q, report = run_pass("quantize", exported, load_robot("a1"), tmp_path / "q",
