@@ -207,7 +207,8 @@ def test_export_is_deterministic(a1_onnx, tmp_path):
 def test_int8_is_smaller_close_and_tensorrt_ready(mlp_onnx, tmp_path):
     robot = load_robot("a1")
     q, report = run_pass("quantize", mlp_onnx, robot, tmp_path / "q", precision="int8",
-                         calibration_episodes=2, heldout_episodes=1, max_action_error=0.05)
+                         calibration_episodes=2, heldout_episodes=1, max_action_error=0.05,
+                         activations="int8")
     assert report["size_ratio"] < 0.5                 # int8 weights: about 4x smaller
     assert q.n_bytes < mlp_onnx.n_bytes
     assert report["mean_action_err"] <= 0.05
@@ -254,6 +255,26 @@ def test_weight_only_activations(mlp_onnx, tmp_path):
     assert wo.meta["activations"] == "float" and tensorrt_ready(model) == []
     assert rwo["mean_action_err"] < r8["mean_action_err"]
     assert rwo["bytes_quantized"] < rwo["bytes_float"]
+
+
+def test_cpu_default_is_weight_only_and_folds_at_load(mlp_onnx, tmp_path):
+    """On the cpu hardware target (onnxruntime-cpu) `auto` gives weight-only int8, marked in the
+    metadata; `ort_session` folds its DequantizeLinears at load and still computes the same."""
+    import onnxruntime as ort
+
+    from xcompile.policy import ort_session
+
+    robot = load_robot("a1")
+    q, _ = run_pass("quantize", mlp_onnx, robot, tmp_path / "q", calibration_episodes=1,
+                    heldout_episodes=1, input_layer="float")
+    model = onnx.load(str(q.path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert q.meta["activations"] == "float" and meta["int8_activations"] == "false"
+    assert "QuantizeLinear" not in {n.op_type for n in model.graph.node}
+    plain = ort.InferenceSession(str(q.path), providers=["CPUExecutionProvider"])
+    obs = random_obs(robot, 64)
+    np.testing.assert_allclose(ort_session(q.path).run(None, {"obs": obs})[0],
+                               plain.run(None, {"obs": obs})[0], atol=1e-5)
 
 
 def test_int8_pinned_keeps_output_layer_float(a1_onnx, tmp_path):

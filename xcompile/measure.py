@@ -247,14 +247,9 @@ def _time_calls(call: Callable[[Any], Any], inputs: list[Any], n: int) -> dict[s
 
 
 def _ort_session(path_or_bytes: str | Path | bytes) -> Any:
-    import onnxruntime as ort
+    from xcompile.policy import ort_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    src = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    return ort_session(path_or_bytes)
 
 
 def _ort_latency(sess: Any, obs: np.ndarray, n: int) -> dict[str, float]:

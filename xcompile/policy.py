@@ -72,14 +72,35 @@ def check_contract(meta: dict[str, str], robot: RobotTarget, path: Path) -> None
         )
 
 
-def onnx_act(path: Path, threads: int = 1) -> tuple[BatchPolicy, dict[str, str]]:
+def ort_session(src: str | Path | bytes, threads: int = 1) -> Any:
+    """A CPU onnxruntime session, sequential, on `threads` intra-op threads.
+
+    A weight-only int8 model (quantize's metadata `int8_activations` = "false") is opened with
+    `session.disable_quant_qdq`: onnxruntime then folds each int8 weight's DequantizeLinear into
+    a float constant at load, so the file keeps int8 weights and the calls run at fp32 speed
+    (without it the weights are dequantized on every call: 10.4 instead of 7.4 µs for the xarm6
+    student). Outputs are the same to float rounding.
+    """
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    def open_(fold: bool) -> Any:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if fold:
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
+        return ort.InferenceSession(src if isinstance(src, bytes) else str(src), so,
+                                    providers=["CPUExecutionProvider"])
+
+    sess = open_(False)
+    if sess.get_modelmeta().custom_metadata_map.get("int8_activations") == "false":
+        sess = open_(True)
+    return sess
+
+
+def onnx_act(path: Path, threads: int = 1) -> tuple[BatchPolicy, dict[str, str]]:
+    sess = ort_session(path, threads)
     meta = dict(sess.get_modelmeta().custom_metadata_map)
     in_name = sess.get_inputs()[0].name
     batch_dim = sess.get_inputs()[0].shape[0]

@@ -138,12 +138,9 @@ def _export(module: Any, obs_dim: int, opset: int, dynamic: bool) -> Any:
 
 
 def _ort_session(path: Path) -> Any:
-    import onnxruntime as ort
+    from xcompile.policy import ort_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort_session(path)
 
 
 @register_pass
