@@ -93,6 +93,21 @@ def _finetune_notes(stages: list[dict[str, Any]]) -> list[str]:
             f"({rl['score'] - pin['score']:+.3f}) on the report's episodes{kept}"]
 
 
+def _int8_notes(stages: list[dict[str, Any]]) -> list[str]:
+    """What form quantize's int8 took, in words."""
+    q = next((s for s in stages if s["name"] == "quantize" and not s["skipped"]), None)
+    c = q["checks"] if q else {}
+    if c.get("precision") != "int8" or "activations" not in c:
+        return []
+    form = ("int8 weights and int8 activations" if c["activations"] == "int8" else
+            "int8 weights, float activations (weight-only: the weights stay int8 in the file and "
+            "are folded to float when onnxruntime loads it)")
+    first = "; the first layer in float" if c.get("input_layer") == "float" else ""
+    tried = (" (closed-loop scores of what `auto` tried: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in c["auto_scores"].items()) + ")") if c.get("auto_scores") else ""
+    return [f"int8: {form}{first}{tried}"]
+
+
 def build_report(robot: RobotTarget, hardware: HardwareTarget, plan: Sequence[PlanStep],
                  records: Sequence[StageRecord], *, seed: int, profile: str, episodes: int,
                  gates: Gates, runtime_floor_us: float | None) -> dict[str, Any]:
@@ -104,7 +119,7 @@ def build_report(robot: RobotTarget, hardware: HardwareTarget, plan: Sequence[Pl
     for s in stages:
         if s["skipped"]:
             notes.append(f"{s['name']} skipped: {s['skip_reason']}")
-    notes += _finetune_notes(stages)
+    notes += _finetune_notes(stages) + _int8_notes(stages)
     p50 = final["latency_p50_us"]
     if p50 is not None and p50 > hardware.latency_budget_us:
         notes.append(f"final p50 latency {p50:.1f} µs is over {hardware.name}'s budget of "

@@ -248,7 +248,7 @@ def tensorrt_ready(model: Any) -> list[str]:
 @register_pass
 class Quantize(Pass):
     name = "quantize"
-    version = 4
+    version = 5
     input_format = "onnx"
     output_format = "onnx"
     Config = QuantizeConfig
@@ -403,6 +403,8 @@ class Quantize(Pass):
             problems = tensorrt_ready(onnx.load(str(out.path)))
             res["tensorrt_ready"] = not problems
             res["tensorrt_problems"] = problems[:5]
+            res.update({k: out.meta[k] for k in ("input_layer", "activations", "auto_scores")
+                        if k in out.meta})
         if cfg.score_episodes:
             from xcompile.measure import score
 
