@@ -277,6 +277,25 @@ def test_cpu_default_is_weight_only_and_folds_at_load(mlp_onnx, tmp_path):
                                plain.run(None, {"obs": obs})[0], atol=1e-5)
 
 
+def test_weight_only_first_layer_has_one_scale_per_input_feature(mlp_onnx, tmp_path):
+    """The first layer's weights (normalisation folded in) go int8 with a scale per observation
+    entry; everything but the action layer is then int8 in the file, and still close to float."""
+    from onnx import numpy_helper
+
+    robot = load_robot("a1")
+    q, report = run_pass("quantize", mlp_onnx, robot, tmp_path / "q", calibration_episodes=1,
+                         heldout_episodes=1)
+    model = onnx.load(str(q.path))
+    assert q.meta["input_layer"] == "int8" and q.meta["activations"] == "float"
+    first = next(n for n in model.graph.node if n.op_type in ("MatMul", "Gemm"))
+    dq = next(n for n in model.graph.node if first.input[1] in n.output)
+    assert dq.op_type == "DequantizeLinear"
+    scale = next(numpy_helper.to_array(t) for t in model.graph.initializer
+                 if t.name == dq.input[1])
+    assert scale.shape == (obs_dim(robot),)
+    assert report["mean_action_err"] < 0.01 and tensorrt_ready(model) == []
+
+
 def test_int8_pinned_keeps_output_layer_float(a1_onnx, tmp_path):
     _, exported, _ = a1_onnx
     q, report = run_pass("quantize", exported, load_robot("a1"), tmp_path / "q",
