@@ -29,10 +29,10 @@ ROWS = [  # key, label
     ("fat", "fat checkpoint, torch eager"),
     ("pinned", "pinned fat network, torch eager"),
     ("generic-fp32", "generic: pinned → ONNX fp32"),
-    ("generic-int8", "generic: pinned → ONNX int8 (QDQ)"),
+    ("generic-int8", "generic: pinned → ONNX int8"),
     ("student", "slim student, torch eager"),
     ("slim-fp32", "slim student → ONNX fp32"),
-    ("slim-int8", "slim student → ONNX int8 (QDQ)"),
+    ("slim-int8", "slim student → ONNX int8"),
     ("slim-fp16", "slim student → ONNX fp16"),
 ]
 
@@ -81,7 +81,7 @@ def bench_robot(args: Any, robot: str) -> tuple[dict[str, Any], str, list[str]]:
         if fp in lat and q in lat and lat[q]["p50_us"] > lat[fp]["p50_us"]:
             notes.append(f"{r.name}: {q} is {lat[q]['p50_us'] / lat[fp]['p50_us']:.2f}× the "
                          f"latency of {fp} but {arts[fp].n_bytes / arts[q].n_bytes:.1f}× smaller: "
-                         "int8 (static QDQ) buys bytes here, not CPU latency")
+                         "int8 buys bytes here, not CPU latency")
     res = {"robot": r.name, "rows": rows, "ort_floor_us": floor, "gpu": gpu, "notes": notes}
     return res, md, res["notes"]
 
