@@ -102,7 +102,8 @@ def _int8_notes(stages: list[dict[str, Any]]) -> list[str]:
     form = ("int8 weights and int8 activations" if c["activations"] == "int8" else
             "int8 weights, float activations (weight-only: the weights stay int8 in the file and "
             "are folded to float when onnxruntime loads it)")
-    first = "; the first layer in float" if c.get("input_layer") == "float" else ""
+    first = {"float": "; the first layer in float",
+             "fp16": "; the first layer's weights in fp16"}.get(c.get("input_layer"), "")
     tried = (" (closed-loop scores of what `auto` tried: " + ", ".join(
         f"{k} {v:.3f}" for k, v in c["auto_scores"].items()) + ")") if c.get("auto_scores") else ""
     return [f"int8: {form}{first}{tried}"]
