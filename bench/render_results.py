@@ -29,6 +29,8 @@ SECTIONS = [  # script, title, command
      "--out bench/results/build_cost-default.json"),
     ("runtime_floor", "Runtime floor: latency vs arithmetic vs call overhead",
      "python bench/runtime_floor.py"),
+    ("latency_scaling", "Latency ratio vs fat size: pinned ONNX vs slim int8",
+     "python bench/latency_scaling.py"),
 ]
 
 HEAD = """# Benchmark results

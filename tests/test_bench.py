@@ -77,6 +77,16 @@ def test_runtime_floor(tiny_fat_ckpt, bench_work, tmp_path):
     assert res["crossover_macs_peak_rate"] > 0
 
 
+def test_latency_scaling(tiny_fat_ckpt, bench_work, tmp_path):
+    doc = run_script("latency_scaling", tiny_fat_ckpt, bench_work, tmp_path / "ls.json")
+    (res,) = doc["results"]["robots"]
+    sample, tiny = res["rows"]
+    assert sample["fat"] == "sample checkpoint" and tiny["fat"] == "tiny, random weights"
+    assert tiny["fat_params"] != sample["fat_params"]
+    assert all(r["speedup"] > 0 and r["slim_p50_us"] > 0 for r in res["rows"])
+    assert res["ort_floor_us"]["p50_us"] > 0
+
+
 def test_quality(tiny_fat_ckpt, bench_work, tmp_path):
     doc = run_script("quality", tiny_fat_ckpt, bench_work, tmp_path / "q.json")
     (res,) = doc["results"]
