@@ -433,3 +433,26 @@ def test_missing_checkpoint_and_bad_plan_write_nothing(fat, tmp_path):
     with pytest.raises(PlanError, match="t-export takes torch"):
         build(fat, tmp_path, [pipeline.PlanStep("t-export", PassConfig())])
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_cache_key_follows_the_pass_source(tmp_path, monkeypatch):
+    """An edited pass file gives new cache keys (old entries are never served to new code);
+    the same source gives the same key."""
+    from xcompile.passes.quantize import QuantizeConfig
+
+    src = tmp_path / "quantize.py"
+    monkeypatch.setattr(pipeline.inspect, "getfile", lambda cls: str(src))
+    (tmp_path / "in.onnx").write_bytes(b"graph")
+    art = Artifact.create("onnx", tmp_path / "in.onnx", "a1")
+    step = pipeline.PlanStep("quantize", QuantizeConfig())
+
+    def key(text: str) -> str:
+        src.write_text(text)
+        pipeline._source_sha256.cache_clear()
+        return pipeline.cache_key(art, step, {"robot": "x"}, 0, "fast")
+
+    try:
+        assert key("v1") == key("v1")
+        assert key("v1") != key("v2: PROFILE_DEFAULTS changed")
+    finally:
+        pipeline._source_sha256.cache_clear()

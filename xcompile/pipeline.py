@@ -22,7 +22,10 @@ list and a table.)
 (with the pass to add or move), unmet `requires`, duplicates. `run_plan` runs the passes in order.
 Each pass runs in a fresh temporary folder inside the cache and, on success, that folder is renamed
 atomically to `cache_dir/<key>/`, where key = sha256(input artifact id, pass name, pass version,
-config, robot TOML + URDF hashes, hardware, seed, profile). A later run with the same key loads the
+the sha256 of the pass's own source file, config, robot TOML + URDF hashes, hardware, seed,
+profile). The source hash means an edited pass (its method, or the profile budgets it defines)
+never reuses an entry made by its old code, bumped version or not; code a pass imports from
+elsewhere (the simulator, the evaluator) is not in the key. A later run with the same key loads the
 entry instead of running the pass. Measurements (size, latency, score) are cached per artifact id.
 Instrumentation (progress lines, timing) goes through `BuildHooks`; the manager itself prints
 nothing. A failing pass leaves a reproducer folder (its input artifact + the remaining plan) and
@@ -34,7 +37,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -406,11 +411,18 @@ def _file_or_model_hash(source: str, model: Any) -> str:
     return _sha(model.model_dump())
 
 
+@functools.lru_cache(maxsize=None)
+def _source_sha256(cls: type) -> str:
+    """sha256 of the file that defines the pass class `cls`."""
+    return file_sha256(Path(inspect.getfile(cls)))
+
+
 def cache_key(inp: Artifact, step: PlanStep, fingerprint: Mapping[str, str], seed: int,
               profile: str) -> str:
     cls = step.pass_cls
     return _sha({"layout": CACHE_LAYOUT, "input": inp.id, "pass": step.name,
-                 "version": cls.version, "config": step.config.model_dump(mode="json"),
+                 "version": cls.version, "code": _source_sha256(cls),
+                 "config": step.config.model_dump(mode="json"),
                  "target": dict(fingerprint), "seed": seed, "profile": profile})
 
 
