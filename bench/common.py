@@ -432,6 +432,19 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def each_robot(args: argparse.Namespace, bench_robot: Callable[[str], tuple[Any, str, list[str]]]
+               ) -> tuple[list[Any], str, list[str]]:
+    """Run `bench_robot(robot)` -> (result, markdown, notes) for every `--robots` entry; return
+    the results, the markdown sections joined, and all notes."""
+    results, mds, notes = [], [], []
+    for robot in args.robots:
+        res, md, n = bench_robot(robot)
+        results.append(res)
+        mds.append(md)
+        notes += n
+    return results, "\n\n".join(mds), notes
+
+
 def finish(args: argparse.Namespace, script: str, results: Any, markdown: str,
            notes: Sequence[str] = (), started: float | None = None) -> dict[str, Any]:
     """Print the table (and notes) and write the JSON results file; return the document."""

@@ -212,13 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.tput_calls = args.tput_calls or (20 if args.quick else 300)
     started = time.perf_counter()
-    results, mds, notes = [], [], []
-    for robot in args.robots:
-        res, md, n = bench_robot(args, robot)
-        results.append(res)
-        mds.append(md)
-        notes += n
-    md = "\n\n".join(mds)
+    results, md, notes = common.each_robot(args, lambda robot: bench_robot(args, robot))
     return common.finish(args, "inference", results, md, notes, started)
 
 

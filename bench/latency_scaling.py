@@ -92,14 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.calls = args.calls or (100 if args.quick else 1000)
     args.rounds = args.rounds or (1 if args.quick else 3)
     started = time.perf_counter()
-    results, mds, notes = [], [], []
-    for robot in args.robots:
-        res, md, n = bench_robot(args, robot)
-        results.append(res)
-        mds.append(md)
-        notes += n
-    return common.finish(args, "latency_scaling", {"robots": results}, "\n\n".join(mds), notes,
-                         started)
+    results, md, notes = common.each_robot(args, lambda robot: bench_robot(args, robot))
+    return common.finish(args, "latency_scaling", {"robots": results}, md, notes, started)
 
 
 if __name__ == "__main__":

@@ -123,17 +123,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.rounds = args.rounds or (1 if args.quick else 3)
     started = time.perf_counter()
     rates = mac_rates(args.matrix_n, 3 if args.quick else 10)
-    results, mds, notes = [], [], []
-    for robot in args.robots:
-        res, md, n = bench_robot(args, robot, rates)
-        results.append(res)
-        mds.append(md)
-        notes += n
+    results, md, notes = common.each_robot(args, lambda robot: bench_robot(args, robot, rates))
     head = (f"This CPU, one thread, fp32: {rates['peak_mac_per_s'] / 1e9:.1f} GMAC/s on a "
             f"{args.matrix_n}² matmul (peak), {rates['matvec_mac_per_s'] / 1e9:.1f} GMAC/s on a "
             f"1×{args.matrix_n} @ {args.matrix_n}² matrix-vector product (the batch-1 shape).")
     return common.finish(args, "runtime_floor", {"rates": rates, "robots": results},
-                         head + "\n\n" + "\n\n".join(mds), notes, started)
+                         head + "\n\n" + md, notes, started)
 
 
 if __name__ == "__main__":

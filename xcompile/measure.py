@@ -40,6 +40,7 @@ import numpy as np
 
 from xcompile.artifact import Artifact
 from xcompile.errors import CheckpointError, ToolUnavailable
+from xcompile.policy import ort_session
 from xcompile.targets import RobotTarget
 
 if TYPE_CHECKING:
@@ -246,12 +247,6 @@ def _time_calls(call: Callable[[Any], Any], inputs: list[Any], n: int) -> dict[s
             "p99_us": float(np.percentile(times, 99) / 1e3)}
 
 
-def _ort_session(path_or_bytes: str | Path | bytes) -> Any:
-    from xcompile.policy import ort_session
-
-    return ort_session(path_or_bytes)
-
-
 def _ort_latency(sess: Any, obs: np.ndarray, n: int) -> dict[str, float]:
     name = sess.get_inputs()[0].name
     run = sess.run
@@ -269,7 +264,7 @@ def latency(art: Artifact, robot: RobotTarget, n: int = 2000) -> dict[str, Any]:
 def _latency(art: Artifact, robot: RobotTarget, n: int) -> dict[str, Any]:
     obs = random_obs(robot, 64, seed=1)
     if art.format == "onnx":
-        return {**_ort_latency(_ort_session(art.path), obs, n), "runtime": "onnxruntime"}
+        return {**_ort_latency(ort_session(art.path), obs, n), "runtime": "onnxruntime"}
     if art.format == "tensorrt":
         raise ToolUnavailable("latency of a TensorRT engine is measured on its GPU; this "
                               "measurement runs TensorRT-free")
@@ -294,7 +289,7 @@ def ort_floor_us(obs_dim: int, n: int = 2000) -> float:
     # onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     obs = np.random.default_rng(1).standard_normal((64, obs_dim)).astype(np.float32)
-    return _ort_latency(_ort_session(model.SerializeToString()), obs, n)["p50_us"]
+    return _ort_latency(ort_session(model.SerializeToString()), obs, n)["p50_us"]
 
 
 # --------------------------------------------------------------------------------------------

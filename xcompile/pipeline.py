@@ -411,7 +411,7 @@ def _file_or_model_hash(source: str, model: Any) -> str:
     return _sha(model.model_dump())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _source_sha256(cls: type) -> str:
     """sha256 of the file that defines the pass class `cls`."""
     return file_sha256(Path(inspect.getfile(cls)))

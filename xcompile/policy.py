@@ -81,22 +81,18 @@ def ort_session(src: str | Path | bytes, threads: int = 1) -> Any:
     (without it the weights are dequantized on every call: 10.4 instead of 7.4 µs for the xarm6
     student). Outputs are the same to float rounding.
     """
+    import onnx
     import onnxruntime as ort
 
-    def open_(fold: bool) -> Any:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if fold:
-            so.add_session_config_entry("session.disable_quant_qdq", "1")
-        return ort.InferenceSession(src if isinstance(src, bytes) else str(src), so,
-                                    providers=["CPUExecutionProvider"])
-
-    sess = open_(False)
-    if sess.get_modelmeta().custom_metadata_map.get("int8_activations") == "false":
-        sess = open_(True)
-    return sess
+    data = src if isinstance(src, bytes) else Path(src).read_bytes()   # weights are inside
+    meta = {p.key: p.value for p in onnx.ModelProto.FromString(data).metadata_props}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if meta.get("int8_activations") == "false":
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 
 def onnx_act(path: Path, threads: int = 1) -> tuple[BatchPolicy, dict[str, str]]:

@@ -137,12 +137,6 @@ def _export(module: Any, obs_dim: int, opset: int, dynamic: bool) -> Any:
     return model
 
 
-def _ort_session(path: Path) -> Any:
-    from xcompile.policy import ort_session
-
-    return ort_session(path)
-
-
 @register_pass
 class ExportOnnx(Pass):
     name = "export-onnx"
@@ -192,7 +186,9 @@ class ExportOnnx(Pass):
         obs = random_obs(ctx.robot, cfg.n_check_obs, seed=ctx.seed + 1)
         with torch.inference_mode():
             want = module(torch.as_tensor(obs)).numpy()
-        dyn, b1 = _ort_session(out.path), _ort_session(Path(out.meta["b1_path"]))
+        from xcompile.policy import ort_session
+
+        dyn, b1 = ort_session(out.path), ort_session(Path(out.meta["b1_path"]))
         got_b1 = np.concatenate([b1.run(None, {"obs": obs[i:i + 1]})[0] for i in range(len(obs))])
         got_dyn_b1 = np.concatenate([dyn.run(None, {"obs": obs[i:i + 1]})[0]
                                      for i in range(0, len(obs), 10)])

@@ -6,15 +6,17 @@ simulator episodes) plus one calibration pass; fp16 is a conversion (under a sec
 Method.
 int8: post-training static quantization with onnxruntime (`quantize_static`) as explicit
 QuantizeLinear/DequantizeLinear pairs (QDQ): int8 activations and weights, symmetric (every zero
-point is int8 0), biases left in float, one Q/DQ pair per consumer. Where that loses score in
-closed loop, `auto` keeps the first layer in float and then, if still needed, the activations too
-(weight-only int8: the weights stay int8 on disk behind their DequantizeLinear); see `_choose`. That is the form TensorRT builds
+point is int8 0), biases left in float, one Q/DQ pair per consumer. That is the form TensorRT builds
 a strongly typed int8 engine from; asymmetric zero points or int32 biases it refuses
 (`tensorrt_ready` checks). Activation ranges come from observations that the *float* policy meets in
 closed loop on the target (calibration on the deployment distribution, not on random inputs). The
 output layer (the MatMul/Gemm nodes that write the action) stays in float unless
 `keep_output_float=false`: actions are where the error lands. Shape inference (`quant_pre_process`)
 runs first.
+On onnxruntime-cpu hardware, `activations="auto"` writes weight-only int8 instead: the activation
+Q/DQ pairs removed, the weights int8 behind their DequantizeLinear, the first layer's weights in
+fp16. Elsewhere `auto` keeps the first layer, then the activations, int8 only where the closed-loop
+score allows; see `_choose`.
 fp16: `onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)`: the weights and
 arithmetic in fp16, `obs` and `action` stay float32.
 
@@ -40,6 +42,7 @@ from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError
 from xcompile.passes.base import BuildContext, Pass, PassConfig, register_pass
 from xcompile.passes.export_onnx import save_onnx, set_metadata
+from xcompile.policy import ort_session
 
 _CALIBRATION_SEED = 10_000   # calibration episodes use seeds seed+10000...; held-out ones +20000
 _HELDOUT_SEED = 20_000
@@ -74,12 +77,6 @@ class QuantizeConfig(PassConfig):
                                 "float and the quantized policy in the check (0: skip)")
 
 
-def _session(src: str | Path | bytes) -> Any:
-    from xcompile.policy import ort_session
-
-    return ort_session(src)
-
-
 def _run_batched(sess: Any, obs: np.ndarray, batch: int = 256) -> np.ndarray:
     """Run a (possibly static batch-1) session over many observations."""
     inp = sess.get_inputs()[0]
@@ -93,7 +90,7 @@ def _rollouts(onnx_path: Path, ctx: BuildContext, episodes: int, seed: int,
     """Closed-loop episodes of an ONNX policy on the build's robot (an EvalResult)."""
     from xcompile.evaluate import evaluate
 
-    sess = _session(onnx_path)
+    sess = ort_session(onnx_path)
     return evaluate(lambda o: _run_batched(sess, np.asarray(o, np.float32)), ctx.robot,
                     episodes=episodes, seed=seed, record_obs=record_obs)
 
@@ -320,8 +317,8 @@ class Quantize(Pass):
     @staticmethod
     def _choose(src: Path, dst: Path, obs: np.ndarray, cfg: QuantizeConfig, ctx: BuildContext,
                 info: dict[str, Any]) -> tuple[str, str]:
-        """Write the int8 model to `dst`; return how its first layer ("int8" or "float") and the
-        activations ("int8", or "float": weight-only) ended up.
+        """Write the int8 model to `dst`; return how its first layer's weights ("int8", "float"
+        or "fp16") and the activations ("int8", or "float": weight-only) ended up.
 
         activations "auto": weight-only on a hardware target whose runtime is onnxruntime-cpu,
         else int8 unless the score check below fails. Measured on this project's 2-core x86
@@ -332,13 +329,13 @@ class Quantize(Pass):
         what buys speed, so there they are kept wherever the score allows.
 
         Weight-only models keep the first layer's weights in fp16 (`fp16_weights`) unless
-        input_layer="float". With int8 activations, input_layer "auto"
-        and activations "auto" (off the CPU runtime) are decided in closed loop on
-        `auto_episodes` episodes used neither for calibration nor for the check: int8 stays
-        when the model scores at least `auto_min_score_ratio` x the float policy. The first layer
-        goes first (the observation mixes radians, centimetres and scaled velocities; with the
-        normalisation folded into the first layer's weights, one int8 scale for them rounds the
-        small entries away), then the activations. Measured on the default-profile students
+        input_layer="float". With int8 activations, input_layer "auto" and activations "auto"
+        (off the CPU runtime) are decided in closed loop on `auto_episodes` episodes used
+        neither for calibration nor for the check: int8 stays when the model scores at least
+        `auto_min_score_ratio` x the float policy. The first layer goes first (the observation
+        mixes radians, centimetres and scaled velocities; with the normalisation folded into the
+        first layer's weights, one int8 scale for them rounds the small entries away), then the
+        activations. Measured on the default-profile students
         (10 episodes, seeds 0-9, float 1.0): xarm6 all-int8 0.51; first layer float 0.94 (action
         error 0.0018); weight-only after that 1.00 (0.0007). Dropped: equalising each observation
         entry to its own int8 range (xarm6 0.67; aliengo 1.0 -> 0.90), per-channel weight scales,
@@ -409,11 +406,11 @@ class Quantize(Pass):
 
         assert isinstance(cfg, QuantizeConfig)
         try:
-            quant = _session(out.path)
+            quant = ort_session(out.path)
         except Exception as e:  # onnxruntime raises its own types for a model it cannot load
             raise PassCheckError(f"quantize: onnxruntime cannot load the {cfg.precision} model "
                                  f"({e})") from e
-        flt = _session(inp.path)
+        flt = ort_session(inp.path)
         # Held-out observations from the deployment distribution: int8 ranges were calibrated on
         # it, and random inputs outside it get clipped (a large error no robot would see).
         if cfg.heldout_episodes:
