@@ -397,6 +397,16 @@ def machine() -> dict[str, Any]:
             "host": platform.node(), "loadavg_1_5_15": load}
 
 
+def checkpoint_id(path: str | Path) -> dict[str, Any] | None:
+    """Bytes and sha256 of the fat checkpoint a result was measured on (None if there is none)."""
+    import hashlib
+
+    p = Path(path)
+    if not p.is_file():
+        return None
+    return {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+
+
 def machine_line(m: Mapping[str, Any]) -> str:
     v = m["versions"]
     return (f"{m['nproc']} cores ({m['cpu']}), Python {m['python']}, torch {v['torch']}, "
@@ -450,7 +460,8 @@ def finish(args: argparse.Namespace, script: str, results: Any, markdown: str,
     """Print the table (and notes) and write the JSON results file; return the document."""
     m = machine()
     doc = {"script": script, "command": command_line(), "quick": bool(args.quick),
-           "checkpoint": str(args.checkpoint), "robots": list(args.robots), "machine": m,
+           "checkpoint": str(args.checkpoint), "checkpoint_id": checkpoint_id(args.checkpoint),
+           "robots": list(args.robots), "machine": m,
            "wall_s": round(time.perf_counter() - started, 1) if started else None,
            "notes": list(dict.fromkeys(notes)), "results": results, "markdown": markdown}
     out = Path(args.out)

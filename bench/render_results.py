@@ -53,8 +53,12 @@ def section(script: str, title: str, command: str, results: Path) -> str:
         return f"## {title}\n\nTODO: not run yet. Command: `{command}`\n"
     doc = json.loads(path.read_text())
     notes = "".join(f"- {n}\n" for n in doc["notes"])
+    ck = doc.get("checkpoint_id")
+    ckpt = (f"Checkpoint: `{doc['checkpoint']}`, {ck['bytes']:,} bytes, sha256 {ck['sha256'][:12]}"
+            if ck else f"Checkpoint: `{doc['checkpoint']}` (not fingerprinted: measured before "
+            "results recorded the checkpoint's sha256)")
     return (f"## {title}\n\nCommand: `{doc['command']}` (wall {doc['wall_s']} s)\n\n"
-            f"Machine: {common.machine_line(doc['machine'])}\n\n{doc['markdown']}\n"
+            f"Machine: {common.machine_line(doc['machine'])}\n\n{ckpt}\n\n{doc['markdown']}\n"
             + (f"\nNotes:\n\n{notes}" if notes else ""))
 
 

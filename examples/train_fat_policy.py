@@ -101,6 +101,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--noise-rad", type=float, default=0.05, help="DART noise on expert actions")
     ap.add_argument("--eval-episodes", type=int, default=10)
+    ap.add_argument("--d-model", type=int, default=256, help="token width")
+    ap.add_argument("--n-layers", type=int, default=6, help="transformer blocks")
+    ap.add_argument("--n-heads", type=int, default=8, help="attention heads per block")
+    ap.add_argument("--d-ff", type=int, default=768, help="hidden width of each block's MLP")
     a = ap.parse_args()
 
     torch.manual_seed(a.seed)
@@ -108,7 +112,9 @@ def main() -> None:
     robots = {n: load_robot(n) for n in a.robots}
     bodies = {n: {"desc": torch.as_tensor(joint_descriptors(r)), "family": r.family}
               for n, r in robots.items()}
-    model = FatPolicy(FatConfig())
+    model = FatPolicy(FatConfig(d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads,
+                                d_ff=a.d_ff))
+    print(f"fat policy: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
 
     # EXPERT DATA
     raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}
