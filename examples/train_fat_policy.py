@@ -12,7 +12,7 @@ resolved-rate reaching for the arms). The recipe, top to bottom:
 
 Seeded and reproducible on CPU (torch ops on 2 threads are deterministic here; PyBullet has no RNG).
 
-    python examples/train_fat_policy.py --out examples/fat_policy.pt      # ~25 min on 2 cores
+    python examples/train_fat_policy.py --out examples/fat_policy.pt      # ~1 h on 2 cores
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def main() -> None:
     ap.add_argument("--expert-episodes", type=int, default=60)
     ap.add_argument("--dagger-rounds", type=int, default=2)
     ap.add_argument("--dagger-episodes", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=2500, help="fit steps for the first fit")
-    ap.add_argument("--dagger-steps", type=int, default=600, help="fit steps after each round")
+    ap.add_argument("--steps", type=int, default=2000, help="fit steps for the first fit")
+    ap.add_argument("--dagger-steps", type=int, default=500, help="fit steps after each round")
     ap.add_argument("--batch", type=int, default=64, help="per body per step")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--noise-rad", type=float, default=0.05, help="DART noise on expert actions")
