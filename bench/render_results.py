@@ -54,9 +54,14 @@ def section(script: str, title: str, command: str, results: Path) -> str:
     doc = json.loads(path.read_text())
     notes = "".join(f"- {n}\n" for n in doc["notes"])
     ck = doc.get("checkpoint_id")
-    ckpt = (f"Checkpoint: `{doc['checkpoint']}`, {ck['bytes']:,} bytes, sha256 {ck['sha256'][:12]}"
-            if ck else f"Checkpoint: `{doc['checkpoint']}` (not fingerprinted: measured before "
-            "results recorded the checkpoint's sha256)")
+    if ck:
+        ckpt = (f"Checkpoint: `{doc['checkpoint']}`, {ck['bytes']:,} bytes, "
+                f"sha256 {ck['sha256'][:12]}" + (f" ({ck['note']})" if ck.get("note") else ""))
+    elif doc["checkpoint"].startswith("("):            # build_cost.py makes its own
+        ckpt = f"Checkpoint: {doc['checkpoint']}"
+    else:
+        ckpt = (f"Checkpoint: `{doc['checkpoint']}` (not fingerprinted: measured before results "
+                "recorded the checkpoint's sha256)")
     return (f"## {title}\n\nCommand: `{doc['command']}` (wall {doc['wall_s']} s)\n\n"
             f"Machine: {common.machine_line(doc['machine'])}\n\n{ckpt}\n\n{doc['markdown']}\n"
             + (f"\nNotes:\n\n{notes}" if notes else ""))
