@@ -283,7 +283,10 @@ def test_interrupted_build_keeps_previous_output_and_resumes(tiny_fat_ckpt, tmp_
 
     proc = subprocess.Popen(_build_cmd(tiny_fat_ckpt, out, cache, cfg,
                                        "pin-embodiment,rl-finetune,export-onnx"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # A suite started in the background (`cmd &` in a script) inherits
+                            # SIGINT ignored, and Python then never raises KeyboardInterrupt.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not list((cache / "tmp").glob("rl-finetune-*")):   # killed in the middle of a pass
         assert proc.poll() is None, proc.communicate()
