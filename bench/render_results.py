@@ -43,7 +43,7 @@ script itself). Sections marked
 TODO were not run on the recorded machine: run the command shown to fill them (then
 `python bench/render_results.py`). No number here is estimated. A section's wall time is that run's:
 the scripts share a pass cache (`.xcompile/bench/`), so a section whose builds were already cached
-ran in seconds; from cold, `quality.py --profile default` takes about 19 minutes for 8 robots.
+ran in seconds; from cold, `quality.py --profile default` takes about 26 minutes for 8 robots.
 """
 
 
