@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from xcompile import measure as xm
-from xcompile.artifact import Artifact
+from xcompile.artifact import Artifact, file_sha256
 from xcompile.errors import PlanError, ToolUnavailable
 from xcompile.passes.base import all_passes
 from xcompile.pipeline import (
@@ -399,12 +399,10 @@ def machine() -> dict[str, Any]:
 
 def checkpoint_id(path: str | Path) -> dict[str, Any] | None:
     """Bytes and sha256 of the fat checkpoint a result was measured on (None if there is none)."""
-    import hashlib
-
     p = Path(path)
     if not p.is_file():
         return None
-    return {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+    return {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
 
 
 def machine_line(m: Mapping[str, Any]) -> str:

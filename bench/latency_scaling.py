@@ -95,11 +95,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.rounds = args.rounds or (1 if args.quick else 3)
     started = time.perf_counter()
     results, md, notes = common.each_robot(args, lambda robot: bench_robot(args, robot))
-    ok = [r["robot"] for r in results if r.get("rows") and r["rows"][0]["speedup"] >= 100]
+    short = [r["robot"] for r in results if not (r.get("rows") and r["rows"][0]["speedup"] >= 100)]
     md += (f"\n\nThe sample's slim int8 policy is at least 100× faster than its pinned network "
-           f"on {len(ok)} of {len(results)} robots"
-           + (f" (not on {', '.join(r['robot'] for r in results if r['robot'] not in ok)})."
-              if len(ok) < len(results) else "."))
+           f"on {len(results) - len(short)} of {len(results)} robots"
+           + (f" (not on {', '.join(short)})." if short else "."))
     return common.finish(args, "latency_scaling", {"robots": results}, md, notes, started)
 
 

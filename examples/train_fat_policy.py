@@ -26,7 +26,7 @@ import torch
 from xcompile.evaluate import evaluate
 from xcompile.models.checkpoint import save_checkpoint
 from xcompile.models.descriptors import joint_descriptors
-from xcompile.models.fat import FatConfig, FatPolicy
+from xcompile.models.fat import FatConfig, FatPolicy, count_params
 from xcompile.policy import fat_act
 from xcompile.sim.env import RobotEnv
 from xcompile.sim.experts import expert_action
@@ -114,7 +114,7 @@ def main() -> None:
               for n, r in robots.items()}
     model = FatPolicy(FatConfig(d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads,
                                 d_ff=a.d_ff))
-    print(f"fat policy: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    print(f"fat policy: {count_params(model):,} parameters", flush=True)
 
     # EXPERT DATA
     raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}

@@ -18,7 +18,6 @@ place, so a reader never sees a half-written checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from xcompile.artifact import file_sha256
 from xcompile.errors import CheckpointError
 from xcompile.models.fat import FatConfig, FatPolicy, count_params, param_usage
 
@@ -130,7 +130,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> FatCheckpoint:
 
     config, model, registry, extra = _validate(payload, path)
     return FatCheckpoint(config=config, model=model.eval(), registry=registry, extra=extra,
-                         path=path, sha256=_sha256(path), n_bytes=n_bytes,
+                         path=path, sha256=file_sha256(path), n_bytes=n_bytes,
                          version=int(payload["version"]))
 
 
@@ -296,14 +296,6 @@ def _foreign(path: Path, why: str) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],

@@ -71,7 +71,8 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     # default: 6 x 8 episodes, 60/300 epochs was enough for the 1.1M sample's teachers; the 4.6M
     # sample's xarm6 teacher then gave a student at 0.876 (seeds 0-9; action error 0.0082), a
     # slow drift off the goal. 8 x 12 episodes, 100/600 epochs: 1.0 (seeds 0-9), 0.97 (seeds
-    # 10-29), action error 0.0048, for about 70 s of distillation.
+    # 10-29), action error 0.0048; distillation then took 100-265 s per robot in
+    # `bench/quality.py --profile default` (quadrupeds the longest).
     "default": {"rounds": 8, "episodes_per_round": 12, "fit_epochs": 100, "final_fit_epochs": 600,
                 "eval_episodes": 6, "heldout_episodes": 2},
     "thorough": {"rounds": 10, "episodes_per_round": 12, "fit_epochs": 80,
