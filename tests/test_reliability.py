@@ -277,7 +277,9 @@ def test_interrupted_build_keeps_previous_output_and_resumes(tiny_fat_ckpt, tmp_
     out, cache, cfg = tmp_path / "build" / "a1", tmp_path / "cache", tmp_path / "b.toml"
     cfg.write_text(LIGHT + "[pass.rl-finetune]\nenv_steps = 200000\n")
     out.mkdir(parents=True)
-    previous = {"policy.onnx": b"previous policy", "manifest.json": b"{}"}
+    # An earlier build (xcompile replaces only a folder that holds its own manifest).
+    manifest = {"xcompile_version": "0.1.0", "outputs": {"policy.onnx": "0" * 64}}
+    previous = {"policy.onnx": b"previous policy", "manifest.json": json.dumps(manifest).encode()}
     for name, data in previous.items():
         (out / name).write_bytes(data)
 
@@ -311,7 +313,7 @@ def test_interrupted_build_keeps_previous_output_and_resumes(tiny_fat_ckpt, tmp_
     assert res.returncode == 0, res.stderr
     stages = {s["name"]: s for s in json.loads(res.stdout)["stages"]}
     assert stages["pin-embodiment"]["cached"] and not stages["export-onnx"]["cached"]
-    assert (out / "manifest.json").read_bytes() != b"{}"
+    assert (out / "manifest.json").read_bytes() != previous["manifest.json"]
 
 
 # ------------------------------------------------------------------------------ 4. reproducible

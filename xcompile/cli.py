@@ -20,6 +20,7 @@ from rich.table import Table
 
 from xcompile import __version__
 from xcompile.errors import XCompileError
+from xcompile.outdir import check_file_target
 
 app = typer.Typer(
     help="Compile a fat multi-robot policy into a slim policy for one robot.\n\n"
@@ -71,10 +72,14 @@ def _interruptible(what: str):
     try:
         yield
     except KeyboardInterrupt as e:
+        # Cleanups ran on the way here; a second Ctrl-C now would only cut this message short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         err_console.print(f"[bold red]interrupted:[/] {what}", highlight=False)
         raise typer.Exit(143 if isinstance(e, Interrupted) else 130) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is on_term:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _print_json(doc) -> None:
@@ -197,6 +202,8 @@ def eval_(
     from xcompile.targets import load_robot
 
     with _user_errors():
+        if gif:
+            check_file_target(gif, "--gif")     # before the evaluation, not after it
         robot = load_robot(target)
         loaded = load_policy(policy, robot)
         with Progress(console=err_console, transient=True, disable=as_json) as prog:
@@ -264,12 +271,14 @@ def build(
     target: Annotated[Optional[str], typer.Option(  # noqa: UP007
         "--target", "-t",
         help="Robot: a built-in name (see `xcompile targets`) or a path to a robot TOML. "
-             "Required unless --from is given.")] = None,
+             "Required unless --from is given; with --from, the path of the build's robot "
+             "TOML, if it is not built in.")] = None,
     from_manifest: Annotated[Optional[Path], typer.Option(  # noqa: UP007
         "--from", help="Rebuild exactly what a manifest.json records (inputs are checked by "
                        "hash); the rebuilt policy is compared with the recorded one.")] = None,
     hardware: Annotated[Optional[str], typer.Option(  # noqa: UP007
-        help="Hardware target name or TOML path. Default: the robot's own (see `targets`).")
+        help="Hardware target name or TOML path. Default: the robot's own (see `targets`). "
+             "With --from: the path of the build's hardware TOML, if it is not built in.")
     ] = None,
     int8: Annotated[bool, typer.Option(
         "--int8", help="Quantize to int8 (QDQ). This is the default when the plan has quantize "
@@ -285,7 +294,12 @@ def build(
         help="TOML build file: passes (list), seed, profile, episodes, and one table of "
              "options per pass named pass.<name>. The command line overrides it.")] = None,
     out: Annotated[Optional[Path], typer.Option(  # noqa: UP007
-        help="Output folder (replaced when the build completes). Default: build/<robot>/.")] = None,
+        help="Output folder, written when the build completes. Default: build/<robot>/. "
+             "xcompile replaces it only when it is empty or holds an earlier build.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an earlier build's --out folder even if it also holds files "
+                        "that build did not write (they are deleted). Never replaces a folder "
+                        "xcompile did not write.")] = False,
     seed: Annotated[Optional[int], typer.Option(  # noqa: UP007
         min=0, help="Seed of every pass and of the score episodes. Default 0.")] = None,
     profile: Annotated[Optional[str], typer.Option(  # noqa: UP007
@@ -331,15 +345,19 @@ def build(
         rebuild = None
         if from_manifest is not None:
             fixed = [flag for flag, v in (
-                ("--target", target), ("--hardware", hardware), ("--passes", passes),
-                ("--config", config), ("--seed", seed), ("--profile", profile),
-                ("--episodes", episodes)) if v is not None] + ["--" + c for c in chosen]
+                ("--passes", passes), ("--config", config), ("--seed", seed),
+                ("--profile", profile), ("--episodes", episodes)) if v is not None] + [
+                "--" + c for c in chosen] + [
+                f"{flag} {v} (with --from, {flag} gives the path of a TOML file the build "
+                "used, checked by hash, not a name)"
+                for flag, v in (("--target", target), ("--hardware", hardware))
+                if v is not None and not Path(v).is_file()]
             if fixed:
                 raise XCompileError(f"--from rebuilds what the manifest records, so "
                                     f"{', '.join(fixed)} cannot be given with it; drop "
                                     f"{'them' if len(fixed) > 1 else 'it'}, or run a new build "
                                     "without --from")
-            rebuild = pipeline.rebuild_from_manifest(from_manifest, checkpoint)
+            rebuild = pipeline.rebuild_from_manifest(from_manifest, checkpoint, target, hardware)
             robot, hw, settings = rebuild.robot, rebuild.hardware, rebuild.settings
             inp = pipeline.input_artifact(rebuild.checkpoint, robot)
             for note in rebuild.notes:
@@ -354,7 +372,7 @@ def build(
                     " or --target path/to/robot.toml")
             robot = load_robot(target)
             hw = load_hardware(hardware or robot.hardware)
-            if checkpoint.is_dir() and (checkpoint / "plan.json").is_file():
+            if checkpoint.is_dir() and (checkpoint / "plan.json").is_file():   # a reproducer
                 inp, _ = pipeline.load_reproducer(checkpoint)
             else:
                 inp = pipeline.input_artifact(checkpoint, robot)
@@ -364,6 +382,8 @@ def build(
                        "precision": chosen[0] if chosen else None}
             settings = pipeline.resolve_settings(pipeline.DEFAULTS, file_cfg, cli_cfg,
                                                  input_format=inp.format)
+            for note in settings.notes:
+                err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         out_dir = out or Path("build") / robot.name
         gates = pipeline.Gates(max_latency_us, max_size_kb, min_score_ratio)
         with _interruptible(f"{out_dir} was not touched (it holds the previous build, or "
@@ -375,7 +395,7 @@ def build(
                 inp, robot, hw, settings.plan, out_dir, cache_dir, use_cache=not no_cache,
                 seed=settings.seed, profile=settings.profile, episodes=settings.episodes,
                 hooks=[_RichHooks(prog)], tensorrt_required=tensorrt, gates=gates,
-                extra_manifest={"command": sys.argv})
+                extra_manifest={"command": sys.argv}, force=force)
     if as_json:
         _print_json(result.report)
     else:
@@ -468,23 +488,17 @@ def report(
 
     Example: xcompile report build/spot
     """
-    from xcompile.report import render_table
+    from xcompile.report import read_report, render_table
 
-    path = build_dir / "report.json"
     with _user_errors():
-        try:
-            doc = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise XCompileError(f"{path} does not exist: give the --out folder of a build") \
-                from None
-        except ValueError as e:
-            raise XCompileError(f"{path} is not valid JSON ({e})") from None
+        doc = read_report(build_dir)
+        if not as_json:
+            lines = [f"note: {escape(str(n))}" for n in doc.get("notes", [])]
+            lines += [f"gate {escape(str(g['name']))}: {'pass' if g['passed'] else 'MISSED'} — "
+                      f"{escape(str(g['message']))}" for g in doc.get("gates", [])]
     if as_json:
         _print_json(doc)
         return
     console.print(render_table(doc))
-    for note in doc.get("notes", []):
-        console.print(f"note: {escape(note)}", highlight=False)
-    for g in doc.get("gates", []):
-        console.print(f"gate {g['name']}: {'pass' if g['passed'] else 'MISSED'} — "
-                      f"{escape(g['message'])}", highlight=False)
+    for line in lines:
+        console.print(line, highlight=False)

@@ -41,20 +41,36 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import os
 import platform
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from xcompile.artifact import Artifact, file_sha256
+from xcompile import integrity
+from xcompile.artifact import FORMATS, Artifact, file_sha256
 from xcompile.errors import CheckpointError, GateError, PlanError, ToolUnavailable, XCompileError
+from xcompile.outdir import (
+    REPRO_MARKERS,
+    REPRO_NAMES,
+    OutputError,
+    atomic_write,
+    check_replaceable,
+    check_writable_parent,
+    clean_orphans,
+    is_storage_error,
+    remove_tree,
+    replace_marked_folder,
+    storage_error,
+    temp_dir,
+    write_folder,
+)
 from xcompile.passes.base import BuildContext, Pass, PassConfig, all_passes, get_pass
 from xcompile.targets import HardwareTarget, RobotTarget, load_hardware, load_robot
 from xcompile.targets.loader import HARDWARE_DIR, ROBOTS_DIR, tomllib
@@ -68,7 +84,7 @@ EPISODES_BY_PROFILE = {"fast": 3, "default": 10, "thorough": 30}
 LATENCY_N_BY_PROFILE = {"fast": 300, "default": 2000, "thorough": 10000}
 INPUT_FORMAT = "fat-checkpoint"
 QUANTIZE_PASS = "quantize"  # the pass that --int8/--fp16/--fp32 talk to (field `precision`)
-CACHE_LAYOUT = 1            # bump when the cache entry layout changes
+CACHE_LAYOUT = 2            # bump when the cache entry layout changes (2: signed records)
 FILE_KEYS = ("passes", "seed", "profile", "episodes", "pass")
 
 DEFAULTS: dict[str, Any] = {"passes": list(DEFAULT_PLAN), "seed": 0, "profile": "default",
@@ -140,6 +156,7 @@ class BuildSettings:
     profile: str = "default"
     episodes: int = 10
     sources: dict[str, str] = field(default_factory=dict)   # setting -> "default"|"file"|"cli"
+    notes: list[str] = field(default_factory=list)          # what the user should know
 
     @property
     def pass_names(self) -> list[str]:
@@ -253,9 +270,22 @@ def resolve_settings(defaults: Mapping[str, Any] | None = None,
         raise PlanError(f"episodes must be a positive integer, got {episodes!r}")
 
     validate_plan(passes, input_format=input_format)
+    # Defaults may carry options for every pass; a user's option for a pass that will not run
+    # is a mistake worth saying (a typo in the plan, or a plan that dropped it).
+    # A build file whose own plan leaves out a pass it sets options for is refused; options in
+    # a build file shared by several plans (the plan from --passes) are noted as unused.
+    notes = []
+    stray = {k.split(".", 1)[0]: origin for k, origin in sources.items()
+             if "." in k and origin != "default" and k.split(".", 1)[0] not in passes}
+    for name, origin in sorted(stray.items()):
+        msg = (f"options are given for pass '{name}', which is not in the plan "
+               f"{format_plan(passes)}")
+        if origin == sources.get("passes"):
+            raise PlanError(f"{msg}: remove [pass.{name}] or add {name} to the plan")
+        notes.append(f"{msg} (from the {sources.get('passes', 'default')}); they are unused")
     plan = [PlanStep(n, make_config(n, options.get(n))) for n in passes]
     return BuildSettings(plan=plan, seed=seed, profile=profile, episodes=episodes,
-                         sources=sources)
+                         sources=sources, notes=notes)
 
 
 def validate_plan(plan: Sequence[str | PlanStep | tuple[str, Any]],
@@ -353,6 +383,20 @@ class Gates:
     max_size_kb: float | None = None         # 1 kB = 1000 bytes
     min_score_ratio: float | None = None     # final score / fat (or pinned) score
 
+    def __post_init__(self) -> None:
+        limits = {"max_latency_us": (0.0, 1e9, "--max-latency-us", "µs"),
+                  "max_size_kb": (0.0, 1e9, "--max-size-kb", "kB"),
+                  "min_score_ratio": (0.0, 2.0, "--min-score-ratio", "(final / fat score)")}
+        for name, (lo, hi, flag, unit) in limits.items():
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or not lo < v <= hi:
+                raise PlanError(f"{flag} must be a number above {lo:g} and at most {hi:g} "
+                                f"{unit}, got {v!r}: a gate that cannot fail (or cannot pass) "
+                                "gates nothing")
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -426,34 +470,49 @@ def cache_key(inp: Artifact, step: PlanStep, fingerprint: Mapping[str, str], see
                  "target": dict(fingerprint), "seed": seed, "profile": profile})
 
 
-def _load_entry(entry: Path) -> tuple[Artifact, dict[str, Any]] | None:
+def _load_entry(entry: Path, notes: list[str] | None = None
+                ) -> tuple[Artifact, dict[str, Any]] | None:
+    """A committed cache entry, or None when there is none or it does not verify (redo the pass)."""
+    if not entry.is_dir():
+        return None
     try:
-        d = json.loads((entry / "artifact.json").read_text())
-        checks = json.loads((entry / "measurements.json").read_text())
-        d["path"] = str(entry / d["path"])
+        d = integrity.verify(json.loads((entry / "artifact.json").read_text()))
+        checks = integrity.verify(json.loads((entry / "measurements.json").read_text()))
+        if d is None or checks is None:
+            raise ValueError("signature does not verify")
+        rel = Path(d["path"])
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ValueError("artifact path leaves the entry")
+        d["path"] = str(entry / rel)
         art = Artifact.from_json(d)
-        if not art.path.is_file() or file_sha256(art.path) != art.sha256:
-            return None                 # damaged entry: run the pass again
+        if (not art.path.is_file() or art.path.is_symlink()
+                or file_sha256(art.path) != art.sha256):
+            raise ValueError("artifact file changed")
         return art, checks
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if notes is not None:
+            notes.append(f"cache entry {entry.name[:12]} was discarded and its pass run again "
+                         f"({e})")
         return None
 
 
 def _commit_entry(workdir: Path, entry: Path, art: Artifact, checks: dict[str, Any]) -> Artifact:
-    """Write the entry's JSON and rename the workdir into place; return the artifact there."""
+    """Write the entry's signed JSON and rename the workdir into place; return the artifact there."""
     rel = art.path.resolve().relative_to(workdir.resolve())
     doc = art.to_json()
     doc["path"] = str(rel)
-    (workdir / "artifact.json").write_text(json.dumps(doc, indent=2, default=str))
-    (workdir / "measurements.json").write_text(json.dumps(checks, indent=2, default=str))
-    if entry.exists():                  # --no-cache: replace the old entry
-        old = entry.with_name(f".{entry.name}.old-{os.getpid()}")
+    (workdir / "artifact.json").write_text(json.dumps(integrity.sign(doc), indent=2, default=str))
+    (workdir / "measurements.json").write_text(
+        json.dumps(integrity.sign(checks), indent=2, default=str))
+    if entry.exists():                  # --no-cache, or a discarded entry: replace it
+        old = temp_dir(entry.parent / "tmp", f"old-{entry.name[:12]}")
+        os.rmdir(old)
         os.rename(entry, old)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     try:
         os.rename(workdir, entry)
     except OSError:                     # another build committed the same key first: use theirs
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_tree(workdir)
         loaded = _load_entry(entry)
         if loaded is None:
             raise
@@ -463,23 +522,36 @@ def _commit_entry(workdir: Path, entry: Path, art: Artifact, checks: dict[str, A
 
 def _measure_cached(measure: Measure, art: Artifact, robot: RobotTarget, hardware: HardwareTarget,
                     episodes: int, seed: int, latency_n: int, cache_dir: Path,
-                    use_cache: bool) -> dict[str, Any]:
+                    use_cache: bool, notes: list[str] | None = None) -> dict[str, Any]:
     # Keyed by artifact id: artifacts are immutable, so there is nothing to invalidate. The host
-    # is in the key because latency belongs to the machine it was measured on.
+    # is in the key because latency belongs to the machine it was measured on. The record is
+    # signed (xcompile.integrity) and names the artifact it describes: an edited number, or a
+    # record moved to another key, is discarded and measured again.
     key = _sha({"artifact": art.id, "robot": robot.name, "hardware": hardware.name,
                 "episodes": episodes, "seed": seed, "latency_n": latency_n,
                 "host": platform.node()})
     path = cache_dir / "measure" / f"{key}.json"
     if use_cache and path.is_file():
         try:
-            return json.loads(path.read_text())
-        except ValueError:
-            pass
+            rec = integrity.verify(json.loads(path.read_text()))
+            if rec is None or rec.get("key") != key or rec.get("artifact") != art.id \
+                    or not isinstance(rec.get("measurements"), dict):
+                raise ValueError("its signature or its artifact does not match")
+            return dict(rec["measurements"])
+        except (OSError, ValueError) as e:
+            if notes is not None:
+                notes.append(f"cached measurement {key[:12]} of stage artifact {art.id} was "
+                             f"discarded and measured again ({e})")
     m = dict(measure(art, robot, episodes=episodes, seed=seed, latency_n=latency_n))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(m, default=str))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(integrity.sign(
+            {"key": key, "artifact": art.id, "measurements": m}), default=str))
+    except OSError as e:
+        if not is_storage_error(e):
+            raise
+        if notes is not None:
+            notes.append(f"could not cache a measurement in {path.parent} ({e.strerror})")
     return m
 
 
@@ -494,6 +566,20 @@ def _as_targets(robot: str | Path | RobotTarget, hardware: str | Path | Hardware
         hardware = r.hardware
     h = hardware if isinstance(hardware, HardwareTarget) else load_hardware(hardware)
     return r, h
+
+
+def prepare_cache(cache_dir: Path) -> None:
+    """Make the cache's folders (or say why not) and remove what killed runs left in tmp/."""
+    try:
+        (cache_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        (cache_dir / "measure").mkdir(exist_ok=True)
+        probe = temp_dir(cache_dir / "tmp", "probe")
+        os.rmdir(probe)
+    except OSError as e:
+        raise OutputError(f"the cache folder {cache_dir} cannot be written ({e.strerror}); give "
+                          "a writable --cache-dir") from None
+    clean_orphans(cache_dir / "tmp", "")
+    clean_orphans(cache_dir / "measure", "")
 
 
 def input_artifact(ckpt_path: str | Path, robot: RobotTarget) -> Artifact:
@@ -511,14 +597,17 @@ def run_plan(ckpt_path: str | Path | Artifact, robot: str | Path | RobotTarget,
              hooks: Sequence[BuildHooks] = (), tensorrt_required: bool = False,
              episodes: int = 10, gates: Gates | None = None, measure: Measure | None = None,
              runtime_floor: Callable[[], float] | None = None, rollout: bool = True,
-             extra_manifest: Mapping[str, Any] | None = None) -> BuildResult:
+             extra_manifest: Mapping[str, Any] | None = None, force: bool = False
+             ) -> BuildResult:
     """Run `plan` on a fat checkpoint (or any artifact) for one robot; write `out_dir`.
 
     `measure(artifact, robot, episodes=, seed=, latency_n=) -> dict` defaults to
     `xcompile.measure.measure_artifact`; `runtime_floor()` to onnxruntime's empty-graph floor.
     Raises PlanError before running anything when the plan cannot run; PassError (with a
     reproducer) when a pass fails with an XCompileError. Gates are evaluated into the report;
-    call `result.raise_for_gates()` to turn a miss into GateError.
+    call `result.raise_for_gates()` to turn a miss into GateError. `out_dir` is replaced only
+    when it is xcompile's to replace (`xcompile.outdir`); `force` also replaces a previous build
+    that holds files it did not write. Both are checked before any work.
     """
     robot_t, hw = _as_targets(robot, hardware)
     out_dir = Path(out_dir)
@@ -532,9 +621,12 @@ def run_plan(ckpt_path: str | Path | Artifact, robot: str | Path | RobotTarget,
         raise PlanError(f"unknown profile '{profile}': choose one of {', '.join(PROFILES)}")
     if measure is None:
         from xcompile.measure import measure_artifact as measure
+    check_replaceable(out_dir, force=force)
+    check_writable_parent(out_dir)
+    prepare_cache(cache_dir)
     fingerprint = target_fingerprint(robot_t, hw)
     fire = _Fire(hooks)
-    (cache_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
 
     records: list[StageRecord] = []
     total = len(plan) + 1
@@ -544,7 +636,7 @@ def run_plan(ckpt_path: str | Path | Artifact, robot: str | Path | RobotTarget,
                         artifact=inp)
     latency_n = LATENCY_N_BY_PROFILE[profile]
     first.measurements = _measure_cached(measure, inp, robot_t, hw, episodes, seed, latency_n,
-                                         cache_dir, use_cache)
+                                         cache_dir, use_cache, notes)
     first.wall_s = time.perf_counter() - t0
     records.append(first)
     fire.after_pass(first)
@@ -559,12 +651,15 @@ def run_plan(ckpt_path: str | Path | Artifact, robot: str | Path | RobotTarget,
         t0 = time.perf_counter()
         key = cache_key(current, step, fingerprint, seed, profile)
         entry = cache_dir / key
-        loaded = _load_entry(entry) if use_cache else None
+        loaded = _load_entry(entry, notes) if use_cache else None
         if loaded is not None:
             out, checks = loaded
             rec.cached = True
         else:
-            workdir = Path(tempfile.mkdtemp(prefix=f"{step.name}-", dir=cache_dir / "tmp"))
+            try:
+                workdir = temp_dir(cache_dir / "tmp", step.name)
+            except OSError as e:
+                raise storage_error(e, f"in the cache {cache_dir}") from None
             ctx = BuildContext(
                 robot=robot_t, hardware=hw, workdir=workdir, seed=seed, profile=profile,
                 source_sha256=inp.sha256, history=list(history),
@@ -577,7 +672,7 @@ def run_plan(ckpt_path: str | Path | Artifact, robot: str | Path | RobotTarget,
                 _check_output(step, out, workdir)
                 out = _commit_entry(workdir, entry, out, checks)
             except ToolUnavailable as e:
-                shutil.rmtree(workdir, ignore_errors=True)
+                remove_tree(workdir)
                 required = tensorrt_required and cls.output_format == "tensorrt"
                 later_ok = all(get_pass(s.name).input_format == current.format
                                for s in plan[i + 1:i + 2])
@@ -594,7 +689,11 @@ def run_plan(ckpt_path: str | Path | Artifact, robot: str | Path | RobotTarget,
                 fire.after_pass(rec)
                 continue
             except Exception as e:
-                shutil.rmtree(workdir, ignore_errors=True)
+                remove_tree(workdir)
+                if is_storage_error(e):     # the disk, not the pass: no reproducer to write
+                    fire.on_failure(step.name, e, None)
+                    raise storage_error(e, f"pass '{step.name}''s work in the cache "
+                                           f"{cache_dir}") from None
                 repro = _fail(e, step, plan[i:], current, robot_t, hw, seed, profile, out_dir,
                               cache_dir, fire)
                 if isinstance(e, XCompileError):
@@ -606,11 +705,11 @@ def run_plan(ckpt_path: str | Path | Artifact, robot: str | Path | RobotTarget,
                     e.add_note(f"xcompile: pass '{step.name}' crashed; reproducer: {repro}")
                 raise
             except BaseException:       # interrupted (Ctrl-C, SIGTERM): leave no partial work
-                shutil.rmtree(workdir, ignore_errors=True)
+                remove_tree(workdir)
                 raise
         rec.format, rec.artifact, rec.checks, rec.cache_key = out.format, out, checks, key
         rec.measurements = _measure_cached(measure, out, robot_t, hw, episodes, seed, latency_n,
-                                           cache_dir, use_cache)
+                                           cache_dir, use_cache, notes)
         rec.wall_s = time.perf_counter() - t0
         records.append(rec)
         fire.after_pass(rec)
@@ -630,9 +729,10 @@ def run_plan(ckpt_path: str | Path | Artifact, robot: str | Path | RobotTarget,
     doc = report_mod.build_report(
         robot_t, hw, plan, records, seed=seed, profile=profile, episodes=episodes,
         gates=gates or Gates(), runtime_floor_us=runtime_floor())
-    _write_outputs(out_dir, lambda tmp: report_mod.write_outputs(
+    doc["notes"] = list(doc["notes"]) + notes
+    write_folder(out_dir, lambda tmp: report_mod.write_outputs(
         tmp, doc, records, inp, robot_t, hw, plan, seed=seed, profile=profile,
-        episodes=episodes, rollout=rollout, extra_manifest=extra_manifest))
+        episodes=episodes, rollout=rollout, extra_manifest=extra_manifest), force=force)
     return BuildResult(out_dir=out_dir, report=doc, stages=records, final=current)
 
 
@@ -656,28 +756,6 @@ def _check_output(step: PlanStep, out: Artifact, workdir: Path) -> None:
         raise RuntimeError(f"pass {step.name} wrote {out.path} outside its workdir {workdir}")
 
 
-def _write_outputs(out_dir: Path, write: Callable[[Path], None]) -> None:
-    """Build the output folder beside `out_dir`, then swap it in: never a half-written folder."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)       # mkdtemp makes it private; an output folder is not
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rmdir(old)
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------------------------
 # rebuilding from a manifest
 
@@ -694,84 +772,156 @@ class Rebuild:
     notes: list[str]
 
 
-def rebuild_from_manifest(manifest_path: str | Path, checkpoint: str | Path | None = None
-                          ) -> Rebuild:
-    """Read a build's manifest and check that its inputs are still the same files.
+_SHA256 = r"^[0-9a-f]{64}$"
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
-    Every input (checkpoint, robot TOML, URDF, hardware TOML) must hash to what the manifest
-    recorded, and every pass must be at the recorded version; anything else is refused, since the
-    rebuild would silently be another build. `checkpoint` replaces the recorded path (the file
-    moved) but must have the same hash. Differing library versions are allowed and noted.
-    """
-    from xcompile import __version__
-    from xcompile.report import VERSIONED, lib_version
 
-    path = Path(manifest_path)
+class _ManifestFile(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    path: str = Field(max_length=4096)
+    sha256: str = Field(pattern=_SHA256)
+
+
+class _ManifestStep(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(max_length=64)
+    version: int
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class _Manifest(BaseModel):
+    """The part of manifest.json a rebuild reads; anything else in it is ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    robot: str = Field(pattern=_NAME)
+    hardware: str = Field(pattern=_NAME)
+    inputs: dict[str, _ManifestFile]
+    outputs: dict[str, Annotated[str, Field(pattern=_SHA256)]]
+    plan: list[_ManifestStep] = Field(min_length=1, max_length=64)
+    seed: int = Field(ge=0, le=2**63 - 1)
+    profile: Literal["fast", "default", "thorough"]
+    episodes: int = Field(ge=1, le=10_000)
+    versions: dict[str, str | None] = Field(default_factory=dict)
+    xcompile_version: str = "?"
+
+
+def read_manifest(path: str | Path) -> _Manifest:
+    """Parse and validate a manifest.json; every defect is one PlanError naming the field."""
+    path = Path(path)
     try:
+        if path.is_dir():
+            raise PlanError(f"{path} is a folder; give the manifest.json inside it")
+        if path.stat().st_size > 10_000_000:
+            raise PlanError(f"{path} is over 10 MB: not an xcompile build manifest")
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise PlanError(f"manifest {str(path)!r} does not exist; give the manifest.json of a "
                         "finished build (in its --out folder)") from None
     except (OSError, ValueError) as e:
         raise PlanError(f"{path} is not a readable JSON manifest ({e})") from None
-    need = ("robot", "hardware", "inputs", "outputs", "plan", "seed", "profile", "episodes")
-    if not isinstance(doc, dict) or any(k not in doc for k in need):
-        raise PlanError(f"{path} is not an xcompile build manifest (it needs the keys "
-                        f"{', '.join(need)})")
-    inputs = doc["inputs"]
+    if not isinstance(doc, dict):
+        raise PlanError(f"{path} is not an xcompile build manifest (not a JSON object)")
+    try:
+        return _Manifest.model_validate(doc)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
+        raise PlanError(f"{path} is not a valid xcompile build manifest: {loc}: {first['msg']}"
+                        f" ({e.error_count()} problem(s))") from None
 
-    def same_file(kind: str, given: Path, recorded: Mapping[str, Any]) -> None:
+
+def rebuild_from_manifest(manifest_path: str | Path, checkpoint: str | Path | None = None,
+                          robot_toml: str | Path | None = None,
+                          hardware_toml: str | Path | None = None) -> Rebuild:
+    """Read a build's manifest and check that its inputs are still the same files.
+
+    A manifest is untrusted: it may name only files inside its own folder, xcompile's built-in
+    targets (found by name), or files given here (the checkpoint, `robot_toml`, `hardware_toml`:
+    the command line). Each is checked by hash before it is read. Every pass must be at the
+    recorded version; anything else is refused, since the rebuild would silently be another
+    build. Differing library versions are allowed and noted.
+    """
+    from xcompile import __version__
+    from xcompile.report import VERSIONED, lib_version
+
+    path = Path(manifest_path)
+    doc = read_manifest(path)
+    home = path.resolve().parent
+    inputs = doc.inputs
+
+    def same_file(kind: str, given: Path, recorded: _ManifestFile) -> None:
         if not given.is_file():
             raise PlanError(f"the {kind} of that build, {str(given)!r}, does not exist here; "
                             + ("give the checkpoint's new path as CHECKPOINT" if kind ==
                                "checkpoint" else "restore it to rebuild"))
-        sha = file_sha256(given)
-        if sha != recorded["sha256"]:
-            raise PlanError(f"the {kind} {str(given)!r} has changed since the build (sha256 "
-                            f"{sha[:12]}, manifest {recorded['sha256'][:12]}); a rebuild from it "
+        if file_sha256(given) != recorded.sha256:
+            raise PlanError(f"the {kind} {str(given)!r} has changed since the build (the "
+                            f"manifest records sha256 {recorded.sha256[:12]}); a rebuild from it "
                             "would be another build. Restore the original file, or run a new "
                             "build instead of --from.")
 
-    ckpt = Path(checkpoint) if checkpoint is not None else Path(inputs["checkpoint"]["path"])
+    def recorded_inside(kind: str, rec: _ManifestFile, flag: str) -> Path:
+        p = Path(rec.path)
+        p = (p if p.is_absolute() else home / p).resolve()
+        if not p.is_relative_to(home):
+            raise PlanError(f"the manifest's {kind} lies outside its folder ({rec.path}); "
+                            f"xcompile reads only files a manifest's folder holds or that you "
+                            f"name: give it with {flag}")
+        return p
+
+    if "checkpoint" not in inputs:
+        raise PlanError(f"{path} records no checkpoint; it cannot be rebuilt")
+    ckpt = (Path(checkpoint) if checkpoint is not None else
+            recorded_inside("checkpoint", inputs["checkpoint"], "CHECKPOINT (e.g. xcompile "
+                            f"build {inputs['checkpoint'].path} --from {path})"))
     same_file("checkpoint", ckpt, inputs["checkpoint"])
 
-    def locate(kind: str, key: str, builtin_dir: Path, name: str) -> Path:
-        # A built-in target's recorded path is where xcompile was installed on the build
-        # machine; on another machine the same built-in is found by name (its hash must match).
+    def locate(kind: str, key: str, builtin_dir: Path, name: str, given: str | Path | None,
+               flag: str) -> Path:
         rec = inputs.get(key)
         if rec is None:
             raise PlanError(f"{path} records no {kind} file; it cannot be rebuilt")
-        p = Path(rec["path"])
-        if not p.is_file() and (builtin_dir / f"{name}.toml").is_file():
-            p = builtin_dir / f"{name}.toml"
+        if given is not None:
+            p = Path(given)
+        elif (builtin_dir / f"{name}.toml").is_file() and \
+                file_sha256(builtin_dir / f"{name}.toml") == rec.sha256:
+            p = builtin_dir / f"{name}.toml"    # a built-in target, found by name
+        else:
+            p = recorded_inside(kind, rec, f"{flag} PATH")
         same_file(kind, p, rec)
         return p
 
-    robot_toml = locate("robot TOML", "robot_toml", ROBOTS_DIR, doc["robot"])
-    robot = load_robot(robot_toml)
+    robot = load_robot(locate("robot TOML", "robot_toml", ROBOTS_DIR, doc.robot, robot_toml,
+                              "--target"))
+    if robot.name != doc.robot:
+        raise PlanError(f"the robot TOML describes '{robot.name}', the manifest '{doc.robot}'")
     if "urdf" in inputs:
         same_file("URDF", robot.urdf_path(), inputs["urdf"])
-    hw = load_hardware(locate("hardware TOML", "hardware_toml", HARDWARE_DIR, doc["hardware"]))
+    hw = load_hardware(locate("hardware TOML", "hardware_toml", HARDWARE_DIR, doc.hardware,
+                              hardware_toml, "--hardware"))
 
     plan = []
-    for step in doc["plan"]:
-        cls = get_pass(step["name"])
-        if cls.version != step.get("version"):
-            raise PlanError(f"pass '{step['name']}' is version {cls.version} in this xcompile; "
-                            f"the manifest was built with version {step.get('version')}. Use "
-                            f"xcompile {doc.get('xcompile_version', '?')} to rebuild it.")
-        plan.append(PlanStep(step["name"], make_config(step["name"], step.get("config"))))
+    known = all_passes()
+    for step in doc.plan:
+        if step.name not in known:
+            raise PlanError(f"the manifest's plan names pass '{step.name}', which this xcompile "
+                            f"does not have (known: {', '.join(known)})")
+        cls = known[step.name]
+        if cls.version != step.version:
+            raise PlanError(f"pass '{step.name}' is version {cls.version} in this xcompile; "
+                            f"the manifest was built with version {step.version}. Use "
+                            f"xcompile {doc.xcompile_version} to rebuild it.")
+        plan.append(PlanStep(step.name, make_config(step.name, step.config)))
     validate_plan(plan)
-    settings = BuildSettings(plan=plan, seed=int(doc["seed"]), profile=str(doc["profile"]),
-                             episodes=int(doc["episodes"]),
-                             sources={"passes": "manifest"})
+    settings = BuildSettings(plan=plan, seed=doc.seed, profile=doc.profile,
+                             episodes=doc.episodes, sources={"passes": "manifest"})
     notes = []
     here = {"xcompile": __version__, **{d: lib_version(d) for d in VERSIONED}}
     for lib, v in here.items():
-        was = doc.get("versions", {}).get(lib)
+        was = doc.versions.get(lib)
         if was is not None and v is not None and was != v:
             notes.append(f"{lib} is {v} here, {was} in the original build: outputs may differ")
-    return Rebuild(ckpt, robot, hw, settings, dict(doc["outputs"]), notes)
+    return Rebuild(ckpt, robot, hw, settings, dict(doc.outputs), notes)
 
 
 def compare_outputs(out_dir: Path, expected: Mapping[str, str],
@@ -786,7 +936,18 @@ def compare_outputs(out_dir: Path, expected: Mapping[str, str],
 
 
 def reproducer_dir(out_dir: Path) -> Path:
-    return out_dir.parent / f"{out_dir.name}.repro"
+    """`OUT.repro` beside the output folder; `OUT.repro-2`, … when that name holds something
+    that is not an earlier reproducer (xcompile replaces only its own folders)."""
+    out_dir = Path(os.path.abspath(out_dir))
+    for n in range(1, 100):
+        repro = out_dir.parent / (f"{out_dir.name}.repro" + (f"-{n}" if n > 1 else ""))
+        try:
+            check_replaceable(repro, markers=REPRO_MARKERS, allowed=REPRO_NAMES,
+                              flag="reproducer folder")
+            return repro
+        except OutputError:
+            continue
+    raise OutputError(f"no free reproducer folder name beside {out_dir}")
 
 
 def _fail(error: BaseException, step: PlanStep, remaining: Sequence[PlanStep], inp: Artifact,
@@ -802,8 +963,7 @@ def write_reproducer(repro: Path, error: BaseException, step: PlanStep,
                      remaining: Sequence[PlanStep], inp: Artifact, robot: RobotTarget,
                      hw: HardwareTarget, seed: int, profile: str) -> Path:
     """Folder with the failing pass's input artifact and the rest of the plan, and how to re-run."""
-    if repro.exists():
-        shutil.rmtree(repro)
+    replace_marked_folder(repro, REPRO_MARKERS, REPRO_NAMES)
     (repro / "input").mkdir(parents=True)
     # A cache entry's artifact may have sidecar files (ONNX beside a .plan): copy its folder.
     src_dir = inp.path.parent
@@ -844,7 +1004,11 @@ def write_reproducer(repro: Path, error: BaseException, step: PlanStep,
 
 
 def load_reproducer(repro: str | Path) -> tuple[Artifact, dict[str, Any]]:
-    """The input artifact and plan document of a reproducer folder."""
+    """The input artifact and plan document of a reproducer folder.
+
+    A reproducer is untrusted: its artifact must be a file inside the folder, and must hash to
+    the sha256 its artifact.json records before anything reads it.
+    """
     repro = Path(repro)
     try:
         art_doc = json.loads((repro / "artifact.json").read_text())
@@ -852,7 +1016,25 @@ def load_reproducer(repro: str | Path) -> tuple[Artifact, dict[str, Any]]:
     except (OSError, ValueError) as e:
         raise PlanError(f"{repro} is not a reproducer folder (artifact.json, plan.json): {e}") \
             from None
-    path = repro / art_doc["path"]
-    art = Artifact.create(art_doc["format"], path, art_doc["robot"], art_doc.get("meta"),
-                          tuple(art_doc.get("lineage", ())))
-    return art, plan_doc
+    try:
+        rel, fmt, robot = Path(art_doc["path"]), art_doc["format"], art_doc["robot"]
+        sha, meta = art_doc["sha256"], art_doc.get("meta") or {}
+        lineage = tuple(art_doc.get("lineage") or ())
+        if not (isinstance(fmt, str) and isinstance(robot, str) and isinstance(sha, str)
+                and isinstance(meta, dict) and isinstance(plan_doc, dict)
+                and all(isinstance(x, str) for x in lineage)):
+            raise TypeError("a field has the wrong type")
+    except (KeyError, TypeError) as e:
+        raise PlanError(f"{repro / 'artifact.json'} is not a reproducer's artifact record ({e})") \
+            from None
+    if fmt not in FORMATS:
+        raise PlanError(f"{repro / 'artifact.json'}: unknown format {fmt!r}")
+    root = repro.resolve()
+    path = (root / rel).resolve()
+    if rel.is_absolute() or not path.is_relative_to(root) or not path.is_file():
+        raise PlanError(f"{repro / 'artifact.json'} names {str(rel)!r}, which is not a file inside "
+                        "the reproducer folder; a reproducer may only refer to its own files")
+    if file_sha256(path) != sha:
+        raise PlanError(f"{path} does not match the sha256 its artifact.json records; the "
+                        "reproducer was changed since it was written")
+    return Artifact(fmt, path, robot, dict(meta), lineage, sha), plan_doc

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from xcompile import __version__
 from xcompile.artifact import Artifact, file_sha256
+from xcompile.errors import XCompileError
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -267,6 +268,48 @@ def _cells(s: dict[str, Any], compact: bool = False) -> list[str]:
     if s.get("cached"):
         cells[8] = "cached" if compact else cells[8] + " (cached)"
     return cells
+
+
+def read_report(build_dir: Path) -> dict[str, Any]:
+    """A build folder's report.json, checked to be one that `render_table` can show."""
+    path = Path(build_dir) / "report.json"
+    try:
+        if path.stat().st_size > 50_000_000:
+            raise XCompileError(f"{path} is over 50 MB: not an xcompile build report")
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise XCompileError(f"{path} does not exist: give the --out folder of a build") from None
+    except (OSError, ValueError) as e:
+        raise XCompileError(f"{path} is not valid JSON ({e})") from None
+    problem = _report_problem(doc)
+    if problem is None:
+        try:
+            render_table(doc)
+            render_markdown(doc)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise XCompileError(f"{path} is not an xcompile build report ({problem}); give the "
+                            "--out folder of a build")
+    return doc
+
+
+def _report_problem(doc: Any) -> str | None:
+    if not isinstance(doc, dict):
+        return "not a JSON object"
+    for key, typ in (("robot", str), ("hardware", str), ("plan", list), ("stages", list),
+                     ("notes", list), ("gates", list), ("final", dict)):
+        if not isinstance(doc.get(key), typ):
+            return f"'{key}' is missing or not a {typ.__name__}"
+    if not doc["stages"] or not all(isinstance(s, dict) and isinstance(s.get("name"), str)
+                                    for s in doc["stages"]):
+        return "'stages' must be a non-empty list of stages with names"
+    if not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in doc["plan"]):
+        return "'plan' must list passes with names"
+    if not all(isinstance(g, dict) and {"name", "passed", "message"} <= set(g)
+               for g in doc["gates"]):
+        return "'gates' entries need name, passed and message"
+    return None
 
 
 def render_table(report: Mapping[str, Any]) -> Table:
