@@ -186,7 +186,8 @@ def eval_(
                                                 "policy (.onnx).")],
     target: TargetOpt,
     episodes: Annotated[int, typer.Option(min=1, max=10000, help="Evaluation episodes.")] = 20,
-    seed: Annotated[int, typer.Option(min=0, help="Episode i uses seed SEED+i.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**31 - 1,
+                                      help="Episode i uses seed SEED+i.")] = 0,
     gif: Annotated[Optional[Path], typer.Option(  # noqa: UP007
         help="Write a rollout GIF of episode 0 here.")] = None,
     as_json: JsonOpt = False,
@@ -221,6 +222,9 @@ def eval_(
     extra = "" if loaded.info.get("known_body", True) else " (zero-shot: body not in checkpoint)"
     console.print(f"{robot.name}{extra}: score [bold]{res.score:.3f}[/] over {episodes} episodes "
                   f"(seed {seed}), falls {res.falls}, success {100 * res.success_rate:.0f}%")
+    if res.nonfinite_message():
+        err_console.print(f"[yellow]warning:[/] {escape(res.nonfinite_message() or '')}",
+                          highlight=False)
     if gif:
         console.print(f"rollout GIF: {gif}")
 
@@ -301,11 +305,12 @@ def build(
                         "that build did not write (they are deleted). Never replaces a folder "
                         "xcompile did not write.")] = False,
     seed: Annotated[Optional[int], typer.Option(  # noqa: UP007
-        min=0, help="Seed of every pass and of the score episodes. Default 0.")] = None,
+        min=0, max=2**31 - 1, help="Seed of every pass and of the score episodes. Default 0.")
+    ] = None,
     profile: Annotated[Optional[str], typer.Option(  # noqa: UP007
         help="fast | default | thorough: how much effort heavy passes and scoring spend.")] = None,
     episodes: Annotated[Optional[int], typer.Option(  # noqa: UP007
-        min=1, help="Score episodes per stage. Default by profile: fast 3, default 10, "
+        min=1, max=10000, help="Score episodes per stage. Default by profile: fast 3, default 10, "
                     "thorough 30.")] = None,
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="Run every pass and measurement again (results still refresh the "

@@ -8,11 +8,14 @@ policies are compared on the same episodes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from xcompile.errors import ContractError, XCompileError
 from xcompile.sim.env import Faults, RobotEnv
 from xcompile.targets import RobotTarget
 
@@ -28,6 +31,7 @@ class EvalResult:
     invalid_actions: int = 0
     steps: int = 0
     returns: list[float] = field(default_factory=list)   # undiscounted env reward per episode
+    nonfinite_action_episodes: int = 0   # episodes in which the policy emitted a NaN/Inf action
     observations: list[np.ndarray] = field(default_factory=list, repr=False)
 
     @property
@@ -44,7 +48,27 @@ class EvalResult:
             "score": round(self.score, 4), "score_std": round(float(np.std(self.scores)), 4),
             "falls": self.falls, "success_rate": round(self.success_rate, 4),
             "invalid_actions": self.invalid_actions, "scores": [round(s, 4) for s in self.scores],
+            "nonfinite_action_episodes": self.nonfinite_action_episodes,
         }
+
+    def nonfinite_message(self) -> str | None:
+        """A sentence for the user when the policy emitted NaN/Inf actions, else None."""
+        if not self.nonfinite_action_episodes:
+            return None
+        return (f"the policy emitted NaN/Inf actions in {self.nonfinite_action_episodes} of "
+                f"{len(self.scores)} episodes (each such episode ends there and scores 0)")
+
+
+def _actions(policy: BatchPolicy, obs: np.ndarray, robot: RobotTarget) -> np.ndarray:
+    """The policy's actions for a batch, checked to be (batch, n_joints)."""
+    actions = np.asarray(policy(obs), dtype=np.float32)
+    want = (len(obs), robot.n_joints)
+    if actions.shape != want:
+        raise ContractError(
+            f"the policy returned actions of shape {actions.shape} for {len(obs)} observations; "
+            f"robot '{robot.name}' needs shape {want} ({robot.n_joints} joints). The policy was "
+            f"not made for this robot")
+    return actions
 
 
 def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: int = 0,
@@ -52,6 +76,7 @@ def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: 
              on_episode: Callable[[], None] | None = None) -> EvalResult:
     res = EvalResult(robot=robot.name, seed=seed, scores=[0.0] * episodes,
                      returns=[0.0] * episodes)
+    nonfinite: set[int] = set()
     envs = [RobotEnv(robot, faults=faults) for _ in range(min(parallel, episodes))]
     try:
         for start in range(0, episodes, len(envs)):
@@ -61,9 +86,12 @@ def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: 
             while live:
                 if record_obs:
                     res.observations.append(obs[live].copy())
-                actions = np.asarray(policy(obs[live]), dtype=np.float32)
+                actions = _actions(policy, obs[live], robot)
+                finite = np.isfinite(actions).all(axis=1)
                 still = []
                 for row, k in enumerate(live):
+                    if not finite[row]:
+                        nonfinite.add(batch[k])   # counted here whatever the env does with it
                     o, r, term, trunc, info = envs[k].step(actions[row])
                     obs[k] = o
                     res.returns[batch[k]] += float(r)
@@ -80,21 +108,46 @@ def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: 
     finally:
         for e in envs:
             e.close()
+    res.nonfinite_action_episodes = len(nonfinite)
     return res
+
+
+def check_gif_path(path: str | os.PathLike[str]) -> Path:
+    """Refuse, before any simulation, a GIF path that cannot be written: its folder must exist and
+    be writable, and the path must not be a folder. Returns the path."""
+    path = Path(path)
+    folder = path.parent
+    if not path.name or path.name in (".", ".."):
+        raise XCompileError(f"GIF path {str(path)!r} names no file; give a file name such as "
+                            f"rollout.gif")
+    if path.is_dir():
+        raise XCompileError(f"GIF path {path} is a folder; give a file name such as "
+                            f"{path / 'rollout.gif'}")
+    if not folder.is_dir():
+        raise XCompileError(f"cannot write the GIF {path}: the folder {folder} does not exist "
+                            f"(create it first, or choose another path)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise XCompileError(f"cannot write the GIF {path}: the folder {folder} is not writable "
+                            f"(choose another path)")
+    return path
 
 
 def rollout_gif(policy: BatchPolicy, robot: RobotTarget, path, seed: int = 0,
                 every: int = 4, max_frames: int = 60) -> None:
-    """Render one evaluation episode (seed `seed`) of `policy` to an animated GIF."""
+    """Render one evaluation episode (seed `seed`) of `policy` to an animated GIF.
+
+    The path is checked before simulating (`check_gif_path`) and the GIF is written atomically:
+    a failure leaves no partial file."""
     from xcompile.sim.render import frame, write_gif
 
+    path = check_gif_path(path)
     env = RobotEnv(robot)
     try:
         obs, _ = env.reset(seed=seed)
         frames = [frame(env)]
         t = 0
         while True:
-            obs, _, term, trunc, _ = env.step(np.asarray(policy(obs[None]))[0])
+            obs, _, term, trunc, _ = env.step(_actions(policy, obs[None], robot)[0])
             t += 1
             if t % every == 0 and len(frames) < max_frames:
                 frames.append(frame(env))

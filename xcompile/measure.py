@@ -338,7 +338,8 @@ def measure_artifact(art: Artifact, robot: RobotTarget, episodes: int, seed: int
         try:
             res = score(art, robot, episodes, seed)
             row.update(score=round(res.score, 4),
-                       score_std=round(float(np.std(res.scores)), 4))
+                       score_std=round(float(np.std(res.scores)), 4),
+                       nonfinite_action_episodes=res.nonfinite_action_episodes)
         except ToolUnavailable:
             pass
     for k in ("latency_p50_us", "latency_p99_us", "score"):

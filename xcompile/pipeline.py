@@ -86,6 +86,8 @@ INPUT_FORMAT = "fat-checkpoint"
 QUANTIZE_PASS = "quantize"  # the pass that --int8/--fp16/--fp32 talk to (field `precision`)
 CACHE_LAYOUT = 2            # bump when the cache entry layout changes (2: signed records)
 FILE_KEYS = ("passes", "seed", "profile", "episodes", "pass")
+MAX_SEED = 2**31 - 1        # seeds reach torch, numpy and PyBullet; all take 31 bits
+MAX_EPISODES = 10_000
 
 DEFAULTS: dict[str, Any] = {"passes": list(DEFAULT_PLAN), "seed": 0, "profile": "default",
                             "episodes": None, "options": {}}
@@ -263,11 +265,11 @@ def resolve_settings(defaults: Mapping[str, Any] | None = None,
     if profile not in PROFILES:
         raise PlanError(f"unknown profile '{profile}': choose one of {', '.join(PROFILES)}")
     seed = merged.get("seed", 0)
-    if not isinstance(seed, int) or seed < 0:
-        raise PlanError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise PlanError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
     episodes = merged.get("episodes") or EPISODES_BY_PROFILE[profile]
-    if not isinstance(episodes, int) or episodes < 1:
-        raise PlanError(f"episodes must be a positive integer, got {episodes!r}")
+    if not isinstance(episodes, int) or not 1 <= episodes <= MAX_EPISODES:
+        raise PlanError(f"episodes must be an integer from 1 to {MAX_EPISODES}, got {episodes!r}")
 
     validate_plan(passes, input_format=input_format)
     # Defaults may carry options for every pass; a user's option for a pass that will not run
@@ -798,9 +800,9 @@ class _Manifest(BaseModel):
     inputs: dict[str, _ManifestFile]
     outputs: dict[str, Annotated[str, Field(pattern=_SHA256)]]
     plan: list[_ManifestStep] = Field(min_length=1, max_length=64)
-    seed: int = Field(ge=0, le=2**63 - 1)
+    seed: int = Field(ge=0, le=MAX_SEED)
     profile: Literal["fast", "default", "thorough"]
-    episodes: int = Field(ge=1, le=10_000)
+    episodes: int = Field(ge=1, le=MAX_EPISODES)
     versions: dict[str, str | None] = Field(default_factory=dict)
     xcompile_version: str = "?"
 

@@ -121,6 +121,11 @@ def build_report(robot: RobotTarget, hardware: HardwareTarget, plan: Sequence[Pl
     for s in stages:
         if s["skipped"]:
             notes.append(f"{s['name']} skipped: {s['skip_reason']}")
+    for r in records:
+        bad = r.measurements.get("nonfinite_action_episodes")
+        if bad:
+            notes.append(f"{r.name}: the policy emitted NaN/Inf actions in {bad} of {episodes} "
+                         "score episodes (those episodes score 0)")
     notes += _finetune_notes(stages) + _int8_notes(stages)
     p50 = final["latency_p50_us"]
     if p50 is not None and p50 > hardware.latency_budget_us:

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from xcompile.errors import TargetError
 from xcompile.targets import RobotTarget
 
 DESC_FEATURES = (
@@ -64,10 +65,17 @@ def joint_descriptors(robot: RobotTarget) -> np.ndarray:
                 *pos, *axis,
                 max(lo, -math.pi), min(hi, math.pi),
                 j.default[k],
-                math.log10(j.kp[k]), math.log10(max(j.kd[k], 1e-3)), math.log10(j.torque_limit[k]),
+                # Floors keep log10 defined for kp = 0 (allowed) and any value the loader let by.
+                math.log10(max(j.kp[k], 1e-3)), math.log10(max(j.kd[k], 1e-3)),
+                math.log10(max(j.torque_limit[k], 1e-3)),
                 math.log10(max(subtree_mass(jid), 1e-3)),
                 j.action_scale,
             ])
-        return np.asarray(rows, dtype=np.float32)
+        out = np.asarray(rows, dtype=np.float32)
+        if not np.all(np.isfinite(out)):
+            bad = sorted({DESC_FEATURES[c] for c in np.argwhere(~np.isfinite(out))[:, 1]})
+            raise TargetError(f"{robot.name}: joint descriptors {bad} are not finite numbers; "
+                              f"check the URDF {robot.urdf_path()} and the robot TOML")
+        return out
     finally:
         p.disconnect(client)

@@ -39,7 +39,7 @@ import numpy as np
 from pydantic import Field
 
 from xcompile.artifact import Artifact
-from xcompile.errors import PassCheckError
+from xcompile.errors import PassCheckError, XCompileError
 from xcompile.passes.base import BuildContext, Pass, PassConfig, register_pass
 from xcompile.passes.export_onnx import save_onnx, set_metadata
 from xcompile.policy import ort_session
@@ -407,7 +407,7 @@ class Quantize(Pass):
         assert isinstance(cfg, QuantizeConfig)
         try:
             quant = ort_session(out.path)
-        except Exception as e:  # onnxruntime raises its own types for a model it cannot load
+        except XCompileError as e:   # ort_session says why onnxruntime cannot load it
             raise PassCheckError(f"quantize: onnxruntime cannot load the {cfg.precision} model "
                                  f"({e})") from e
         flt = ort_session(inp.path)

@@ -27,8 +27,10 @@ from typing import Any, ClassVar
 import gymnasium as gym
 import numpy as np
 
+from xcompile.errors import TargetError
 from xcompile.sim.world import link_index, load_body
 from xcompile.targets import RobotTarget, load_robot
+from xcompile.targets.loader import MAX_EPISODE_PHYSICS_STEPS, MAX_SUBSTEPS
 
 GLOBAL_DIMS = {"locomotion": 12, "reach": 9}
 
@@ -46,6 +48,31 @@ def obs_layout(robot: RobotTarget) -> list[tuple[str, int]]:
     else:
         head = [("goal_minus_ee_b", 3), ("ee_b", 3), ("goal_b", 3)]
     return head + [("q_minus_default", n), ("qdot_x0.1", n), ("last_action", n)]
+
+
+def _check_numbers(robot: RobotTarget, faults: Faults) -> None:
+    """Every number the simulation uses is finite (the loader checks ranges; this also covers a
+    RobotTarget built or copied without validation): NaN in PyBullet silently scores 0."""
+    j, task = robot.joints, robot.task
+    values = {"control_hz": [robot.control_hz], "physics_hz": [robot.physics_hz],
+              "joints.default": j.default, "joints.kp": j.kp, "joints.kd": j.kd,
+              "joints.torque_limit": j.torque_limit, "joints.action_scale": [j.action_scale],
+              "joints.action_clip": [j.action_clip], "task.episode_s": [task.episode_s],
+              "faults": [faults.torque_scale, faults.payload_kg, faults.obs_noise_std]}
+    for field in ("command_vx_mps", "gait_hz", "spawn_height_m", "fall_height_m", "tolerance_m",
+                  "goal_joint_range"):
+        if hasattr(task, field):
+            v = getattr(task, field)
+            values[f"task.{field}"] = list(v) if isinstance(v, tuple) else [v]
+    for field, vs in values.items():
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vs):
+            raise TargetError(f"{robot.name}: {field} has a value that is not a finite number")
+    if robot.control_hz <= 0 or robot.physics_hz <= 0 or task.episode_s <= 0:
+        raise TargetError(f"{robot.name}: control_hz, physics_hz and task.episode_s must be > 0")
+    if len(j.default) != robot.n_joints or not all(
+            len(v) == robot.n_joints for v in (j.kp, j.kd, j.torque_limit)):
+        raise TargetError(f"{robot.name}: joints.default, kp, kd and torque_limit need one value "
+                          "per joint")
 
 
 @dataclass(frozen=True)
@@ -70,11 +97,18 @@ class RobotEnv(gym.Env):
         self.faults = faults or Faults()
         self.render_mode = render_mode
         r = self.robot
+        _check_numbers(r, self.faults)
         self.n = r.n_joints
         self.family = r.family
         self.substeps = max(1, round(r.physics_hz / r.control_hz))
         self.dt = 1.0 / r.control_hz
-        self.max_steps = round(r.task.episode_s * r.control_hz)
+        self.max_steps = max(1, round(r.task.episode_s * r.control_hz))
+        if self.substeps > MAX_SUBSTEPS or self.max_steps * self.substeps > \
+                MAX_EPISODE_PHYSICS_STEPS:
+            raise TargetError(
+                f"{r.name}: an episode would take {self.max_steps} control steps of "
+                f"{self.substeps} physics steps; at most {MAX_SUBSTEPS} physics steps per control "
+                f"step and {MAX_EPISODE_PHYSICS_STEPS} per episode")
         j = r.joints
         self.q0 = np.asarray(j.default, dtype=np.float64)
         self.kp = np.asarray(j.kp, dtype=np.float64)
@@ -282,6 +316,8 @@ class RobotEnv(gym.Env):
             pos, *_ = self._base()
             made_good = float(pos[0] - self.start_xy[0])
             commanded = self.cmd_vx * self.robot.task.episode_s
+            if not commanded > 0:  # the loader requires a positive command; never divide by 0
+                return 0.0
             return float(np.clip(made_good / commanded, 0.0, 1.0))
         d = float(np.linalg.norm(self._ee_pos() - self.goal))
         if d <= self.robot.task.tolerance_m:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,8 +44,29 @@ def _mark_goal(env: RobotEnv, rgb: np.ndarray, view, proj, w: int, h: int) -> No
 
 
 def write_gif(frames: list[np.ndarray], path: str | Path, fps: int = 12) -> None:
+    """Write `frames` as an animated GIF at `path`, atomically: into a temporary file in the same
+    folder, renamed into place, so a failure (disk full, Ctrl-C) leaves no partial GIF."""
     from PIL import Image
 
+    from xcompile.errors import XCompileError
+
+    if not frames:
+        raise ValueError("write_gif needs at least one frame")
+    path = Path(path)
     images = [Image.fromarray(f) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps),
-                   loop=0, optimize=True)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise XCompileError(f"cannot write the GIF {path}: {e.strerror or e} (is its folder "
+                            f"{path.parent} there and writable?)") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
+                           duration=int(1000 / fps), loop=0, optimize=True)
+        os.chmod(tmp, 0o644)   # mkstemp makes it owner-only; a GIF is for anyone to look at
+        os.replace(tmp, path)
+    except OSError as e:
+        raise XCompileError(f"cannot write the GIF {path}: {e.strerror or e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -2,35 +2,45 @@
 
 from __future__ import annotations
 
+import math
+
 from xcompile.errors import TargetError
 from xcompile.targets import RobotTarget
+from xcompile.targets.loader import check_robot_urdf
 
 
 def load_body(client: int, robot: RobotTarget,
               base_z: float | None = None) -> tuple[int, list[int]]:
-    """Load `robot`'s URDF into `client`; return (body id, PyBullet joint ids in policy order)."""
+    """Load `robot`'s URDF into `client`; return (body id, PyBullet joint ids in policy order).
+
+    PyBullet parses URDFs in C++ and aborts or segfaults on some hostile ones (a directory, 10,000
+    joints), so it is only ever handed a path the loader's URDF check passed (cached, so cheap).
+    """
     import pybullet as p
 
+    urdf = check_robot_urdf(robot)
     z = base_z if base_z is not None else getattr(robot.task, "spawn_height_m", 0.0)
+    if not math.isfinite(z):
+        raise TargetError(f"{robot.name}: base height {z} is not a finite number")
     try:
         body = p.loadURDF(
-            str(robot.urdf_path()), [0, 0, z], useFixedBase=robot.fixed_base,
+            str(urdf), [0, 0, z], useFixedBase=robot.fixed_base,
             physicsClientId=client,
         )
     except p.error as e:
         raise TargetError(
-            f"{robot.name}: PyBullet cannot load URDF {robot.urdf_path()}: {e}") from e
+            f"{robot.name}: PyBullet cannot load URDF {urdf}: {e}") from e
     by_name = {}
     for i in range(p.getNumJoints(body, physicsClientId=client)):
         info = p.getJointInfo(body, i, physicsClientId=client)
         if info[2] != p.JOINT_FIXED:
             by_name[info[1].decode()] = i
     if not by_name:
-        raise TargetError(f"{robot.name}: URDF {robot.urdf_path()} has no movable joints")
+        raise TargetError(f"{robot.name}: URDF {urdf} has no movable joints")
     missing = [n for n in robot.joints.names if n not in by_name]
     if missing:
         raise TargetError(
-            f"{robot.name}: joints {missing} are not movable joints of {robot.urdf_path()}; "
+            f"{robot.name}: joints {missing} are not movable joints of {urdf}; "
             f"movable joints there: {sorted(by_name)}"
         )
     return body, [by_name[n] for n in robot.joints.names]

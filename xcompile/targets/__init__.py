@@ -3,17 +3,23 @@
 from xcompile.targets.loader import (
     HardwareTarget,
     RobotTarget,
+    UrdfInfo,
+    check_robot_urdf,
     list_hardware,
     list_robots,
     load_hardware,
     load_robot,
+    urdf_info,
 )
 
 __all__ = [
     "HardwareTarget",
     "RobotTarget",
+    "UrdfInfo",
+    "check_robot_urdf",
     "list_hardware",
     "list_robots",
     "load_hardware",
     "load_robot",
+    "urdf_info",
 ]
