@@ -334,7 +334,12 @@ def test_build_from_manifest_is_byte_identical(tiny_fat_ckpt, tmp_path):
 
     # A fresh cache, so every pass really runs again.
     again = tmp_path / "again"
+    # The checkpoint lies outside the manifest's folder: a manifest alone may not make
+    # xcompile read it, so the command names it.
     res = runner.invoke(app, ["build", "--from", str(manifest), "--out", str(again),
+                              "--cache-dir", str(tmp_path / "c2")])
+    assert res.exit_code == 2 and "outside its folder" in _out(res)
+    res = runner.invoke(app, ["build", str(ckpt), "--from", str(manifest), "--out", str(again),
                               "--cache-dir", str(tmp_path / "c2")])
     assert res.exit_code == 0, _out(res)
     assert "policy.onnx: identical" in _out(res)
@@ -352,7 +357,7 @@ def test_build_from_manifest_is_byte_identical(tiny_fat_ckpt, tmp_path):
     # ...and so is an input that changed since.
     torch.manual_seed(5)
     save_checkpoint(ckpt, FatPolicy(load_checkpoint(ckpt).config), _registry("a1"))
-    res = runner.invoke(app, ["build", "--from", str(manifest), "--out", str(tmp_path / "x"),
-                              "--cache-dir", str(tmp_path / "c2")])
+    res = runner.invoke(app, ["build", str(ckpt), "--from", str(manifest), "--out",
+                              str(tmp_path / "x"), "--cache-dir", str(tmp_path / "c2")])
     assert res.exit_code == 2 and "has changed since the build" in _out(res)
     assert not (tmp_path / "x").exists()

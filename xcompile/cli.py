@@ -271,7 +271,7 @@ class _RichHooks:
 def build(
     checkpoint: Annotated[Optional[Path], typer.Argument(  # noqa: UP007
         help="Fat checkpoint (.pt/.safetensors), or a reproducer folder (*.repro) to re-run. "
-             "With --from: the checkpoint's new path, if it moved.")] = None,
+             "With --from: the checkpoint, unless it lies in the manifest's folder.")] = None,
     target: Annotated[Optional[str], typer.Option(  # noqa: UP007
         "--target", "-t",
         help="Robot: a built-in name (see `xcompile targets`) or a path to a robot TOML. "
@@ -371,7 +371,7 @@ def build(
             if checkpoint is None or target is None:
                 raise XCompileError(
                     "give a fat checkpoint and a robot, e.g. xcompile build "
-                    "examples/fat_policy.pt --target spot (or --from build/spot/manifest.json "
+                    "examples/fat_policy.pt --target spot (or CKPT --from build/spot/manifest.json "
                     "to rebuild a recorded build)" if checkpoint is None else
                     "give the robot to compile for with --target NAME (see `xcompile targets`)"
                     " or --target path/to/robot.toml")
