@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -32,6 +34,42 @@ from xcompile.models.descriptors import DESC_DIM
 
 JOINT_STATE_DIM = 3  # q - q_default, 0.1 * qdot, last action
 
+# --------------------------------------------------------------------------------------------
+# Limits on untrusted input, all in one place.
+#
+# A checkpoint (or a pinned torch policy) comes from strangers, and its few bytes of config say how
+# big a network to build and how much to walk: a config of n_layers = 10**6 or d_model = 10**9
+# must be refused, not built. These bound what a config, a checkpoint's body registry and its
+# file may describe; they are checked before anything is built, allocated or walked, and an error
+# names the field, its value and the limit. Each is far above any policy this tool is for (the
+# sample checkpoint: d_model 256, 6 blocks, 4.6M parameters, 8 bodies of at most 12 joints, a
+# 24 kB pickle) and far below what would exhaust a workstation's memory or take a minute to check.
+MAX_D_MODEL = 8192             # token width
+MAX_LAYERS = 256               # transformer blocks
+MAX_D_FF = 65536               # hidden width of a block's MLP (8 x MAX_D_MODEL)
+MAX_DESC_HIDDEN = 65536        # hidden width of the descriptor encoder
+MAX_DESC_LAYERS = 64           # hidden layers of the descriptor encoder
+MAX_FEATURE_DIM = 1024         # joint_state_dim and desc_dim (3 and 14 today)
+MAX_GLOBAL_DIM = 65536         # length of one family's global observation
+MAX_FAMILIES = 64              # task families (2 today)
+MAX_PARAMS = 2_000_000_000     # whole network, computed from the config: 8 GB of float32
+MAX_NAME_LEN = 256             # a family, body or joint name
+MAX_PATH_LEN = 4096            # a body's URDF path (PATH_MAX)
+MAX_BODIES = 1024              # bodies in a checkpoint's registry
+MAX_JOINTS = 256               # joints of one body
+MAX_DESCRIPTOR_VALUES = 500_000  # descriptor numbers in a whole registry: 1024 bodies of ~35
+                                 # joints; pickled, they stay well under MAX_PICKLE_BYTES
+MAX_STATE_TENSORS = 10_000     # tensors in a state dict (the largest config above has ~3,600)
+MAX_PICKLE_BYTES = 8 << 20     # a .pt's pickled structure (tensor data is apart): ~10 s to unpickle
+MAX_EXTRA_ITEMS = 100_000      # values in a checkpoint's free-form 'extra' (and extra registry keys)
+MAX_EXTRA_DEPTH = 32           # nesting of those values
+MAX_EXTRA_TEXT = 16 << 20      # characters of all their strings together
+
+# A family names a ModuleDict/ParameterDict entry: no dots, not empty, and not one of the dicts'
+# own attributes ("keys", "to", "forward", ...), which torch refuses with a KeyError.
+_FAMILY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_RESERVED_NAMES = frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.ParameterDict()))
+
 
 class FatConfig(BaseModel):
     """Architecture of the fat policy; stored in every checkpoint."""
@@ -40,17 +78,21 @@ class FatConfig(BaseModel):
 
     # Sized for CPU training: the per-sample cost is in the blocks, so they stay small; the
     # descriptor encoder runs once per body per batch, so it can be wide (pinning folds it away).
-    d_model: int = Field(128, gt=0, description="token width")
-    n_layers: int = Field(3, ge=1, description="number of transformer blocks")
-    n_heads: int = Field(4, ge=1, description="attention heads per block; must divide d_model")
-    d_ff: int = Field(384, gt=0, description="hidden width of each block's MLP")
-    desc_hidden: int = Field(512, gt=0, description="hidden width of the descriptor encoder")
-    desc_layers: int = Field(3, ge=1, description="hidden layers of the descriptor encoder")
-    joint_state_dim: int = Field(JOINT_STATE_DIM, gt=0,
+    d_model: int = Field(128, gt=0, le=MAX_D_MODEL, description="token width")
+    n_layers: int = Field(3, ge=1, le=MAX_LAYERS, description="number of transformer blocks")
+    n_heads: int = Field(4, ge=1, le=MAX_D_MODEL,
+                         description="attention heads per block; must divide d_model")
+    d_ff: int = Field(384, gt=0, le=MAX_D_FF, description="hidden width of each block's MLP")
+    desc_hidden: int = Field(512, gt=0, le=MAX_DESC_HIDDEN,
+                             description="hidden width of the descriptor encoder")
+    desc_layers: int = Field(3, ge=1, le=MAX_DESC_LAYERS,
+                             description="hidden layers of the descriptor encoder")
+    joint_state_dim: int = Field(JOINT_STATE_DIM, gt=0, le=MAX_FEATURE_DIM,
                                  description="per-joint state features (q, qdot, last action)")
-    desc_dim: int = Field(DESC_DIM, gt=0, description="length of a joint descriptor")
-    global_dims: dict[str, int] = Field(
-        default_factory=lambda: {"locomotion": 12, "reach": 9},
+    desc_dim: int = Field(DESC_DIM, gt=0, le=MAX_FEATURE_DIM,
+                          description="length of a joint descriptor")
+    global_dims: dict[str, Annotated[int, Field(gt=0, le=MAX_GLOBAL_DIM)]] = Field(
+        default_factory=lambda: {"locomotion": 12, "reach": 9}, max_length=MAX_FAMILIES,
         description="task family -> length of its global observation",
     )
 
@@ -60,7 +102,37 @@ class FatConfig(BaseModel):
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
         if not self.global_dims:
             raise ValueError("global_dims needs at least one task family")
+        for f in self.global_dims:
+            if (len(f) > MAX_NAME_LEN or not _FAMILY_NAME.fullmatch(f)
+                    or f in _RESERVED_NAMES):
+                raise ValueError(
+                    f"task family name {f[:MAX_NAME_LEN]!r} is not usable: a family is a letter or "
+                    f"'_' then letters, digits, '_' or '-', at most {MAX_NAME_LEN} characters, "
+                    "and not a name torch's module dicts reserve (such as 'keys' or 'to')")
+        n = self.param_count()
+        if n > MAX_PARAMS:
+            raise ValueError(
+                f"the config describes a network of {n:,} parameters, more than the limit of "
+                f"{MAX_PARAMS:,} (MAX_PARAMS): d_model={self.d_model}, n_layers={self.n_layers}, "
+                f"d_ff={self.d_ff}, desc_hidden={self.desc_hidden}, "
+                f"desc_layers={self.desc_layers}")
         return self
+
+    def param_count(self) -> int:
+        """Parameters of `FatPolicy(self)`, by arithmetic: nothing is built or allocated."""
+        d, n_fam, js = self.d_model, len(self.global_dims), self.joint_state_dim
+        n = sum((g + 1) * d for g in self.global_dims.values())      # global encoders
+        n += n_fam * d                                                # family embeddings
+        n += (js + 1) * d                                             # joint state projection
+        widths = [self.desc_dim] + [self.desc_hidden] * self.desc_layers + [d]
+        n += sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))  # descriptor encoder
+        block = (2 * 2 * d                                            # two LayerNorms
+                 + (d + 1) * 3 * d + (d + 1) * d                      # qkv, out
+                 + (d + 1) * self.d_ff + (self.d_ff + 1) * d)         # fc1, fc2
+        n += self.n_layers * block
+        n += 2 * d                                                    # ln_f
+        n += n_fam * ((d + 1) + js)                                   # heads, skips
+        return n
 
     @property
     def families(self) -> list[str]:
