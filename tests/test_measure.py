@@ -68,7 +68,7 @@ def test_measure_artifact_row(stages):
     robot, arts = stages
     row = measure.measure_artifact(arts["onnx"], robot, episodes=2, seed=0, latency_n=N)
     assert set(row) == {"format", "params", "bytes", "macs", "latency_p50_us", "latency_p99_us",
-                        "runtime", "score", "score_std", "episodes"}
+                        "runtime", "score", "score_std", "episodes", "nonfinite_action_episodes"}
     assert row["format"] == "onnx" and row["episodes"] == 2
     assert 0.0 <= row["score"] <= 1.0 and row["score_std"] >= 0.0
     res = measure.score(arts["onnx"], robot, 2, 0)
