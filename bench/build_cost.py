@@ -42,7 +42,7 @@ SIZES: dict[str, dict[str, int]] = {   # label -> FatConfig fields (params with 
 
 
 # --------------------------------------------------------------------------------------------
-# the child: one run_plan, its last pass uncached
+# the child: one run_build, its last pass uncached
 
 
 def _vm_mb(key: str) -> float:
@@ -69,7 +69,7 @@ def child(spec: dict[str, Any]) -> None:
     import pybullet  # noqa: F401
     import torch  # noqa: F401
 
-    from xcompile.pipeline import run_plan
+    from xcompile.build import run_build
 
     def sizes_only(art: Any, robot: Any, **_: Any) -> dict[str, Any]:
         return {"format": art.format, "bytes": art.n_bytes}
@@ -77,7 +77,7 @@ def child(spec: dict[str, Any]) -> None:
     before = peak_rss_mb()
     steps = common.plan_steps(spec["plan"], spec["quick"])
     t0 = time.perf_counter()
-    res = run_plan(spec["checkpoint"], spec["robot"], None, steps, spec["out"], spec["cache"],
+    res = run_build(spec["checkpoint"], spec["robot"], None, steps, spec["out"], spec["cache"],
                    seed=spec["seed"], profile=spec["profile"], episodes=0, measure=sizes_only,
                    runtime_floor=lambda: None, rollout=False)  # type: ignore[arg-type,return-value]
     last = res.report["stages"][-1]

@@ -1,10 +1,10 @@
 """What every benchmark script shares: its options, builds through the pass manager, timing, the
 machine it ran on, and how results are written (a JSON file and a markdown table on stdout).
 
-Builds go through `xcompile.pipeline.run_plan`, exactly as `xcompile build` runs them, with their
+Builds go through `xcompile.build.run_build`, exactly as `xcompile build` runs them, with their
 own cache (`<work-dir>/cache`), so the scripts reuse each other's builds (quality.py and
 robustness.py build the same slim policies) but never read or write a user's `.xcompile/cache`.
-Two measure functions are handed to run_plan instead of the full `measure_artifact`:
+Two measure functions are handed to run_build instead of the full `measure_artifact`:
 
 - `size_measure` (used with episodes=0): params, bytes, MACs only. The latency scripts re-time
   every variant themselves, back to back in one process, so their ratios come from one run.
@@ -37,16 +37,11 @@ import numpy as np
 
 from xcompile import measure as xm
 from xcompile.artifact import Artifact, file_sha256
+from xcompile.build import BuildResult, run_build
 from xcompile.errors import PlanError, ToolUnavailable
+from xcompile.manager.plan import validate_plan
+from xcompile.manager.settings import PROFILES, PlanStep, make_config
 from xcompile.passes.base import all_passes
-from xcompile.pipeline import (
-    PROFILES,
-    BuildResult,
-    PlanStep,
-    make_config,
-    run_plan,
-    validate_plan,
-)
 from xcompile.targets import RobotTarget, list_robots, load_robot
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,7 +164,7 @@ def plan_steps(names: Sequence[str], quick: bool, options: Mapping[str, Mapping[
 
 
 # --------------------------------------------------------------------------------------------
-# measure functions handed to run_plan (see the module docstring)
+# measure functions handed to run_build (see the module docstring)
 
 
 def size_measure(art: Artifact, robot: RobotTarget, episodes: int = 0, seed: int = 0,
@@ -210,7 +205,7 @@ def _macs(art: Artifact, robot: RobotTarget) -> int | None:
 
 @dataclass
 class Built:
-    """One run_plan build: its stages by report name, and what the script should say about it."""
+    """One run_build build: its stages by report name, and what the script should say about it."""
 
     robot: RobotTarget
     result: BuildResult | None
@@ -253,7 +248,7 @@ def build(ckpt: str | Path, robot: str | RobotTarget, names: Sequence[str], *, q
     if measure is None:
         measure = score_measure if episodes else size_measure
     try:
-        res = run_plan(ckpt, r, None, steps, work / "builds" / f"{r.name}-{tag}", work / "cache",
+        res = run_build(ckpt, r, None, steps, work / "builds" / f"{r.name}-{tag}", work / "cache",
                        seed=seed, profile="fast" if quick else (profile or "default"),
                        episodes=episodes,
                        measure=measure, rollout=False)

@@ -30,7 +30,7 @@ def test_help_and_version():
 
 
 def test_build_help_states_the_default_plan():
-    from xcompile.pipeline import DEFAULT_PLAN
+    from xcompile.passes import DEFAULT_PLAN
 
     res = runner.invoke(app, ["build", "--help"], env={"COLUMNS": "200"})
     assert ", ".join(DEFAULT_PLAN) in " ".join(res.output.replace("│", " ").split())

@@ -33,10 +33,10 @@ def run_pass(name: str, art: Artifact, robot, workdir: Path, history=(), **cfg):
     ctx = BuildContext(robot=robot, hardware=load_hardware("cpu"), workdir=workdir,
                        source_sha256="ab" * 32, history=list(history))
     conf = cls.Config(**cfg)
-    out = cls().run(art, conf, ctx)
-    assert out.format == cls.output_format
+    result = cls().run(art, conf, ctx)
+    assert result.artifact.format == cls.output_format
     assert all(p.is_relative_to(workdir) for p in workdir.rglob("*"))
-    return out, cls().check(art, out, conf, ctx)
+    return result.artifact, cls().check(art, result, conf, ctx)
 
 
 def fat_artifact(path: str, robot) -> Artifact:
@@ -166,8 +166,7 @@ def test_export_matches_torch_and_carries_contract(a1_onnx):
     assert [i.name for i in model.graph.input] == ["obs"]
     assert [o.name for o in model.graph.output] == ["action"]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param   # dynamic batch
-    b1 = onnx.load(exported.meta["b1_path"])
-    assert b1.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert [p.name for p in exported.path.parent.glob("*.onnx")] == ["policy.onnx"]  # one graph
     assert {o.version for o in model.opset_import if o.domain == ""} == {17}
     assert not list(exported.path.parent.glob("*.data"))          # weights inside
 
@@ -189,8 +188,6 @@ def test_export_matches_torch_and_carries_contract(a1_onnx):
     obs = random_obs(robot, 16, seed=3)
     np.testing.assert_allclose(load_policy(exported.path, robot).act(obs),
                                load_policy(pinned.path, robot).act(obs), atol=1e-4)
-    np.testing.assert_allclose(load_policy(exported.meta["b1_path"], robot).act(obs),
-                               load_policy(pinned.path, robot).act(obs), atol=1e-4)
 
 
 def test_export_is_deterministic(a1_onnx, tmp_path):
@@ -198,7 +195,6 @@ def test_export_is_deterministic(a1_onnx, tmp_path):
     again, _ = run_pass("export-onnx", pinned, load_robot("a1"), tmp_path / "again",
                         history=["pin-embodiment"], n_check_obs=64)
     assert again.path.read_bytes() == exported.path.read_bytes()
-    assert Path(again.meta["b1_path"]).read_bytes() == Path(exported.meta["b1_path"]).read_bytes()
 
 
 # ------------------------------------------------------------------------------ quantize
@@ -236,7 +232,7 @@ def test_input_layer_modes(mlp_onnx, tmp_path, mode):
     first = next(n for n in model.graph.node if n.op_type in ("MatMul", "Gemm"))
     assert input_layers(onnx.load(str(mlp_onnx.path))) == [first.name]
     assert (first.input[1] in inits) is (mode == "float")    # float weights, or through a DQ
-    assert q.meta["input_layer"] == mode and tensorrt_ready(model) == []
+    assert report["input_layer"] == mode and tensorrt_ready(model) == []
 
 
 def test_weight_only_activations(mlp_onnx, tmp_path):
@@ -252,7 +248,7 @@ def test_weight_only_activations(mlp_onnx, tmp_path):
     inits = {i.name: i for i in model.graph.initializer}
     dq_inputs = [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert dq_inputs and all(inits[name].data_type == onnx.TensorProto.INT8 for name in dq_inputs)
-    assert wo.meta["activations"] == "float" and tensorrt_ready(model) == []
+    assert rwo["activations"] == "float" and tensorrt_ready(model) == []
     assert rwo["mean_action_err"] < r8["mean_action_err"]
     assert rwo["bytes_quantized"] < rwo["bytes_float"]
 
@@ -265,11 +261,11 @@ def test_cpu_default_is_weight_only_and_folds_at_load(mlp_onnx, tmp_path):
     from xcompile.policy import ort_session
 
     robot = load_robot("a1")
-    q, _ = run_pass("quantize", mlp_onnx, robot, tmp_path / "q", calibration_episodes=1,
-                    heldout_episodes=1, input_layer="float")
+    q, rq = run_pass("quantize", mlp_onnx, robot, tmp_path / "q", calibration_episodes=1,
+                     heldout_episodes=1, input_layer="float")
     model = onnx.load(str(q.path))
     meta = {p.key: p.value for p in model.metadata_props}
-    assert q.meta["activations"] == "float" and meta["int8_activations"] == "false"
+    assert rq["activations"] == "float" and meta["int8_activations"] == "false"
     assert "QuantizeLinear" not in {n.op_type for n in model.graph.node}
     plain = ort.InferenceSession(str(q.path), providers=["CPUExecutionProvider"])
     obs = random_obs(robot, 64)
@@ -284,7 +280,7 @@ def test_weight_only_first_layer_is_fp16(mlp_onnx, tmp_path):
     q, report = run_pass("quantize", mlp_onnx, robot, tmp_path / "q", calibration_episodes=1,
                          heldout_episodes=1)
     model = onnx.load(str(q.path))
-    assert q.meta["input_layer"] == "fp16" and q.meta["activations"] == "float"
+    assert report["input_layer"] == "fp16" and report["activations"] == "float"
     inits = {t.name: t for t in model.graph.initializer}
     products = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
     feeds = {o: n for n in model.graph.node for o in n.output}

@@ -4,7 +4,6 @@ normalisation is exact, and a `--profile fast` build runs the whole default plan
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -29,9 +28,14 @@ def run_pass(name, art, robot, workdir: Path, profile="default", history=(), **c
     ctx = BuildContext(robot=robot, hardware=load_hardware("cpu"), workdir=workdir,
                        profile=profile, source_sha256="ab" * 32, history=list(history))
     conf = cls.Config(**cfg)
-    out = cls().run(art, conf, ctx)
-    assert out.format == cls.output_format
-    return out, cls().check(art, out, conf, ctx)
+    result = cls().run(art, conf, ctx)
+    assert result.artifact.format == cls.output_format
+    checks = cls().check(art, result, conf, ctx)
+    SUMMARIES[result.artifact.path] = result.summary   # what the pass said, for the tests below
+    return result.artifact, checks
+
+
+SUMMARIES: dict[Path, dict] = {}
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +88,8 @@ def test_rl_finetune_never_lowers_heldout_score(pinned_panda):
     # Same kind as the input (export-onnx takes it unchanged), robot recorded, meta names plots.
     assert read_torch_policy(out.path)["spec"]["kind"] == "pinned"
     assert load_policy(out.path, robot).kind == "torch"
-    doc = json.loads((out.path.parent / out.meta["learning_curve_json"]).read_text())
-    assert (out.path.parent / out.meta["learning_curve_png"]).stat().st_size > 1000
+    doc = SUMMARIES[out.path]
+    assert (out.path.parent / "learning_curve.png").stat().st_size > 1000
     assert [r["phase"] for r in doc["curve"]] == ["warmup", "ppo"]
     losses = [r[k] for r in doc["curve"] for k in ("pg_loss", "v_loss", "anchor_loss")
               if r[k] is not None]
@@ -138,7 +142,7 @@ def read_params(art) -> int:
 def test_student_folded_normalisation_is_exact(distilled):
     robot, _, out, m, _ = distilled
     folded = load_torch_policy(out.path)
-    unfolded = load_torch_policy(out.path.parent / out.meta["unfolded"])
+    unfolded = load_torch_policy(out.path.parent / SUMMARIES[out.path]["unfolded"])
     assert unfolded.normalize and not folded.normalize
     assert float(unfolded.obs_std.min()) >= distill_mod.MIN_OBS_STD
     x = torch.as_tensor(np.concatenate([
@@ -174,7 +178,7 @@ def test_auto_picks_smallest_rung_that_meets_score_and_latency(pinned_panda, mon
     out, m = run_pass("distill", pinned, robot, tmp / "auto1", auto=True,
                       ladder=[[8], [16], [64]], min_score_fraction=1.0,
                       **tiny)
-    s = json.loads((out.path.parent / out.meta["summary"]).read_text())
+    s = SUMMARIES[out.path]
     if s["met_target"]:
         assert m["hidden"] in ([8], [16])
     else:                                            # none met it: best within budget, [64] refused
@@ -188,11 +192,13 @@ def test_auto_picks_smallest_rung_that_meets_score_and_latency(pinned_panda, mon
 # About 20 s each on an idle 2-core machine (60 s under load): in the default run, not marked slow.
 @pytest.mark.parametrize("name", ["a1", "panda"])
 def test_fast_build_runs_the_default_plan(name, tiny_fat_ckpt, tmp_path):
-    from xcompile.pipeline import DEFAULT_PLAN, resolve_settings, run_plan
+    from xcompile.build import run_build
+    from xcompile.manager.settings import resolve_settings
+    from xcompile.passes import DEFAULT_PLAN
 
     s = resolve_settings(None, {}, {"profile": "fast"})
     assert s.pass_names == DEFAULT_PLAN
-    res = run_plan(tiny_fat_ckpt, name, None, s.plan, tmp_path / "out", tmp_path / "cache",
+    res = run_build(tiny_fat_ckpt, name, None, s.plan, tmp_path / "out", tmp_path / "cache",
                    profile=s.profile, episodes=s.episodes, rollout=False)
     stages = {st["name"]: st for st in res.report["stages"]}
     assert {"rl-finetune", "distill", "export-onnx", "quantize"} <= set(stages)
@@ -204,7 +210,7 @@ def test_fast_build_runs_the_default_plan(name, tiny_fat_ckpt, tmp_path):
     # The report says what fine-tuning added over the pinned policy (a1 and panda are in the
     # tiny checkpoint's registry, so not zero-shot).
     (note,) = [n for n in res.report["notes"] if n.startswith("RL fine-tuning on")]
-    assert "trained on" in note and f"pinned {stages['pin-embodiment']['score']:.3f}" in note
+    assert "trained on" in note and f"{stages['pin-embodiment']['score']:.3f} → tuned" in note
     for st in res.stages[1:]:
         if st.artifact is not None and st.artifact.format in ("torch", "onnx"):
             assert load_policy(st.artifact.path, load_robot(name)).act(

@@ -338,81 +338,41 @@ def build(
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from xcompile import pipeline
-    from xcompile.report import render_table
-    from xcompile.targets import load_hardware, load_robot
+    from xcompile.build import compare_outputs, prepare, run_build
+    from xcompile.manager.settings import parse_plan
+    from xcompile.report import Gates
 
     with _user_errors():
         chosen = [n for n, on in (("int8", int8), ("fp16", fp16), ("fp32", fp32)) if on]
         if len(chosen) > 1:
             flags = " and ".join("--" + c for c in chosen)
             raise XCompileError(f"choose one precision, not {flags}")
-        rebuild = None
-        if from_manifest is not None:
-            fixed = [flag for flag, v in (
-                ("--passes", passes), ("--config", config), ("--seed", seed),
-                ("--profile", profile), ("--episodes", episodes)) if v is not None] + [
-                "--" + c for c in chosen] + [
-                f"{flag} {v} (with --from, {flag} gives the path of a TOML file the build "
-                "used, checked by hash, not a name)"
-                for flag, v in (("--target", target), ("--hardware", hardware))
-                if v is not None and not Path(v).is_file()]
-            if fixed:
-                raise XCompileError(f"--from rebuilds what the manifest records, so "
-                                    f"{', '.join(fixed)} cannot be given with it; drop "
-                                    f"{'them' if len(fixed) > 1 else 'it'}, or run a new build "
-                                    "without --from")
-            rebuild = pipeline.rebuild_from_manifest(from_manifest, checkpoint, target, hardware)
-            robot, hw, settings = rebuild.robot, rebuild.hardware, rebuild.settings
-            inp = pipeline.input_artifact(rebuild.checkpoint, robot)
-            for note in rebuild.notes:
-                err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
-        else:
-            if checkpoint is None or target is None:
-                raise XCompileError(
-                    "give a fat checkpoint and a robot, e.g. xcompile build "
-                    "examples/fat_policy.pt --target spot (or CKPT --from build/spot/manifest.json "
-                    "to rebuild a recorded build)" if checkpoint is None else
-                    "give the robot to compile for with --target NAME (see `xcompile targets`)"
-                    " or --target path/to/robot.toml")
-            robot = load_robot(target)
-            hw = load_hardware(hardware or robot.hardware)
-            if checkpoint.is_dir() and (checkpoint / "plan.json").is_file():   # a reproducer
-                inp, _ = pipeline.load_reproducer(checkpoint)
-            else:
-                inp = pipeline.input_artifact(checkpoint, robot)
-            file_cfg = pipeline.read_build_file(config) if config else {}
-            cli_cfg = {"passes": pipeline.parse_plan(passes) if passes is not None else None,
-                       "seed": seed, "profile": profile, "episodes": episodes,
-                       "precision": chosen[0] if chosen else None}
-            settings = pipeline.resolve_settings(pipeline.DEFAULTS, file_cfg, cli_cfg,
-                                                 input_format=inp.format)
-            for note in settings.notes:
-                err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
-        out_dir = out or Path("build") / robot.name
-        gates = pipeline.Gates(max_latency_us, max_size_kb, min_score_ratio)
+        gates = Gates(max_latency_us, max_size_kb, min_score_ratio)
+        req = prepare(checkpoint, target, hardware, from_manifest=from_manifest, config=config,
+                      cli={"passes": parse_plan(passes) if passes is not None else None,
+                           "seed": seed, "profile": profile, "episodes": episodes,
+                           "precision": chosen[0] if chosen else None})
+        for note in req.notes:
+            err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+        out_dir = out or Path("build") / req.robot.name
+        s = req.settings
         with _interruptible(f"{out_dir} was not touched (it holds the previous build, or "
                             "nothing); finished passes are cached, so running the same command "
                             "again resumes"), \
                 Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                          console=err_console, disable=as_json) as prog:
-            result = pipeline.run_plan(
-                inp, robot, hw, settings.plan, out_dir, cache_dir, use_cache=not no_cache,
-                seed=settings.seed, profile=settings.profile, episodes=settings.episodes,
-                hooks=[_RichHooks(prog)], tensorrt_required=tensorrt, gates=gates,
-                extra_manifest={"command": sys.argv}, force=force)
+            result = run_build(
+                req.inp, req.robot, req.hardware, s.plan, out_dir, cache_dir,
+                use_cache=not no_cache, seed=s.seed, profile=s.profile, episodes=s.episodes,
+                hooks=[_RichHooks(prog)], required=("build-tensorrt",) if tensorrt else (),
+                gates=gates, extra_manifest={"command": sys.argv}, force=force)
     if as_json:
         _print_json(result.report)
     else:
-        console.print(render_table(result.report))
-        for note in result.report["notes"]:
-            console.print(f"note: {escape(note)}", highlight=False)
-        for g in result.report["gates"]:
-            mark = "[green]pass[/]" if g["passed"] else "[bold red]MISSED[/]"
-            console.print(f"gate {g['name']}: {mark} — {escape(g['message'])}", highlight=False)
+        _print_report(result.report)
         console.print(f"wrote {out_dir}/ ({result.report['final']['policy']}, report.md, "
                       "report.json, manifest.json)", highlight=False)
-    same = pipeline.compare_outputs(out_dir, rebuild.expected_outputs) if rebuild else {}
+    same = compare_outputs(out_dir, req.rebuild.expected_outputs) if req.rebuild else {}
     for name, ok in same.items():
         mark = "[green]identical[/]" if ok else "[bold red]DIFFERS[/]"
         err_console.print(f"{name}: {mark} to the one {from_manifest} records", highlight=False)
@@ -422,6 +382,19 @@ def build(
             raise XCompileError(f"the rebuild is not byte-identical to the build {from_manifest} "
                                 f"records ({', '.join(n for n, ok in same.items() if not ok)}); "
                                 "see the notes above for version differences")
+
+
+def _print_report(doc: dict) -> None:
+    """The stage table, notes and gates of a report: what `build` ends with and `report` shows."""
+    from xcompile.render import render_table
+
+    console.print(render_table(doc))
+    for note in doc.get("notes", []):
+        console.print(f"note: {escape(str(note))}", highlight=False)
+    for g in doc.get("gates", []):
+        mark = "[green]pass[/]" if g["passed"] else "[bold red]MISSED[/]"
+        console.print(f"gate {escape(str(g['name']))}: {mark} — {escape(str(g['message']))}",
+                      highlight=False)
 
 
 def _type_name(ann) -> str:
@@ -449,7 +422,7 @@ def pass_info(cls) -> dict:
                      "description": f.description or ""})
     return {"name": cls.name, "summary": cls.summary, "input_format": cls.input_format,
             "output_format": cls.output_format, "version": cls.version,
-            "requires": list(cls.requires), "options": opts}
+            "options": opts}
 
 
 @app.command("passes")
@@ -460,8 +433,8 @@ def passes_(as_json: JsonOpt = False) -> None:
 
     Example: xcompile passes --json
     """
+    from xcompile.passes import DEFAULT_PLAN
     from xcompile.passes.base import all_passes
-    from xcompile.pipeline import DEFAULT_PLAN
 
     registry = all_passes()
     order = [n for n in DEFAULT_PLAN if n in registry] + sorted(set(registry) - set(DEFAULT_PLAN))
@@ -471,9 +444,8 @@ def passes_(as_json: JsonOpt = False) -> None:
         return
     console.print(f"default plan: [bold]{','.join(DEFAULT_PLAN)}[/]\n", highlight=False)
     for p in infos:
-        req = f", requires {', '.join(p['requires'])}" if p["requires"] else ""
         console.print(f"[bold]{p['name']}[/] ({p['input_format']} → {p['output_format']}, "
-                      f"version {p['version']}{req}): {p['summary']}", highlight=False)
+                      f"version {p['version']}): {p['summary']}", highlight=False)
         if p["options"]:
             t = Table(show_header=True, box=None, padding=(0, 2, 0, 2))
             for c in ("option", "type", "default", "description"):
@@ -493,17 +465,11 @@ def report(
 
     Example: xcompile report build/spot
     """
-    from xcompile.report import read_report, render_table
+    from xcompile.report import read_report
 
     with _user_errors():
         doc = read_report(build_dir)
-        if not as_json:
-            lines = [f"note: {escape(str(n))}" for n in doc.get("notes", [])]
-            lines += [f"gate {escape(str(g['name']))}: {'pass' if g['passed'] else 'MISSED'} — "
-                      f"{escape(str(g['message']))}" for g in doc.get("gates", [])]
     if as_json:
         _print_json(doc)
         return
-    console.print(render_table(doc))
-    for line in lines:
-        console.print(line, highlight=False)
+    _print_report(doc)

@@ -20,12 +20,18 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from xcompile import integrity, outdir, pipeline
-from xcompile.artifact import Artifact
+from xcompile import integrity, outdir
+from xcompile.artifact import Artifact, file_sha256
+from xcompile.build import as_targets, input_artifact, run_build
 from xcompile.cli import app
 from xcompile.errors import PlanError, XCompileError
+from xcompile.manager import manifest
+from xcompile.manager.reproducer import load_reproducer, reproducer_dir, write_reproducer
+from xcompile.manager.settings import DEFAULTS, PlanStep, file_layer, make_config, resolve_settings
 from xcompile.outdir import OutputError
-from xcompile.passes.base import REGISTRY, Pass, PassConfig, all_passes, register_pass
+from xcompile.passes.base import REGISTRY, Pass, PassConfig, PassResult, all_passes, register_pass
+from xcompile.report import Gates
+from xcompile.targets.loader import ROBOTS_DIR
 
 runner = CliRunner()
 
@@ -54,13 +60,13 @@ class HPin(Pass):
     output_format = "torch"
     summary = "test pass"
 
-    def run(self, art: Artifact, cfg: PassConfig, ctx) -> Artifact:
+    def run(self, art: Artifact, cfg: PassConfig, ctx) -> PassResult:
         out = ctx.workdir / "policy.pt"
         out.write_bytes(art.path.read_bytes() + b"|pinned")
-        return Artifact.create("torch", out, art.robot, lineage=("h-pin",))
+        return PassResult(Artifact.create("torch", out, art.robot, lineage=("h-pin",)))
 
-    def check(self, inp, out, cfg, ctx):
-        return {"grew_bytes": out.n_bytes - inp.n_bytes}
+    def check(self, inp, result, cfg, ctx):
+        return {"grew_bytes": result.artifact.n_bytes - inp.n_bytes}
 
 
 MEASURED: list[str] = []
@@ -91,8 +97,8 @@ def ckpt(tmp_path) -> Path:
 
 
 def build(ckpt: Path, out: Path, cache: Path, **kw):
-    plan = [pipeline.PlanStep("h-pin", pipeline.make_config("h-pin"))]
-    return pipeline.run_plan(ckpt, "a1", None, plan, out, cache, measure=fake_measure,
+    plan = [PlanStep("h-pin", make_config("h-pin"))]
+    return run_build(ckpt, "a1", None, plan, out, cache, measure=fake_measure,
                              runtime_floor=lambda: 1.0, rollout=False, **kw)
 
 
@@ -161,7 +167,7 @@ def test_robot_names_are_never_paths(ckpt, tmp_path, monkeypatch):
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "data").write_text("precious")
-    base = (Path(pipeline.ROBOTS_DIR) / "a1.toml").read_text()
+    base = (Path(ROBOTS_DIR) / "a1.toml").read_text()
     assert 'urdf = "pybullet_data:' in base             # the copy below still finds its URDF
     for name in ("../victim", str(victim), "a/b", "..", "x" * 300):
         toml = tmp_path / "evil.toml"
@@ -179,12 +185,12 @@ def test_a_full_disk_leaves_the_previous_output_and_no_temporary_folder(ckpt, tm
     out, cache = tmp_path / "build" / "a1", tmp_path / "cache"
     build(ckpt, out, cache)
     before = _snapshot(out)
-    from xcompile import report
+    from xcompile import build as build_mod
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(report, "write_outputs", full)
+    monkeypatch.setattr(build_mod, "write_outputs", full)
     with pytest.raises(OutputError, match="intact.*No space left on device"):
         build(ckpt, out, cache)
     assert _snapshot(out) == before
@@ -234,9 +240,9 @@ def test_gates_that_cannot_fail_are_refused(ckpt, tmp_path, flag, value):
 
 def test_options_for_a_pass_not_in_the_plan(tmp_path):
     with pytest.raises(PlanError, match="not in the plan"):
-        pipeline.resolve_settings(pipeline.DEFAULTS, pipeline.file_layer(
+        resolve_settings(DEFAULTS, file_layer(
             {"passes": ["pin-embodiment"], "pass": {"distill": {"rounds": 2}}}), {})
-    s = pipeline.resolve_settings(pipeline.DEFAULTS, pipeline.file_layer(
+    s = resolve_settings(DEFAULTS, file_layer(
         {"pass": {"distill": {"rounds": 2}}}), {"passes": ["pin-embodiment"]})
     assert any("distill" in n and "unused" in n for n in s.notes)
 
@@ -245,16 +251,16 @@ def test_options_for_a_pass_not_in_the_plan(tmp_path):
 
 
 def _reproducer(repro: Path, ckpt: Path) -> Path:
-    step = pipeline.PlanStep("h-pin", pipeline.make_config("h-pin"))
-    robot, hw = pipeline._as_targets("a1", None)
-    art = pipeline.input_artifact(ckpt, robot)
-    return pipeline.write_reproducer(repro, RuntimeError("x"), step, [step], art, robot, hw, 0,
+    step = PlanStep("h-pin", make_config("h-pin"))
+    robot, hw = as_targets("a1", None)
+    art = input_artifact(ckpt, robot)
+    return write_reproducer(repro, RuntimeError("x"), step, [step], art, robot, hw, 0,
                                      "fast")
 
 
 def test_reproducer_refers_only_to_its_own_files(ckpt, tmp_path):
     repro = _reproducer(tmp_path / "a1.repro", ckpt)
-    art, _ = pipeline.load_reproducer(repro)
+    art, _ = load_reproducer(repro)
     assert art.path.is_relative_to(repro)
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"secret")
@@ -262,28 +268,28 @@ def test_reproducer_refers_only_to_its_own_files(ckpt, tmp_path):
     for path in (str(secret), "../secret.bin", "input/../../secret.bin", "input"):
         (repro / "artifact.json").write_text(json.dumps({**doc, "path": path}))
         with pytest.raises(PlanError, match="not a file inside the reproducer folder"):
-            pipeline.load_reproducer(repro)
+            load_reproducer(repro)
     (repro / "artifact.json").write_text(json.dumps(doc))
     (repro / "input" / ckpt.name).write_bytes(b"swapped after the reproducer was written")
     with pytest.raises(PlanError, match="does not match the sha256"):
-        pipeline.load_reproducer(repro)
+        load_reproducer(repro)
     for bad in ("[]", '{"path": 3}', '{"format": "exe", "path": "x", "robot": "a1", '
                 '"sha256": "0"}', "not json"):
         (repro / "artifact.json").write_text(bad)
         with pytest.raises(PlanError):
-            pipeline.load_reproducer(repro)
+            load_reproducer(repro)
 
 
 def test_a_failing_build_never_replaces_a_user_folder_named_like_a_reproducer(ckpt, tmp_path):
     users = tmp_path / "a1.repro"
     users.mkdir()
     (users / "thesis.tex").write_text("years of work")
-    assert pipeline.reproducer_dir(tmp_path / "a1") == tmp_path / "a1.repro-2"
+    assert reproducer_dir(tmp_path / "a1") == tmp_path / "a1.repro-2"
     with pytest.raises(OutputError):
-        pipeline.write_reproducer(users, RuntimeError("x"), *([None] * 7))
+        write_reproducer(users, RuntimeError("x"), *([None] * 7))
     assert _snapshot(users) == {"thesis.tex": b"years of work"}
     earlier = _reproducer(tmp_path / "b1.repro", ckpt)  # an earlier reproducer is replaceable
-    assert pipeline.reproducer_dir(tmp_path / "b1") == earlier
+    assert reproducer_dir(tmp_path / "b1") == earlier
     assert _reproducer(earlier, ckpt) == earlier
 
 
@@ -299,19 +305,19 @@ def built(ckpt, tmp_path) -> Path:
 
 def test_manifest_may_not_point_outside_its_folder(built, ckpt, tmp_path, monkeypatch):
     read: list[Path] = []
-    real = pipeline.file_sha256
-    monkeypatch.setattr(pipeline, "file_sha256", lambda p: (read.append(Path(p)), real(p))[1])
+    real = manifest.file_sha256
+    monkeypatch.setattr(manifest, "file_sha256", lambda p: (read.append(Path(p)), real(p))[1])
     with pytest.raises(PlanError, match="outside its folder.*CHECKPOINT"):
-        pipeline.rebuild_from_manifest(built)           # the checkpoint lies in tmp/in/
+        manifest.rebuild_from_manifest(built)           # the checkpoint lies in tmp/in/
     doc = json.loads(built.read_text())
     doc["inputs"]["checkpoint"]["path"] = "/etc/passwd"
     built.write_text(json.dumps(doc))
     with pytest.raises(PlanError, match="outside its folder"):
-        pipeline.rebuild_from_manifest(built)
+        manifest.rebuild_from_manifest(built)
     assert read == []                                   # neither file was read
     with pytest.raises(PlanError, match="has changed"):  # a file given is checked by hash
-        pipeline.rebuild_from_manifest(built, built)
-    rb = pipeline.rebuild_from_manifest(built, ckpt)
+        manifest.rebuild_from_manifest(built, built)
+    rb = manifest.rebuild_from_manifest(built, ckpt)
     assert rb.checkpoint == ckpt and Path("/etc/passwd") not in read
 
 
@@ -354,7 +360,7 @@ def test_tampered_measurements_are_discarded_and_noted(ckpt, tmp_path):
         doc = json.loads(rec.read_text())
         doc["measurements"]["latency_p99_us"] = 0.001
         rec.write_text(json.dumps(doc))
-    res = build(ckpt, out, cache, gates=pipeline.Gates(max_latency_us=1.0))
+    res = build(ckpt, out, cache, gates=Gates(max_latency_us=1.0))
     assert len(MEASURED) == n + 2                       # both stages measured again
     assert res.stages[-1].measurements["latency_p99_us"] == 30.0
     assert res.missed_gates
@@ -367,15 +373,15 @@ def test_tampered_or_unsigned_pass_entries_are_rerun(ckpt, tmp_path):
     entry = cache / res.stages[1].cache_key
     # Swap in another policy and fix up the recorded hash: without the key it cannot be signed.
     (entry / "policy.pt").write_bytes(b"a poisoned policy")
-    doc = json.loads((entry / "artifact.json").read_text())
-    doc["sha256"] = pipeline.file_sha256(entry / "policy.pt")
+    doc = json.loads((entry / "result.json").read_text())
+    doc["artifact"]["sha256"] = file_sha256(entry / "policy.pt")
     doc.pop(integrity.SIG_KEY)
-    (entry / "artifact.json").write_text(json.dumps(doc))
+    (entry / "result.json").write_text(json.dumps(doc))
     res = build(ckpt, out, cache)
     assert not res.stages[1].cached
     assert b"poisoned" not in (out / "policy.pt").read_bytes()
     assert any("discarded" in n for n in res.report["notes"])
-    (entry / "measurements.json").write_text("garbage")
+    (entry / "result.json").write_text("garbage")
     assert not build(ckpt, out, cache).stages[1].cached
 
 

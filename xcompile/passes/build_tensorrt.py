@@ -24,7 +24,7 @@ from pydantic import Field
 
 from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError, ToolUnavailable
-from xcompile.passes.base import BuildContext, Pass, PassConfig, register_pass
+from xcompile.passes.base import BuildContext, Pass, PassConfig, PassResult, register_pass
 
 
 class TensorRTConfig(PassConfig):
@@ -77,7 +77,7 @@ class BuildTensorRT(Pass):
     Config = TensorRTConfig
     summary = "strongly typed TensorRT engine (needs TensorRT and a CUDA GPU)"
 
-    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> Artifact:
+    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
         assert isinstance(cfg, TensorRTConfig)
         trt = import_tensorrt()
         logger = trt.Logger(trt.Logger.WARNING)
@@ -121,13 +121,15 @@ class BuildTensorRT(Pass):
                 "onnx_sha256": art.sha256, "strongly_typed": True,
                 "max_batch": cfg.max_batch if inp.shape[0] == -1 else int(inp.shape[0])}
         (ctx.workdir / "policy.plan.json").write_text(json.dumps(info, indent=2) + "\n")
-        return Artifact.create("tensorrt", plan_path, ctx.robot.name,
-                               meta={**info, "onnx_path": str(art.path),
-                                     "precision": art.meta.get("precision", "fp32")},
-                               lineage=(*art.lineage, self.name))
+        out = Artifact.create("tensorrt", plan_path, ctx.robot.name,
+                              meta={**info, "onnx_path": str(art.path),
+                                    "precision": art.meta.get("precision", "fp32")},
+                              lineage=(*art.lineage, self.name))
+        return PassResult(out, info, files=("policy.plan.json",))
 
-    def check(self, inp: Artifact, out: Artifact, cfg: PassConfig,
+    def check(self, inp: Artifact, result: PassResult, cfg: PassConfig,
               ctx: BuildContext) -> dict[str, Any]:
+        out = result.artifact
         trt = import_tensorrt()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = runtime.deserialize_cuda_engine(out.path.read_bytes())

@@ -35,7 +35,6 @@ each round, parameters of both and the compression ratio.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from xcompile.passes.base import (
     BuildContext,
     Pass,
     PassConfig,
+    PassResult,
     register_pass,
     with_profile_defaults,
 )
@@ -147,7 +147,7 @@ class Distill(Pass):
     Config = DistillConfig
     summary = "DAgger into a small MLP over the flat observation (normalisation folded in)"
 
-    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> Artifact:
+    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
         import torch
 
         from xcompile.models.slim import load_torch_policy, read_torch_policy, save_torch_policy
@@ -214,22 +214,23 @@ class Distill(Pass):
                    if cfg.auto else None,
                    "wall_s": round(time.perf_counter() - t0, 2),
                    "config": cfg.model_dump(mode="json")}
-        (ctx.workdir / "distill.json").write_text(json.dumps(summary, indent=1) + "\n")
-        return Artifact.create("torch", path, robot.name,
-                               meta={"kind": "mlp", "family": robot.family,
-                                     "hidden": rec["hidden"], "unfolded": "student_unfolded.pt",
-                                     "summary": "distill.json"},
-                               lineage=(*art.lineage, self.name))
+        out = Artifact.create("torch", path, robot.name,
+                              meta={"kind": "mlp", "family": robot.family,
+                                    "hidden": rec["hidden"]},
+                              lineage=(*art.lineage, self.name))
+        return PassResult(out, {**summary, "unfolded": "student_unfolded.pt"})
 
-    def check(self, inp: Artifact, out: Artifact, cfg: PassConfig,
+    def check(self, inp: Artifact, result: PassResult, cfg: PassConfig,
               ctx: BuildContext) -> dict[str, Any]:
+        out = result.artifact
         import torch
 
         from xcompile.measure import count_params_bytes, random_obs
         from xcompile.models.slim import load_torch_policy
 
         folded = load_torch_policy(out.path)
-        unfolded = load_torch_policy(out.path.parent / out.meta["unfolded"])
+        s = result.summary
+        unfolded = load_torch_policy(out.path.parent / s["unfolded"])
         x = torch.as_tensor(random_obs(ctx.robot, 2048, seed=ctx.seed + 3))
         with torch.inference_mode():
             a, b = folded(x), unfolded(x)
@@ -239,7 +240,6 @@ class Distill(Pass):
         if not fold_err <= 1e-5 * max(1.0, float(b.abs().max())):
             raise PassCheckError(f"distill: folding the observation normalisation changed the "
                                  f"actions by {fold_err:.3g} (tolerance 1e-5); this is a bug")
-        s = json.loads((out.path.parent / out.meta["summary"]).read_text())
         p_t, p_s = count_params_bytes(inp)["params"], count_params_bytes(out)["params"]
         return {"teacher_score": s["teacher_score"], "student_score": s["student_score"],
                 "score_ratio": s["score_ratio"], "hidden": s["hidden"],

@@ -3,10 +3,11 @@
 torch -> onnx. Cost: a few seconds (one torch.export trace per graph).
 
 Method: `torch.onnx.export(dynamo=True)` (torch.export + onnxscript) at a pinned opset, weights
-inside the file, inputs/outputs named `obs` -> `action`. Two graphs: `policy.onnx` with a dynamic
-batch (traced with an example batch of 2, or the batch may silently stay fixed) is the artifact;
-`policy_b1.onnx`, static batch 1, is what a robot's control loop calls (its path is in the artifact's
-meta). An MLP's observation normalisation is folded into its first layer before export.
+inside the file, inputs/outputs named `obs` -> `action`. One graph, `policy.onnx`, with a dynamic
+batch (traced with an example batch of 2, or the batch may silently stay fixed): a control loop
+calls it at batch 1 as fast as a static batch-1 graph (measured in onnxruntime, one thread: 8.3 vs
+8.8 µs p50 for a 48-64-64-12 MLP, 11.8 vs 12.2 µs for 256-256), so no second graph is written.
+An MLP's observation normalisation is folded into its first layer before export.
 
 The deployment contract (robot, joint order, default pose, action scale and clip, PD gains, torque
 limits, control period, observation layout, task family, source checkpoint hash, pass history,
@@ -15,8 +16,7 @@ another robot (`xcompile.policy.check_contract`). The output is byte-identical f
 the exporter's graph names are deterministic, and doc strings and per-node metadata (stack traces,
 paths) are stripped.
 
-Check: onnxruntime against torch on random observations, at batch 1 (static graph, and the dynamic
-one) and at batch 64 (dynamic graph).
+Check: onnxruntime against torch on random observations, at batch 1 and at batch 64.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pydantic import Field
 
 from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError
-from xcompile.passes.base import BuildContext, Pass, PassConfig, register_pass
+from xcompile.passes.base import BuildContext, Pass, PassConfig, PassResult, register_pass
 from xcompile.targets import RobotTarget
 
 
@@ -140,13 +140,13 @@ def _export(module: Any, obs_dim: int, opset: int, dynamic: bool) -> Any:
 @register_pass
 class ExportOnnx(Pass):
     name = "export-onnx"
-    version = 1
+    version = 2     # 2: one dynamic-batch graph (no policy_b1.onnx)
     input_format = "torch"
     output_format = "onnx"
     Config = ExportConfig
-    summary = "export to ONNX (dynamic batch + static batch 1) with the deployment contract"
+    summary = "export to ONNX (dynamic batch) with the deployment contract"
 
-    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> Artifact:
+    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
         import onnx
 
         from xcompile.models.slim import MLPPolicy, load_torch_policy
@@ -162,20 +162,18 @@ class ExportOnnx(Pass):
                 f"export-onnx: the policy takes {module.obs_dim} observations but robot "
                 f"{ctx.robot.name} gives {n_obs}; it was made for another robot")
         props = deployment_contract(ctx.robot, ctx, [*ctx.history, self.name])
-        paths = {}
-        for fname, dynamic in (("policy.onnx", True), ("policy_b1.onnx", False)):
-            model = _export(module, n_obs, cfg.opset, dynamic)
-            set_metadata(model, props)
-            onnx.checker.check_model(model)
-            paths[fname] = save_onnx(model, ctx.workdir / fname)
-        return Artifact.create(
-            "onnx", paths["policy.onnx"], ctx.robot.name,
-            meta={"precision": "fp32", "opset": cfg.opset, "b1_path": str(paths["policy_b1.onnx"]),
-                  "kind": art.meta.get("kind", "")},
-            lineage=(*art.lineage, self.name))
+        model = _export(module, n_obs, cfg.opset, True)
+        set_metadata(model, props)
+        onnx.checker.check_model(model)
+        path = save_onnx(model, ctx.workdir / "policy.onnx")
+        return PassResult(Artifact.create(
+            "onnx", path, ctx.robot.name,
+            meta={"precision": "fp32", "opset": cfg.opset, "kind": art.meta.get("kind", "")},
+            lineage=(*art.lineage, self.name)))
 
-    def check(self, inp: Artifact, out: Artifact, cfg: PassConfig,
+    def check(self, inp: Artifact, result: PassResult, cfg: PassConfig,
               ctx: BuildContext) -> dict[str, Any]:
+        out = result.artifact
         import torch
 
         from xcompile.measure import random_obs
@@ -188,20 +186,16 @@ class ExportOnnx(Pass):
             want = module(torch.as_tensor(obs)).numpy()
         from xcompile.policy import ort_session
 
-        dyn, b1 = ort_session(out.path), ort_session(Path(out.meta["b1_path"]))
-        got_b1 = np.concatenate([b1.run(None, {"obs": obs[i:i + 1]})[0] for i in range(len(obs))])
-        got_dyn_b1 = np.concatenate([dyn.run(None, {"obs": obs[i:i + 1]})[0]
-                                     for i in range(0, len(obs), 10)])
-        got_b64 = np.concatenate([dyn.run(None, {"obs": obs[i:i + 64]})[0]
+        sess = ort_session(out.path)
+        got_b1 = np.concatenate([sess.run(None, {"obs": obs[i:i + 1]})[0]
+                                 for i in range(len(obs))])
+        got_b64 = np.concatenate([sess.run(None, {"obs": obs[i:i + 64]})[0]
                                   for i in range(0, len(obs), 64)])
         errs = {"max_abs_err_b1": float(np.abs(got_b1 - want).max()),
-                "max_abs_err_dynamic_b1": float(np.abs(got_dyn_b1 - want[::10]).max()),
                 "max_abs_err_b64": float(np.abs(got_b64 - want).max())}
         worst = max(errs.values())
         if not worst <= cfg.tolerance:
             raise PassCheckError(
                 f"export-onnx: onnxruntime and torch disagree by {worst:.3g} (tolerance "
                 f"{cfg.tolerance:g}; {errs}); the export is wrong for this model")
-        return {**errs, "opset": cfg.opset, "bytes_dynamic": out.n_bytes,
-                "bytes_b1": Path(out.meta["b1_path"]).stat().st_size,
-                "n_check_obs": cfg.n_check_obs}
+        return {**errs, "opset": cfg.opset, "bytes": out.n_bytes, "n_check_obs": cfg.n_check_obs}

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError, TargetError
-from xcompile.passes.base import BuildContext, Pass, PassConfig, register_pass
+from xcompile.passes.base import BuildContext, Pass, PassConfig, PassResult, register_pass
 
 
 class PinConfig(PassConfig):
@@ -56,7 +56,7 @@ class PinEmbodiment(Pass):
     Config = PinConfig
     summary = "fold one body's descriptors into the fat network; drop what it does not use"
 
-    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> Artifact:
+    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
         from xcompile.models.fat import pin
         from xcompile.models.slim import save_torch_policy, spec_of
         from xcompile.policy import body_descriptors
@@ -68,13 +68,14 @@ class PinEmbodiment(Pass):
         spec = {**spec_of(pinned), "robot": robot.name, "joint_order": list(robot.joints.names),
                 "known_body": known, "source_checkpoint_sha256": ckpt.sha256}
         path = save_torch_policy(ctx.workdir / "pinned.pt", pinned, spec)
-        return Artifact.create("torch", path, robot.name,
-                               meta={"kind": "pinned", "family": robot.family,
-                                     "known_body": known},
-                               lineage=(*art.lineage, self.name))
+        return PassResult(Artifact.create("torch", path, robot.name,
+                                          meta={"kind": "pinned", "family": robot.family,
+                                                "known_body": known},
+                                          lineage=(*art.lineage, self.name)))
 
-    def check(self, inp: Artifact, out: Artifact, cfg: PassConfig,
+    def check(self, inp: Artifact, result: PassResult, cfg: PassConfig,
               ctx: BuildContext) -> dict[str, Any]:
+        out = result.artifact
         import torch
 
         from xcompile.measure import count_params_bytes, random_obs, torch_single_thread

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,9 +41,10 @@ from pydantic import Field
 
 from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError, XCompileError
-from xcompile.passes.base import BuildContext, Pass, PassConfig, register_pass
+from xcompile.passes.base import BuildContext, Pass, PassConfig, PassResult, register_pass
 from xcompile.passes.export_onnx import save_onnx, set_metadata
 from xcompile.policy import ort_session
+from xcompile.targets import HardwareTarget
 
 _CALIBRATION_SEED = 10_000   # calibration episodes use seeds seed+10000...; held-out ones +20000
 _HELDOUT_SEED = 20_000
@@ -278,8 +280,9 @@ class Quantize(Pass):
     output_format = "onnx"
     Config = QuantizeConfig
     summary = "int8 QDQ (calibrated in closed loop) or fp16"
+    precision_option = "precision"
 
-    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> Artifact:
+    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
         import onnx
 
         assert isinstance(cfg, QuantizeConfig)
@@ -308,11 +311,10 @@ class Quantize(Pass):
         set_metadata(model, {**src_meta, "precision": cfg.precision, **extra,
                              "pass_history": json.dumps([*history, self.name])})
         save_onnx(model, dst)
-        return Artifact.create(
-            "onnx", dst, ctx.robot.name,
-            meta={**{k: v for k, v in art.meta.items() if k != "b1_path"},
-                  "precision": cfg.precision, "float_path": str(art.path), **info},
-            lineage=(*art.lineage, self.name))
+        out = Artifact.create("onnx", dst, ctx.robot.name,
+                              meta={**art.meta, "precision": cfg.precision},
+                              lineage=(*art.lineage, self.name))
+        return PassResult(out, info)
 
     @staticmethod
     def _choose(src: Path, dst: Path, obs: np.ndarray, cfg: QuantizeConfig, ctx: BuildContext,
@@ -400,8 +402,9 @@ class Quantize(Pass):
                 info["auto_scores"] = {k: round(v, 4) for k, v in scores.items()}
             return in_mode, act_mode
 
-    def check(self, inp: Artifact, out: Artifact, cfg: PassConfig,
+    def check(self, inp: Artifact, result: PassResult, cfg: PassConfig,
               ctx: BuildContext) -> dict[str, Any]:
+        out = result.artifact
         from xcompile.measure import count_params_bytes, random_obs
 
         assert isinstance(cfg, QuantizeConfig)
@@ -439,8 +442,8 @@ class Quantize(Pass):
             problems = tensorrt_ready(onnx.load(str(out.path)))
             res["tensorrt_ready"] = not problems
             res["tensorrt_problems"] = problems[:5]
-            res.update({k: out.meta[k] for k in ("input_layer", "activations", "auto_scores")
-                        if k in out.meta})
+            res.update({k: result.summary[k] for k in ("input_layer", "activations",
+                                                        "auto_scores") if k in result.summary})
         if cfg.score_episodes:
             from xcompile.measure import score
 
@@ -448,3 +451,24 @@ class Quantize(Pass):
             sq = score(out, ctx.robot, cfg.score_episodes, ctx.seed)
             res.update(score_float=round(sf.score, 4), score_quantized=round(sq.score, 4))
         return res
+
+    @classmethod
+    def notes(cls, stage: Mapping[str, Any], stages: list[Mapping[str, Any]], cfg: PassConfig,
+              hardware: HardwareTarget) -> list[str]:
+        assert isinstance(cfg, QuantizeConfig)
+        notes = []
+        if cfg.precision not in hardware.precisions:
+            notes.append(f"{cfg.precision} is not among {hardware.name}'s fast precisions "
+                         f"({', '.join(hardware.precisions)})")
+        c = stage["checks"]
+        if c.get("precision") == "int8" and "activations" in c:
+            form = ("int8 weights and int8 activations" if c["activations"] == "int8" else
+                    "int8 weights, float activations (weight-only: the weights stay int8 in the "
+                    "file and are folded to float when onnxruntime loads it)")
+            first = {"float": "; the first layer in float",
+                     "fp16": "; the first layer's weights in fp16"}.get(c.get("input_layer"), "")
+            tried = (" (closed-loop scores of what `auto` tried: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in c["auto_scores"].items()) + ")"
+            ) if c.get("auto_scores") else ""
+            notes.append(f"int8: {form}{first}{tried}")
+        return notes

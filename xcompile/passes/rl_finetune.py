@@ -38,10 +38,9 @@ wall time.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,9 +53,11 @@ from xcompile.passes.base import (
     BuildContext,
     Pass,
     PassConfig,
+    PassResult,
     register_pass,
     with_profile_defaults,
 )
+from xcompile.targets import HardwareTarget
 
 HELDOUT_SEED = 30_000      # held-out evaluation episodes: ctx.seed + HELDOUT_SEED + i
 TRAIN_SEED = 100_000       # training episodes: ctx.seed + TRAIN_SEED + k
@@ -187,7 +188,7 @@ class RLFinetune(Pass):
     Config = RLFinetuneConfig
     summary = "PPO on the target's own task from the given policy, anchored to it; keeps the better"
 
-    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> Artifact:
+    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
         import torch
 
         from xcompile.models.slim import load_torch_policy, read_torch_policy, save_torch_policy
@@ -229,18 +230,16 @@ class RLFinetune(Pass):
                    "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
                    "final_std": curve[-1]["std"] if curve else cfg.init_std,
                    "config": cfg.model_dump(mode="json")}
-        (ctx.workdir / "learning_curve.json").write_text(
-            json.dumps({"summary": summary, "curve": curve}, indent=1) + "\n")
         plot_learning_curve(curve, summary, ctx.workdir / "learning_curve.png",
                             f"rl-finetune on {ctx.robot.name}")
-        meta = {**art.meta, "kind": spec["kind"], "kept": kept,
-                "learning_curve_png": "learning_curve.png",
-                "learning_curve_json": "learning_curve.json"}
-        return Artifact.create("torch", path, ctx.robot.name, meta=meta,
-                               lineage=(*art.lineage, self.name))
+        out = Artifact.create("torch", path, ctx.robot.name,
+                              meta={**art.meta, "kind": spec["kind"], "kept": kept},
+                              lineage=(*art.lineage, self.name))
+        return PassResult(out, {**summary, "curve": curve}, files=("learning_curve.png",))
 
-    def check(self, inp: Artifact, out: Artifact, cfg: PassConfig,
+    def check(self, inp: Artifact, result: PassResult, cfg: PassConfig,
               ctx: BuildContext) -> dict[str, Any]:
+        out = result.artifact
         import torch
 
         from xcompile.measure import random_obs
@@ -252,9 +251,8 @@ class RLFinetune(Pass):
         if not bool(torch.isfinite(act).all()):
             raise PassCheckError("rl-finetune: the tuned policy outputs NaN or Inf; lower lr "
                                  "or raise anchor_coef")
-        doc = json.loads((out.path.parent / out.meta["learning_curve_json"]).read_text())
-        s = doc["summary"]
-        losses = [r[k] for r in doc["curve"] for k in ("pg_loss", "v_loss", "anchor_loss")
+        s = result.summary
+        losses = [r[k] for r in s["curve"] for k in ("pg_loss", "v_loss", "anchor_loss")
                   if r.get(k) is not None]
         if not all(math.isfinite(v) for v in losses):
             raise PassCheckError("rl-finetune: a training loss went NaN/Inf")
@@ -262,6 +260,27 @@ class RLFinetune(Pass):
                 "score_tuned": s["score_tuned"], "heldout_episodes": s["heldout_episodes"],
                 "env_steps": s["env_steps"], "train_s": s["train_s"], "eval_s": s["eval_s"],
                 "wall_s": round(s["train_s"] + s["eval_s"], 2), "final_std": s["final_std"]}
+
+
+    @classmethod
+    def notes(cls, stage: Mapping[str, Any], stages: list[Mapping[str, Any]], cfg: PassConfig,
+              hardware: HardwareTarget) -> list[str]:
+        """What fine-tuning added over the policy it started from, on the report's episodes."""
+        done = [s for s in stages if not s["skipped"]]
+        i = next(k for k, s in enumerate(done) if s["name"] == stage["name"])
+        start = done[i - 1] if i > 0 else None
+        if start is None or start["score"] is None or stage["score"] is None:
+            return []
+        known = next((s["checks"]["known_body"] for s in done if "known_body" in s["checks"]),
+                     None)
+        body = ("a body the fat policy was trained on" if known else
+                "a body the fat policy never saw (zero-shot)" if known is False else "this body")
+        c = stage["checks"]
+        kept = (f"; the pass kept the {c['kept']} policy (held-out seeds: start "
+                f"{c['score_start']:.3f}, tuned {c['score_tuned']:.3f})" if "kept" in c else "")
+        return [f"RL fine-tuning on {body}: start ({start['name']}) {start['score']:.3f} → tuned "
+                f"{stage['score']:.3f} ({stage['score'] - start['score']:+.3f}) on the report's "
+                f"episodes{kept}"]
 
 
 def _heldout(module: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> Any:

@@ -28,6 +28,7 @@ import gymnasium as gym
 import numpy as np
 
 from xcompile.errors import TargetError
+from xcompile.sim.render import frame
 from xcompile.sim.world import link_index, load_body
 from xcompile.targets import RobotTarget, load_robot
 from xcompile.targets.loader import MAX_EPISODE_PHYSICS_STEPS, MAX_SUBSTEPS
@@ -325,7 +326,6 @@ class RobotEnv(gym.Env):
         return float(0.5 * np.clip(1.0 - d / max(self.start_dist, 1e-6), 0.0, 1.0))
 
     def render(self):
-        from xcompile.sim.render import frame
 
         return frame(self)
 

@@ -5,12 +5,21 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from xcompile.sim.env import RobotEnv
+from xcompile.errors import XCompileError
+
+
+class RobotEnv(Protocol):
+    """What a frame is drawn from (`xcompile.sim.env.RobotEnv` is one)."""
+
+    p: Any
+    cid: int
+    body: int
+    family: str
+    goal: np.ndarray
 
 
 def frame(env: RobotEnv, width: int = 320, height: int = 240) -> np.ndarray:
@@ -48,7 +57,6 @@ def write_gif(frames: list[np.ndarray], path: str | Path, fps: int = 12) -> None
     folder, renamed into place, so a failure (disk full, Ctrl-C) leaves no partial GIF."""
     from PIL import Image
 
-    from xcompile.errors import XCompileError
 
     if not frames:
         raise ValueError("write_gif needs at least one frame")
