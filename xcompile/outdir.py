@@ -280,14 +280,30 @@ def replace_marked_folder(folder: Path, markers: tuple[str, ...], allowed: tuple
 
 def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None:
     """Write a file via a temporary file in the same folder and a rename."""
-    path = Path(path)
     raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(raw)
-        if mode is not None:
-            os.chmod(tmp, mode)
+
+    atomic_write_via(Path(path), write, mode=mode)
+
+
+def atomic_write_via(path: Path, write: Callable[[str], None], suffix: str = "",
+                     mode: int | None = None) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it into place; on any
+    failure (Ctrl-C included) `path` stays as it was and the temporary file is removed. The file
+    gets `mode`, or the usual permissions for a new file (mkstemp alone makes it private)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=suffix,
+                               dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

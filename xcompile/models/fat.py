@@ -64,6 +64,11 @@ MAX_PICKLE_BYTES = 8 << 20     # a .pt's pickled structure (tensor data is apart
 MAX_EXTRA_ITEMS = 100_000      # values in a checkpoint's free-form 'extra' (and extra registry keys)
 MAX_EXTRA_DEPTH = 32           # nesting of those values
 MAX_EXTRA_TEXT = 16 << 20      # characters of all their strings together
+# A one-robot torch policy file (slim.py): a pinned policy is bounded by the config limits above
+# and MAX_JOINTS; a distilled MLP (built-ins: 2 hidden layers of 64-256) by these and MAX_PARAMS.
+MAX_OBS_DIM = MAX_GLOBAL_DIM + JOINT_STATE_DIM * MAX_JOINTS   # an MLP's input width (built-ins: <= 48)
+MAX_MLP_WIDTH = 65536          # one hidden layer of an MLP
+MAX_MLP_LAYERS = 64            # hidden layers of an MLP
 
 # A family names a ModuleDict/ParameterDict entry: no dots, not empty, and not one of the dicts'
 # own attributes ("keys", "to", "forward", ...), which torch refuses with a KeyError.
@@ -126,13 +131,24 @@ class FatConfig(BaseModel):
         n += (js + 1) * d                                             # joint state projection
         widths = [self.desc_dim] + [self.desc_hidden] * self.desc_layers + [d]
         n += sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))  # descriptor encoder
-        block = (2 * 2 * d                                            # two LayerNorms
-                 + (d + 1) * 3 * d + (d + 1) * d                      # qkv, out
-                 + (d + 1) * self.d_ff + (self.d_ff + 1) * d)         # fc1, fc2
-        n += self.n_layers * block
-        n += 2 * d                                                    # ln_f
+        n += self.n_layers * self._block_size() + 2 * d              # blocks, ln_f
         n += n_fam * ((d + 1) + js)                                   # heads, skips
         return n
+
+    def _block_size(self) -> int:
+        d = self.d_model
+        return (2 * 2 * d                                             # two LayerNorms
+                + (d + 1) * 3 * d + (d + 1) * d                       # qkv, out
+                + (d + 1) * self.d_ff + (self.d_ff + 1) * d)          # fc1, fc2
+
+    def pinned_size(self, family: str, n_joints: int) -> int:
+        """Values in the state dict of a `PinnedPolicy` of this config (its parameters and its
+        `joint_const` buffer), by arithmetic: nothing is built or allocated."""
+        d, js = self.d_model, self.joint_state_dim
+        return ((self.global_dims[family] + 1) * d      # global encoder (family embedding folded in)
+                + js * d + n_joints * d                  # joint_weight, joint_const
+                + self.n_layers * self._block_size() + 2 * d   # blocks, ln_f
+                + (d + 1) + js)                          # head, skip
 
     @property
     def families(self) -> list[str]:

@@ -11,25 +11,52 @@ pickled and the file loads with `torch.load(weights_only=True)`:
     "mlp"     spec: obs_dim, hidden (list of widths), n_actions, activation, normalize -> `MLPPolicy`
 
 Other spec keys (robot, joint_order, ...) are kept as they are: passes record the robot a policy was
-made for there, and `xcompile.policy.load_policy` checks it. Writes go to a temporary file that is
-renamed into place. Every way a file can be wrong becomes a `CheckpointError`.
+made for there, and `xcompile.policy.load_policy` checks it.
+
+The file is input from strangers, read as a checkpoint is (`files.py`: no code runs, no zip bomb,
+a bounded pickle). Before anything is built its spec is checked strictly (ints are ints, every size
+within a named limit of `fat.py`: MAX_JOINTS, MAX_OBS_DIM, MAX_MLP_WIDTH, MAX_MLP_LAYERS, the
+config limits, MAX_PARAMS), the weights it describes must fit in the file's bytes, and the module
+is built on the meta device for the shapes that every stored tensor must then have exactly
+(`untrusted.py`: dtype, dense strides, storage, finite values). Writes go to a temporary file that
+is renamed into place. Every way a file can be wrong becomes a `CheckpointError`.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import Tensor, nn
 
 from xcompile.errors import CheckpointError
+from xcompile.models.fat import (
+    MAX_JOINTS,
+    MAX_MLP_LAYERS,
+    MAX_MLP_WIDTH,
+    MAX_NAME_LEN,
+    MAX_OBS_DIM,
+    MAX_PARAMS,
+    FatConfig,
+    PinnedPolicy,
+)
+from xcompile.models.files import check_input, read_torch_file, torch_save_bounded, write_atomically
+from xcompile.models.untrusted import (
+    check_config,
+    check_finite,
+    check_fits_file,
+    check_json,
+    check_state,
+    show,
+    validation_problems,
+)
 
 FORMAT = "xcompile.torch-policy"
 VERSION = 1
+SAVER = "xcompile.models.slim.save_torch_policy"
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU,
 }
@@ -92,8 +119,6 @@ class MLPPolicy(nn.Module):
 
 def spec_of(module: nn.Module) -> dict[str, Any]:
     """The rebuild spec of a module this file format knows (PinnedPolicy or MLPPolicy)."""
-    from xcompile.models.fat import PinnedPolicy
-
     if isinstance(module, MLPPolicy):
         return module.spec()
     if isinstance(module, PinnedPolicy):
@@ -103,79 +128,165 @@ def spec_of(module: nn.Module) -> dict[str, Any]:
                           "MLPPolicy have a torch-policy spec")
 
 
+# --------------------------------------------------------------------------------------------
+# the spec: checked strictly, before anything is built
+
+
+class _Spec(BaseModel):
+    """What every spec may say besides its shapes; its other keys are free-form, bounded data."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+    # What `xcompile.policy` compares with the robot it is asked to drive.
+    robot: Annotated[str, Field(min_length=1, max_length=MAX_NAME_LEN)] | None = None
+    joint_order: list[Annotated[str, Field(min_length=1, max_length=MAX_NAME_LEN)]] | None = Field(
+        None, max_length=MAX_JOINTS)
+    family: Annotated[str, Field(min_length=1, max_length=MAX_NAME_LEN)] | None = None
+
+
+class _MLPSpec(_Spec):
+    kind: Literal["mlp"]
+    obs_dim: int = Field(ge=1, le=MAX_OBS_DIM)
+    hidden: list[Annotated[int, Field(ge=1, le=MAX_MLP_WIDTH)]] = Field(max_length=MAX_MLP_LAYERS)
+    n_actions: int = Field(ge=1, le=MAX_JOINTS)
+    activation: str = "elu"
+    normalize: bool = False
+
+    @field_validator("activation")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}")
+        return v
+
+    def size(self) -> int:
+        """Values in the state dict of `MLPPolicy(self)`, by arithmetic."""
+        widths = [self.obs_dim, *self.hidden, self.n_actions]
+        return (sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
+                + (2 * self.obs_dim if self.normalize else 0))
+
+
+class _PinnedSpec(_Spec):
+    kind: Literal["pinned"]
+    config: dict[str, Any]
+    family: str = Field(min_length=1, max_length=MAX_NAME_LEN)
+    n_joints: int = Field(ge=1, le=MAX_JOINTS)
+
+
+_SPECS: dict[str, type[_MLPSpec] | type[_PinnedSpec]] = {"mlp": _MLPSpec, "pinned": _PinnedSpec}
+_LIMITS = {("n_joints", "less_than_equal"): "MAX_JOINTS", ("n_actions", "less_than_equal"):
+           "MAX_JOINTS", ("obs_dim", "less_than_equal"): "MAX_OBS_DIM",
+           ("hidden", "less_than_equal"): "MAX_MLP_WIDTH", ("hidden", "too_long"): "MAX_MLP_LAYERS",
+           ("joint_order", "too_long"): "MAX_JOINTS", ("robot", "string_too_long"): "MAX_NAME_LEN",
+           ("family", "string_too_long"): "MAX_NAME_LEN"}
+
+
+def _check_spec(spec: Any, where: str) -> tuple[_MLPSpec | _PinnedSpec, FatConfig | None, int]:
+    """The spec checked against the limits, its fat config (pinned) and how many values its
+    module's state dict holds, all without building anything."""
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{where}: 'spec' must be a dict, not {show(spec)}")
+    kind = spec.get("kind")
+    if not isinstance(kind, str) or kind not in _SPECS:
+        raise CheckpointError(f"{where}: unknown torch policy kind {show(kind)}; expected "
+                              "'pinned' or 'mlp'")
+    model = _SPECS[kind]
+    extra = {k: v for k, v in spec.items() if k not in model.model_fields}
+    check_json(extra, "'spec'", where)
+    try:
+        checked = model.model_validate(spec)
+    except ValidationError as e:
+        raise CheckpointError(f"{where}: the {kind} spec is invalid: "
+                              f"{validation_problems(e, _LIMITS)}") from e
+    config = None
+    if isinstance(checked, _PinnedSpec):
+        config = check_config(checked.config, f"{where}: the pinned spec has an invalid config")
+        if checked.family not in config.global_dims:
+            raise CheckpointError(f"{where}: the pinned spec's family {show(checked.family)} is "
+                                  f"not one of its config's families {config.families}")
+        n = config.pinned_size(checked.family, checked.n_joints)
+    else:
+        n = checked.size()
+    if n > MAX_PARAMS:
+        raise CheckpointError(f"{where}: the {kind} spec describes a network of {n:,} parameters, "
+                              f"more than the limit of {MAX_PARAMS:,} (MAX_PARAMS)")
+    return checked, config, n
+
+
+def _build(checked: _MLPSpec | _PinnedSpec, config: FatConfig | None) -> nn.Module:
+    """The module a checked spec describes, on the meta device: shapes only, nothing allocated."""
+    with torch.device("meta"):
+        if isinstance(checked, _PinnedSpec) and config is not None:
+            return PinnedPolicy.empty(config, checked.family, checked.n_joints)
+        return MLPPolicy(checked.obs_dim, checked.hidden, checked.n_actions, checked.activation,
+                         checked.normalize)
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
 def save_torch_policy(path: str | os.PathLike[str], module: nn.Module,
                       spec: dict[str, Any]) -> Path:
-    """Write `module`'s weights and its rebuild `spec` to `path` atomically."""
+    """Write `module`'s weights and its rebuild `spec` to `path` atomically; a spec or weights that
+    `read_torch_policy` would refuse are not written."""
     path = Path(path)
-    if spec.get("kind") not in ("pinned", "mlp"):
-        raise CheckpointError(f"spec kind must be 'pinned' or 'mlp', got {spec.get('kind')!r}")
+    where = f"cannot save torch policy {str(path)!r}"
+    checked, config, _ = _check_spec(spec, where)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"refusing to save a policy with NaN or Inf weights in {bad[:5]}")
+    if _shapes(module) != _shapes(_build(checked, config)):
+        raise CheckpointError(f"{where}: the module's weights do not fit its spec")
+    check_finite(state, where)
     payload = {"format": FORMAT, "version": VERSION, "spec": dict(spec), "state_dict": state}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda tmp: torch_save_bounded(payload, tmp, path, "spec"))
     return path
 
 
 def read_torch_policy(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The validated payload of a torch policy file (spec and state dict), without building it."""
-    from xcompile.models.checkpoint import _read_torch  # the one safe .pt reader (static scan)
+    """The validated payload of a torch policy file (spec and state dict), without building it.
 
+    Everything is checked here, so a caller may build the module (`build_from_spec`) and load
+    `payload["state_dict"]` into it with nothing left to fail.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"torch policy {str(path)!r} does not exist (or is not a file)")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"torch policy {str(path)!r} is empty (0 bytes); save it again")
-    payload = _read_torch(path)  # torch.load(weights_only=True) after a static globals scan
-    if payload.get("format") != FORMAT:
+    where = f"torch policy {str(path)!r}"
+    n_bytes = check_input(path, "torch policy")
+    payload = read_torch_file(path, "torch policy", SAVER)
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if not isinstance(fmt, str) or fmt != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not an xcompile torch policy (format tag "
-                              f"{payload.get('format')!r}, expected {FORMAT!r})")
-    if payload.get("version") != VERSION:
-        raise CheckpointError(f"{str(path)!r} has torch-policy version {payload.get('version')!r};"
-                              f" this xcompile reads version {VERSION}")
-    spec, state = payload.get("spec"), payload.get("state_dict")
-    if not isinstance(spec, dict) or not isinstance(state, dict):
-        raise CheckpointError(f"{str(path)!r} lacks a 'spec' dict or a 'state_dict'; save it again")
-    if not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{str(path)!r}: 'state_dict' must map names to tensors")
-    return payload
+                              f"{show(fmt)}, expected {FORMAT!r})")
+    version = payload.get("version")
+    if type(version) is not int or version != VERSION:
+        raise CheckpointError(f"{where} has torch-policy version {show(version)}; this xcompile "
+                              f"reads version {VERSION}")
+    if "spec" not in payload or "state_dict" not in payload:
+        raise CheckpointError(f"{where} lacks a 'spec' or a 'state_dict'; save it again")
+    if not isinstance(payload["state_dict"], dict):
+        raise CheckpointError(f"{where}: 'state_dict' must map names (strings) to tensors")
+    checked, config, n_values = _check_spec(payload["spec"], where)
+    check_fits_file(n_values, n_bytes, where, "spec")
+    expected = _shapes(_build(checked, config))
+    state = check_state(payload["state_dict"], expected, where, "spec", "save_torch_policy")
+    check_finite(state, where)
+    return {**payload, "state_dict": state}
 
 
 def build_from_spec(spec: dict[str, Any]) -> nn.Module:
-    """An empty module of the shapes `spec` describes."""
-    from xcompile.models.fat import FatConfig, PinnedPolicy
-
-    kind = spec.get("kind")
-    try:
-        if kind == "pinned":
-            config = FatConfig.model_validate(spec["config"])
-            return PinnedPolicy.empty(config, str(spec["family"]), int(spec["n_joints"]))
-        if kind == "mlp":
-            return MLPPolicy(int(spec["obs_dim"]), [int(h) for h in spec["hidden"]],
-                             int(spec["n_actions"]), str(spec.get("activation", "elu")),
-                             bool(spec.get("normalize", False)))
-    except (KeyError, TypeError, ValueError, ValidationError) as e:
-        raise CheckpointError(f"torch policy spec of kind {kind!r} is invalid: {e}") from e
-    raise CheckpointError(f"unknown torch policy kind {kind!r}; expected 'pinned' or 'mlp'")
+    """A module of the shapes `spec` describes, its weights uninitialised: load a state dict
+    (checked by `read_torch_policy`) into it. The spec is checked first, so it cannot ask for
+    more than the limits allow."""
+    checked, config, _ = _check_spec(spec, "torch policy spec")
+    return _build(checked, config).to_empty(device="cpu")
 
 
 def load_torch_policy(path: str | os.PathLike[str]) -> nn.Module:
     """Load a torch policy file; the module comes back in eval mode on the CPU."""
     payload = read_torch_policy(path)
     module = build_from_spec(payload["spec"])
-    try:
-        module.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{str(path)!r}: the weights do not fit the spec ({first}); the "
-                              "file is corrupt or was edited by hand") from e
+    module.load_state_dict(payload["state_dict"], strict=True)   # shapes checked: cannot fail
     return module.eval()

@@ -1,9 +1,6 @@
 """Robot and hardware targets: typed TOML files, loaded by name or by path."""
 
 from xcompile.targets.loader import (
-    HardwareTarget,
-    RobotTarget,
-    UrdfInfo,
     check_robot_urdf,
     list_hardware,
     list_robots,
@@ -11,6 +8,8 @@ from xcompile.targets.loader import (
     load_robot,
     urdf_info,
 )
+from xcompile.targets.schema import HardwareTarget, RobotTarget
+from xcompile.targets.urdf import UrdfInfo
 
 __all__ = [
     "HardwareTarget",

@@ -1,183 +1,32 @@
-"""The `xcompile` command line: a thin layer over the Python API.
+"""Commands that run: eval (closed-loop score) and build (compile), with their progress lines.
 
-Every command maps to one library call; `XCompileError`s become one red line and a non-zero exit,
-anything else is a bug and keeps its traceback. Heavy libraries are imported inside commands so
+Each is one call into the library (`xcompile.evaluate`, `xcompile.build`); this module turns flags
+into that call and renders what comes back. Heavy libraries load inside the commands, so
 `xcompile --help` answers at once.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from xcompile import __version__
+from xcompile.cli.common import (
+    JsonOpt,
+    TargetOpt,
+    app,
+    console,
+    err_console,
+    interruptible,
+    print_json,
+    print_report,
+    user_errors,
+)
 from xcompile.errors import XCompileError
 from xcompile.outdir import check_file_target
-
-app = typer.Typer(
-    help="Compile a fat multi-robot policy into a slim policy for one robot.\n\n"
-    "Example: xcompile build examples/fat_policy.pt --target spot --int8",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _version(value: bool) -> None:
-    if value:
-        print(f"xcompile {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main(
-    version: Annotated[Optional[bool], typer.Option(  # noqa: UP007 (typer needs Optional)
-        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
-) -> None:
-    """Compile a fat multi-robot policy into a slim policy for one robot."""
-
-
-@contextmanager
-def _user_errors():
-    try:
-        yield
-    except XCompileError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True)
-        raise typer.Exit(e.exit_code) from None
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that every cleanup on the way out runs."""
-
-
-@contextmanager
-def _interruptible(what: str):
-    """Ctrl-C or SIGTERM: unwind (temporary files are removed on the way), say what is left."""
-    import signal
-
-    def on_term(signum, frame):
-        raise Interrupted()
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    except KeyboardInterrupt as e:
-        # Cleanups ran on the way here; a second Ctrl-C now would only cut this message short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        err_console.print(f"[bold red]interrupted:[/] {what}", highlight=False)
-        raise typer.Exit(143 if isinstance(e, Interrupted) else 130) from None
-    finally:
-        if signal.getsignal(signal.SIGTERM) is on_term:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _print_json(doc) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
-
-
-JsonOpt = Annotated[bool, typer.Option(
-    "--json", help="Print one JSON document instead of a table.")]
-TargetOpt = Annotated[str, typer.Option(
-    "--target", "-t",
-    help="Robot: a built-in name (see `xcompile targets`) or a path to a robot TOML.")]
-
-
-@app.command()
-def targets(as_json: JsonOpt = False) -> None:
-    """List the built-in robots and hardware targets.
-
-    Example: xcompile targets --json
-    """
-    from xcompile.targets import list_hardware, list_robots, load_hardware, load_robot
-
-    with _user_errors():
-        robots = [load_robot(n) for n in list_robots()]
-        hws = [load_hardware(n) for n in list_hardware()]
-    if as_json:
-        _print_json({
-            "robots": [{"name": r.name, "family": r.family, "joints": r.n_joints,
-                        "control_hz": r.control_hz, "hardware": r.hardware,
-                        "description": r.description} for r in robots],
-            "hardware": [h.model_dump(exclude={"source"}) for h in hws],
-        })
-        return
-    t = Table(title="robots")
-    for c in ("name", "task", "joints", "control Hz", "hardware", "description"):
-        t.add_column(c)
-    for r in robots:
-        t.add_row(r.name, r.family, str(r.n_joints), f"{r.control_hz:g}", r.hardware,
-                  r.description)
-    console.print(t)
-    t = Table(title="hardware")
-    for c in ("name", "runtime", "precisions", "latency budget µs", "description"):
-        t.add_column(c)
-    for h in hws:
-        t.add_row(h.name, h.runtime, ",".join(h.precisions), f"{h.latency_budget_us:g}",
-                  h.description)
-    console.print(t)
-
-
-@app.command()
-def inspect(
-    checkpoint: Annotated[Path, typer.Argument(help="Fat checkpoint (.pt or .safetensors).")],
-    as_json: JsonOpt = False,
-) -> None:
-    """Show what a fat checkpoint holds: bodies, parameters, bytes, what each body uses.
-
-    Like `lipo -info` for a fat binary. Example: xcompile inspect examples/fat_policy.pt
-    """
-    from xcompile.models.checkpoint import inspect_checkpoint, load_checkpoint
-
-    with _user_errors():
-        info = inspect_checkpoint(load_checkpoint(checkpoint))
-    if as_json:
-        _print_json(info)
-        return
-    console.print(f"[bold]{checkpoint}[/]: {info['format']} v{info['version']}, "
-                  f"{info['params_total']:,} parameters, {info['bytes']:,} bytes, "
-                  f"sha256 {info['sha256'][:12]}")
-    cfg = info["config"]
-    console.print(f"architecture: transformer d_model={cfg['d_model']} layers={cfg['n_layers']} "
-                  f"heads={cfg['n_heads']} families={sorted(cfg['global_dims'])}")
-    t = Table(title=f"{len(info['bodies'])} bodies")
-    for c in ("body", "task", "joints", "params used", "share of network"):
-        t.add_column(c)
-    for b in info["bodies"]:
-        t.add_row(b["name"], b["family"], str(b["n_joints"]), f"{b['params_used']:,}",
-                  f"{100 * b['fraction_used']:.1f}%")
-    console.print(t)
-
-
-@app.command()
-def convert(
-    source: Annotated[Path, typer.Argument(help="Fat checkpoint to read (.pt or .safetensors).")],
-    dest: Annotated[Path, typer.Argument(help="Where to write it; the suffix picks the container "
-                                              "(.safetensors recommended).")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DEST if it exists.")
-                         ] = False,
-) -> None:
-    """Re-save a fat checkpoint as .safetensors (or back to .pt), checked bit for bit.
-
-    safetensors holds only tensors and a JSON header, so loading it can never run code.
-    Example: xcompile convert examples/fat_policy.pt fat_policy.safetensors
-    """
-    from xcompile.models.checkpoint import convert_checkpoint
-
-    with _user_errors():
-        out = convert_checkpoint(source, dest, overwrite=overwrite)
-    console.print(f"wrote {dest} ({out.n_bytes:,} bytes, {len(out.registry)} bodies, "
-                  f"sha256 {out.sha256[:12]}); weights identical to {source}", highlight=False)
 
 
 @app.command("eval")
@@ -202,7 +51,7 @@ def eval_(
     from xcompile.policy import load_policy
     from xcompile.targets import load_robot
 
-    with _user_errors():
+    with user_errors():
         if gif:
             check_file_target(gif, "--gif")     # before the evaluation, not after it
         robot = load_robot(target)
@@ -217,7 +66,7 @@ def eval_(
     if loaded.kind == "fat":
         doc["known_body"] = loaded.info["known_body"]
     if as_json:
-        _print_json(doc)
+        print_json(doc)
         return
     extra = "" if loaded.info.get("known_body", True) else " (zero-shot: body not in checkpoint)"
     console.print(f"{robot.name}{extra}: score [bold]{res.score:.3f}[/] over {episodes} episodes "
@@ -342,7 +191,7 @@ def build(
     from xcompile.manager.settings import parse_plan
     from xcompile.report import Gates
 
-    with _user_errors():
+    with user_errors():
         chosen = [n for n, on in (("int8", int8), ("fp16", fp16), ("fp32", fp32)) if on]
         if len(chosen) > 1:
             flags = " and ".join("--" + c for c in chosen)
@@ -356,7 +205,7 @@ def build(
             err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         out_dir = out or Path("build") / req.robot.name
         s = req.settings
-        with _interruptible(f"{out_dir} was not touched (it holds the previous build, or "
+        with interruptible(f"{out_dir} was not touched (it holds the previous build, or "
                             "nothing); finished passes are cached, so running the same command "
                             "again resumes"), \
                 Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -367,109 +216,18 @@ def build(
                 hooks=[_RichHooks(prog)], required=("build-tensorrt",) if tensorrt else (),
                 gates=gates, extra_manifest={"command": sys.argv}, force=force)
     if as_json:
-        _print_json(result.report)
+        print_json(result.report)
     else:
-        _print_report(result.report)
+        print_report(result.report)
         console.print(f"wrote {out_dir}/ ({result.report['final']['policy']}, report.md, "
                       "report.json, manifest.json)", highlight=False)
     same = compare_outputs(out_dir, req.rebuild.expected_outputs) if req.rebuild else {}
     for name, ok in same.items():
         mark = "[green]identical[/]" if ok else "[bold red]DIFFERS[/]"
         err_console.print(f"{name}: {mark} to the one {from_manifest} records", highlight=False)
-    with _user_errors():
+    with user_errors():
         result.raise_for_gates()
         if not all(same.values()):
             raise XCompileError(f"the rebuild is not byte-identical to the build {from_manifest} "
                                 f"records ({', '.join(n for n, ok in same.items() if not ok)}); "
                                 "see the notes above for version differences")
-
-
-def _print_report(doc: dict) -> None:
-    """The stage table, notes and gates of a report: what `build` ends with and `report` shows."""
-    from xcompile.render import render_table
-
-    console.print(render_table(doc))
-    for note in doc.get("notes", []):
-        console.print(f"note: {escape(str(note))}", highlight=False)
-    for g in doc.get("gates", []):
-        mark = "[green]pass[/]" if g["passed"] else "[bold red]MISSED[/]"
-        console.print(f"gate {escape(str(g['name']))}: {mark} — {escape(str(g['message']))}",
-                      highlight=False)
-
-
-def _type_name(ann) -> str:
-    from typing import Literal, get_args, get_origin
-
-    if get_origin(ann) is Literal:
-        return "|".join(repr(a) for a in get_args(ann))
-    name = getattr(ann, "__name__", None)
-    return name if name and get_origin(ann) is None else str(ann).replace("typing.", "")
-
-
-def pass_info(cls) -> dict:
-    """A registered pass as a JSON-able dict: formats, version, options from its Config."""
-    from pydantic_core import PydanticUndefined
-
-    opts = []
-    for fname, f in cls.Config.model_fields.items():
-        if f.default is not PydanticUndefined:
-            default = f.default
-        elif f.default_factory is not None:
-            default = f.default_factory()
-        else:
-            default = "(required)"
-        opts.append({"name": fname, "type": _type_name(f.annotation), "default": default,
-                     "description": f.description or ""})
-    return {"name": cls.name, "summary": cls.summary, "input_format": cls.input_format,
-            "output_format": cls.output_format, "version": cls.version,
-            "options": opts}
-
-
-@app.command("passes")
-def passes_(as_json: JsonOpt = False) -> None:
-    """List every registered pass: what it does, formats, version and options.
-
-    Options are set in a build file, in a table per pass named pass.<name>.
-
-    Example: xcompile passes --json
-    """
-    from xcompile.passes import DEFAULT_PLAN
-    from xcompile.passes.base import all_passes
-
-    registry = all_passes()
-    order = [n for n in DEFAULT_PLAN if n in registry] + sorted(set(registry) - set(DEFAULT_PLAN))
-    infos = [pass_info(registry[n]) for n in order]
-    if as_json:
-        _print_json({"default_plan": DEFAULT_PLAN, "passes": infos})
-        return
-    console.print(f"default plan: [bold]{','.join(DEFAULT_PLAN)}[/]\n", highlight=False)
-    for p in infos:
-        console.print(f"[bold]{p['name']}[/] ({p['input_format']} → {p['output_format']}, "
-                      f"version {p['version']}): {p['summary']}", highlight=False)
-        if p["options"]:
-            t = Table(show_header=True, box=None, padding=(0, 2, 0, 2))
-            for c in ("option", "type", "default", "description"):
-                t.add_column(c, style="dim" if c == "type" else None)
-            for o in p["options"]:
-                t.add_row(o["name"], o["type"], repr(o["default"]), o["description"])
-            console.print(t)
-        console.print()
-
-
-@app.command()
-def report(
-    build_dir: Annotated[Path, typer.Argument(help="A build output folder (holds report.json).")],
-    as_json: JsonOpt = False,
-) -> None:
-    """Show the report of a finished build again.
-
-    Example: xcompile report build/spot
-    """
-    from xcompile.report import read_report
-
-    with _user_errors():
-        doc = read_report(build_dir)
-    if as_json:
-        _print_json(doc)
-        return
-    _print_report(doc)

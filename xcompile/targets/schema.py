@@ -1,0 +1,230 @@
+"""The typed schema of robot and hardware targets, and the numeric bounds every field is held to.
+
+A target file is input from strangers. Its fields are checked by these pydantic models before any
+work: names are names (a robot's name becomes the output folder `build/<name>`), paths are plain
+text, and every number is finite, of the right type (an int or float in the TOML, never a string or
+bool) and inside a stated range. The limits below are far above every real robot's values (see the
+built-in TOMLs) and far below what would hang or crash the simulator. Reading the files and checking
+the URDF a robot names is `loader.py`'s job.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
+
+HERE = Path(__file__).parent
+ROBOTS_DIR = HERE / "robots"         # built-in robots, and where their relative URDF paths start
+HARDWARE_DIR = HERE / "hardware"     # built-in hardware targets
+
+# ---------------------------------------------------------------------------------- limits
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_NAME_LEN = 64
+MAX_PATH_LEN = 4096              # PATH_MAX on Linux
+MAX_TOML_BYTES = 1_000_000       # the built-in TOMLs are ~1.5 kB
+MAX_URDF_BYTES = 20_000_000      # pybullet_data's largest robot URDFs are well under 1 MB
+MAX_URDF_JOINTS = 256            # real robots: 6-30; PyBullet tracebacks at ~1,000, segfaults at 10k
+MAX_URDF_LINKS = 512
+MAX_TEXT_LEN = 2000              # description
+MAX_IDENT_LEN = 256              # joint and link names
+
+MAX_ABS_ANGLE = 2 * math.pi      # default pose, rad
+MAX_GAIN_KP = 1e5                # Nm/rad   (built-ins: 20-300)
+MAX_GAIN_KD = 1e4                # Nm s/rad (built-ins: 0.5-15)
+MAX_TORQUE = 1e5                 # Nm       (built-ins: 12-176)
+MAX_ACTION_SCALE = 2 * math.pi   # rad per unit of action (built-ins: 0.25, 1.0)
+MAX_ACTION_CLIP = 100.0          # (built-ins: 3.2, 4.0)
+MIN_CONTROL_HZ, MAX_CONTROL_HZ = 1.0, 1000.0    # built-ins: 50
+MAX_PHYSICS_HZ = 10_000.0                       # built-ins: 500
+MAX_SUBSTEPS = 100               # physics steps per control step (built-ins: 10)
+MAX_EPISODE_S = 120.0            # built-ins: 3-4 s
+# Physics steps in one episode (episode_s x physics_hz): 120 s at 2 kHz, ~20 s of CPU at the
+# ~80 us a PD-controlled physics step takes here. Built-ins: 1,500-2,000.
+MAX_EPISODE_PHYSICS_STEPS = 240_000
+MAX_GAIT_HZ = 50.0               # built-ins: 2
+MAX_SPEED_MPS = 10.0             # commanded forward speed (built-ins: 0.3-0.6)
+MAX_HEIGHT_M = 10.0              # spawn height (built-ins: 0.30-0.54)
+MAX_TOLERANCE_M = 1.0            # reach success radius (built-ins: 0.05)
+MAX_GOAL_RANGE = math.pi         # rad (built-ins: 0.6)
+MAX_LATENCY_US = 1e7             # 10 s (built-ins: 200, 500)
+MAX_MEMORY_MB = 1e6              # 1 TB (built-ins: 512, 1024)
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+def _check_name(v: str) -> str:
+    if not NAME_PATTERN.fullmatch(v) or ".." in v:
+        raise ValueError(
+            f"{show(v)} is not a valid name: use 1-{MAX_NAME_LEN} letters, digits, '_', '.' or "
+            "'-', starting with a letter or digit, no '..' and no path separators (the name "
+            "becomes a folder, build/<name>)")
+    return v
+
+
+def show(s: str, n: int = 60) -> str:
+    """A user-given string for a message: quoted, escaped, cut short."""
+    r = repr(s)
+    return r if len(r) <= n else r[: n - 5] + "...'" + f" ({len(s)} characters)"
+
+
+def _check_path_text(v: str) -> str:
+    if any(ord(c) < 32 or c == "\x7f" for c in v):
+        raise ValueError(f"{show(v)} has control characters; give a plain path")
+    return v
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+PathText = Annotated[str, AfterValidator(_check_path_text)]
+Ident = Annotated[str, Field(min_length=1, max_length=MAX_IDENT_LEN)]
+
+
+def _num(**limits: float):
+    """A finite number (int or float in the TOML, never a string or bool) within `limits`."""
+    return Annotated[float, Field(strict=True, allow_inf_nan=False, **limits)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Joints(_Strict):
+    names: list[Ident] = Field(min_length=1, max_length=MAX_URDF_JOINTS,
+                               description="movable URDF joints, in policy order")
+    default: list[_num(ge=-MAX_ABS_ANGLE, le=MAX_ABS_ANGLE)] = Field(
+        max_length=MAX_URDF_JOINTS, description="default pose, rad, one per joint")
+    kp: list[_num(ge=0, le=MAX_GAIN_KP)] = Field(
+        max_length=MAX_URDF_JOINTS, description="PD stiffness, Nm/rad, one per joint")
+    kd: list[_num(ge=0, le=MAX_GAIN_KD)] = Field(
+        max_length=MAX_URDF_JOINTS, description="PD damping, Nm s/rad, one per joint")
+    torque_limit: list[_num(gt=0, le=MAX_TORQUE)] = Field(
+        max_length=MAX_URDF_JOINTS, description="torque limit, Nm, one per joint")
+    action_scale: _num(gt=0, le=MAX_ACTION_SCALE) = Field(
+        description="rad of target offset per unit of action")
+    action_clip: _num(gt=0, le=MAX_ACTION_CLIP) = Field(
+        description="actions are clipped to [-clip, clip]")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> Joints:
+        n = len(self.names)
+        for field in ("default", "kp", "kd", "torque_limit"):
+            if len(getattr(self, field)) != n:
+                raise ValueError(
+                    f"joints.{field} has {len(getattr(self, field))} values, "
+                    f"joints.names has {n}: give one per joint"
+                )
+        if len(set(self.names)) != n:
+            raise ValueError("joints.names has duplicates")
+        return self
+
+
+class LocomotionTask(_Strict):
+    family: Literal["locomotion"]
+    episode_s: _num(gt=0, le=MAX_EPISODE_S) = Field(description="episode length, s")
+    command_vx_mps: tuple[_num(gt=0, le=MAX_SPEED_MPS), _num(gt=0, le=MAX_SPEED_MPS)] = Field(
+        description="range (lo, hi) of commanded forward speed")
+    gait_hz: _num(gt=0, le=MAX_GAIT_HZ) = Field(
+        description="gait clock frequency given to the policy")
+    spawn_height_m: _num(gt=0, le=MAX_HEIGHT_M) = Field(description="base height at reset")
+    fall_height_m: _num(gt=0, le=MAX_HEIGHT_M) = Field(
+        description="base below this height counts as a fall")
+
+    @model_validator(mode="after")
+    def _order(self) -> LocomotionTask:
+        lo, hi = self.command_vx_mps
+        if lo > hi:
+            raise ValueError(f"task.command_vx_mps is a range [lo, hi] with lo <= hi; got "
+                             f"[{lo:g}, {hi:g}]")
+        if self.fall_height_m >= self.spawn_height_m:
+            raise ValueError(f"task.fall_height_m ({self.fall_height_m:g}) must be below "
+                             f"task.spawn_height_m ({self.spawn_height_m:g}), or every episode "
+                             "starts as a fall")
+        return self
+
+
+class ReachTask(_Strict):
+    family: Literal["reach"]
+    episode_s: _num(gt=0, le=MAX_EPISODE_S)
+    ee_link: Ident = Field(description="URDF link whose origin must reach the goal")
+    tolerance_m: _num(gt=0, le=MAX_TOLERANCE_M) = Field(description="success radius")
+    goal_joint_range: _num(gt=0, le=MAX_GOAL_RANGE) = Field(
+        description="goals are FK of default pose +- this (rad), so always reachable"
+    )
+
+
+class RobotTarget(_Strict):
+    name: Name
+    description: str = Field(default="", max_length=MAX_TEXT_LEN)
+    urdf: PathText = Field(min_length=1, max_length=MAX_PATH_LEN,
+                      description="'pybullet_data:REL' or a path relative to the TOML file")
+    fixed_base: StrictBool
+    gravity_compensation: StrictBool = Field(
+        default=False, description="the robot's own controller adds gravity torques (arms)"
+    )
+    control_hz: _num(ge=MIN_CONTROL_HZ, le=MAX_CONTROL_HZ)
+    physics_hz: _num(ge=MIN_CONTROL_HZ, le=MAX_PHYSICS_HZ)
+    hardware: Name = Field(default="cpu", description="default hardware target (a built-in name)")
+    joints: Joints
+    task: LocomotionTask | ReachTask = Field(discriminator="family")
+    source: str = Field(default="", description="where the TOML was loaded from (set by loader)")
+
+    @model_validator(mode="after")
+    def _rates(self) -> RobotTarget:
+        ratio = self.physics_hz / self.control_hz
+        k = round(ratio)
+        if k < 1 or abs(ratio - k) > 1e-9 * ratio:
+            raise ValueError(f"physics_hz ({self.physics_hz:g}) must be a whole multiple of "
+                             f"control_hz ({self.control_hz:g})")
+        if k > MAX_SUBSTEPS:
+            raise ValueError(f"physics_hz / control_hz is {k}; at most {MAX_SUBSTEPS} physics "
+                             "steps per control step")
+        steps = round(self.task.episode_s * self.control_hz)
+        if steps < 1:
+            raise ValueError(f"task.episode_s ({self.task.episode_s:g}) is shorter than one "
+                             f"control step (control_hz {self.control_hz:g})")
+        if steps * k > MAX_EPISODE_PHYSICS_STEPS:
+            raise ValueError(f"task.episode_s x physics_hz is {steps * k:,} physics steps per "
+                             f"episode; at most {MAX_EPISODE_PHYSICS_STEPS:,} (e.g. "
+                             f"{MAX_EPISODE_S:g} s at {MAX_EPISODE_PHYSICS_STEPS / MAX_EPISODE_S:g} "
+                             "Hz): shorten the episode or lower physics_hz")
+        return self
+
+    @property
+    def n_joints(self) -> int:
+        return len(self.joints.names)
+
+    @property
+    def family(self) -> str:
+        return self.task.family
+
+    @property
+    def substeps(self) -> int:
+        """Physics steps per control step (validated: a whole number in [1, MAX_SUBSTEPS])."""
+        return max(1, round(self.physics_hz / self.control_hz))
+
+    @property
+    def episode_steps(self) -> int:
+        """Control steps per episode (validated: at least 1)."""
+        return max(1, round(self.task.episode_s * self.control_hz))
+
+    def urdf_path(self) -> Path:
+        if self.urdf.startswith("pybullet_data:"):
+            import pybullet_data  # only for robots that use it: keep `import xcompile` light
+
+            return Path(pybullet_data.getDataPath()) / self.urdf.split(":", 1)[1]
+        base = Path(self.source).parent if self.source else ROBOTS_DIR
+        return (base / self.urdf).resolve()
+
+
+class HardwareTarget(_Strict):
+    name: Name
+    description: str = Field(default="", max_length=MAX_TEXT_LEN)
+    runtime: Literal["onnxruntime-cpu", "tensorrt"]
+    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(min_length=1, max_length=3)
+    latency_budget_us: _num(gt=0, le=MAX_LATENCY_US)
+    memory_mb: _num(gt=0, le=MAX_MEMORY_MB)
+    source: str = ""
