@@ -124,10 +124,10 @@ def _cuda_time(call: Any, x: Any, calls: int) -> float:
 def _gpu(v: common.Variants, args: Any) -> tuple[dict[str, Any], str]:
     import torch
 
-    from xcompile.measure import random_obs
     from xcompile.models.checkpoint import load_checkpoint
     from xcompile.models.slim import load_torch_policy
     from xcompile.policy import body_descriptors
+    from xcompile.sim.observations import random_obs
 
     r, dev = v.robot, torch.device("cuda")
     obs = torch.as_tensor(random_obs(r, 64, seed=3), device=dev)

@@ -30,7 +30,7 @@ from typing import Any
 import common
 from quality import quality_plan
 
-from xcompile.measure import torch_single_thread
+from xcompile.evaluate import torch_single_thread
 from xcompile.sim.env import Faults, RobotEnv
 from xcompile.targets import RobotTarget, list_robots, load_robot
 

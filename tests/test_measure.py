@@ -28,7 +28,7 @@ def stages(tiny_fat_ckpt, tmp_path_factory):
         cls = get_pass(name)
         ctx = BuildContext(robot=robot, hardware=load_hardware("cpu"), workdir=tmp / key)
         ctx.workdir.mkdir()
-        arts[key] = cls().run(arts[src], cls.Config(**cfg), ctx)
+        arts[key] = cls().run(arts[src], cls.Config(**cfg), ctx).artifact
     return robot, arts
 
 

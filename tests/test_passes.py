@@ -13,15 +13,16 @@ import torch
 
 from xcompile.artifact import Artifact
 from xcompile.errors import CheckpointError, ContractError, TargetError, ToolUnavailable
-from xcompile.measure import random_obs
 from xcompile.models.checkpoint import save_checkpoint
 from xcompile.models.fat import FatConfig, FatPolicy
 from xcompile.models.slim import MLPPolicy, load_torch_policy, save_torch_policy
+from xcompile.onnx.graph import input_layers, output_layers, tensorrt_ready
+from xcompile.onnx.session import ort_session
 from xcompile.passes.base import BuildContext, get_pass
 from xcompile.passes.build_tensorrt import import_tensorrt
-from xcompile.passes.quantize import input_layers, output_layers, tensorrt_ready
 from xcompile.policy import load_policy
 from xcompile.sim.env import obs_dim
+from xcompile.sim.observations import random_obs
 from xcompile.targets import list_robots, load_hardware, load_robot
 
 
@@ -257,8 +258,6 @@ def test_cpu_default_is_weight_only_and_folds_at_load(mlp_onnx, tmp_path):
     """On the cpu hardware target (onnxruntime-cpu) `auto` gives weight-only int8, marked in the
     metadata; `ort_session` folds its DequantizeLinears at load and still computes the same."""
     import onnxruntime as ort
-
-    from xcompile.policy import ort_session
 
     robot = load_robot("a1")
     q, rq = run_pass("quantize", mlp_onnx, robot, tmp_path / "q", calibration_episodes=1,

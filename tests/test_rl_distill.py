@@ -13,12 +13,13 @@ import torch
 
 from xcompile.artifact import Artifact
 from xcompile.evaluate import evaluate
-from xcompile.measure import random_obs
 from xcompile.models.slim import MLPPolicy, load_torch_policy, read_torch_policy
+from xcompile.models.tuning import split_for_tuning
 from xcompile.passes import distill as distill_mod
 from xcompile.passes import rl_finetune as rl_mod
 from xcompile.passes.base import BuildContext, get_pass, with_profile_defaults
 from xcompile.policy import load_policy, torch_act
+from xcompile.sim.observations import random_obs
 from xcompile.targets import load_hardware, load_robot
 
 
@@ -104,7 +105,7 @@ def test_split_for_tuning_is_exact(pinned_panda):
     for module in (load_torch_policy(pinned.path),
                    MLPPolicy(x.shape[1], [16, 16], robot.n_joints, normalize=True)):
         for mode in ("all", "last"):
-            features, tail = rl_mod.split_for_tuning(module, mode)
+            features, tail = split_for_tuning(module, mode)
             with torch.no_grad():
                 torch.testing.assert_close(tail(features(x)), module(x))
             assert all(any(p is q for q in module.parameters()) for p in tail.parameters())

@@ -23,37 +23,34 @@ How each number is taken:
   like the robot's; median and p99 over `n` calls. `ort_floor_us` is onnxruntime's own per-call
   floor (an Identity graph of the same input shape) measured the same way, so a report can tell
   what the model costs from what calling it costs.
-- score: `xcompile.evaluate.evaluate` on the robot target, episodes seeded `seed + i`.
+- score: `xcompile.evaluate.score_policy` on the robot target, episodes seeded `seed + i`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from xcompile.artifact import Artifact
-from xcompile.errors import CheckpointError, ToolUnavailable
-from xcompile.policy import ort_session
+from xcompile.errors import ToolUnavailable
+from xcompile.evaluate import EvalResult, score_policy, torch_single_thread
+from xcompile.models.checkpoint import load_checkpoint
+from xcompile.models.fat import count_params
+from xcompile.models.slim import load_torch_policy
+from xcompile.onnx.session import ort_session
+from xcompile.policy import body_descriptors, load_fat_checkpoint, load_policy
+from xcompile.sim.observations import random_obs
 from xcompile.targets import RobotTarget
 
-if TYPE_CHECKING:
-    from xcompile.evaluate import EvalResult
-
 _CACHE: dict[tuple[str, Any], Any] = {}
-
-# Spread of each observation slice (by its name in obs_layout) for random test observations: about
-# what the simulator produces, so float checks and latency see realistic magnitudes.
-_OBS_SCALE = {"gravity_b": 0.3, "lin_vel_b": 0.4, "ang_vel_b_x0.25": 0.3, "cmd_vx": 0.1,
-              "gait_sin_cos": 0.7, "goal_minus_ee_b": 0.2, "ee_b": 0.4, "goal_b": 0.4,
-              "q_minus_default": 0.3, "qdot_x0.1": 0.3, "last_action": 1.0}
-_OBS_OFFSET = {"gravity_b": (0.0, 0.0, -1.0), "cmd_vx": (0.45,)}
 
 
 def clear_cache() -> None:
@@ -66,38 +63,9 @@ def _cached(key: tuple[str, Any], compute: Callable[[], Any]) -> Any:
     return _CACHE[key]
 
 
-@contextlib.contextmanager
-def torch_single_thread() -> Iterator[None]:
-    """Run torch on one thread inside the block, restoring the thread count afterwards.
-
-    Batch-1 calls of small networks are faster on one thread, and much faster on a busy machine
-    where a second thread waits for a core."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _robot_key(robot: RobotTarget) -> str:
     # By content, not name: two TOML files may name different bodies the same.
     return hashlib.sha256(robot.model_dump_json().encode()).hexdigest()[:16]
-
-
-def random_obs(robot: RobotTarget, n: int, seed: int = 0) -> np.ndarray:
-    """`n` random float32 observations for `robot`, each slice scaled like real ones."""
-    from xcompile.sim.env import obs_layout
-
-    rng = np.random.default_rng(seed)
-    parts = []
-    for name, width in obs_layout(robot):
-        scale = _OBS_SCALE.get(name, 0.5)
-        offset = np.asarray(_OBS_OFFSET.get(name, (0.0,) * width), dtype=np.float64)
-        parts.append(offset + scale * rng.standard_normal((n, width)))
-    return np.concatenate(parts, axis=1).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,13 +80,8 @@ def count_params_bytes(art: Artifact) -> dict[str, int]:
 
 def _count_params(art: Artifact) -> int:
     if art.format == "fat-checkpoint":
-        from xcompile.models.checkpoint import load_checkpoint
-        from xcompile.models.fat import count_params
-
         return count_params(load_checkpoint(art.path).model)
     if art.format == "torch":
-        from xcompile.models.slim import load_torch_policy
-
         module = load_torch_policy(art.path)
         return (sum(p.numel() for p in module.parameters())
                 + sum(b.numel() for b in module.buffers() if b.is_floating_point()))
@@ -131,7 +94,7 @@ def _count_params(art: Artifact) -> int:
 
 
 def onnx_param_count(path: str | Path) -> int:
-    import onnx
+    import onnx  # heavy: only for ONNX artifacts
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
@@ -158,9 +121,6 @@ def _macs(art: Artifact, robot: RobotTarget) -> int:
     if art.format == "tensorrt":
         onnx_path = art.meta.get("onnx_path")
         return onnx_macs(onnx_path) if onnx_path and Path(onnx_path).exists() else 0
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     call, _ = _torch_callable(art, robot)
     x = torch.as_tensor(random_obs(robot, 1))
     counter = FlopCounterMode(display=False)
@@ -171,7 +131,7 @@ def _macs(art: Artifact, robot: RobotTarget) -> int:
 
 def onnx_macs(path: str | Path) -> int:
     """MACs of a batch-1 call of an ONNX graph: its MatMul and Gemm nodes, shapes inferred."""
-    import onnx
+    import onnx  # heavy: only for ONNX artifacts
 
     model = onnx.load(str(path))
     for inp in model.graph.input:
@@ -212,22 +172,12 @@ def onnx_macs(path: str | Path) -> int:
 
 def _torch_callable(art: Artifact, robot: RobotTarget) -> tuple[Callable[[Any], Any], str]:
     """A batch callable on torch tensors for a fat-checkpoint or torch artifact."""
-    import torch
-
     if art.format == "fat-checkpoint":
-        from xcompile.models.checkpoint import load_checkpoint
-        from xcompile.policy import body_descriptors
-
-        ckpt = load_checkpoint(art.path)
-        if robot.family not in ckpt.config.global_dims:
-            raise CheckpointError(f"{art.path}: this fat policy serves task families "
-                                  f"{ckpt.config.families}, not '{robot.family}'")
+        ckpt = load_fat_checkpoint(art.path, robot)
         desc = torch.as_tensor(body_descriptors(ckpt, robot)[0])
         model, family = ckpt.model, robot.family
         return (lambda x: model.act(x, desc, family)), "torch"
     if art.format == "torch":
-        from xcompile.models.slim import load_torch_policy
-
         return load_torch_policy(art.path), "torch"
     raise ValueError(f"not a torch artifact: {art.format!r}")
 
@@ -268,8 +218,6 @@ def _latency(art: Artifact, robot: RobotTarget, n: int) -> dict[str, Any]:
     if art.format == "tensorrt":
         raise ToolUnavailable("latency of a TensorRT engine is measured on its GPU; this "
                               "measurement runs TensorRT-free")
-    import torch
-
     call, runtime = _torch_callable(art, robot)
     inputs = [torch.as_tensor(obs[i:i + 1]) for i in range(len(obs))]
     with torch_single_thread(), torch.inference_mode():
@@ -280,7 +228,7 @@ def _latency(art: Artifact, robot: RobotTarget, n: int) -> dict[str, Any]:
 def ort_floor_us(obs_dim: int, n: int = 2000) -> float:
     """onnxruntime's per-call floor (median µs) for a (1, obs_dim) float input: the latency of an
     Identity graph, measured like `latency`. Call it in the same run as the model's latency."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper  # heavy: only when the floor is measured
 
     graph = helper.make_graph(
         [helper.make_node("Identity", ["obs"], ["action"])], "floor",
@@ -303,15 +251,9 @@ def score(art: Artifact, robot: RobotTarget, episodes: int, seed: int = 0) -> Ev
 
 
 def _score(art: Artifact, robot: RobotTarget, episodes: int, seed: int) -> EvalResult:
-    from xcompile.evaluate import evaluate
-    from xcompile.policy import load_policy
-
     if art.format == "tensorrt":
         raise ToolUnavailable("a TensorRT engine is scored on its GPU; score its ONNX instead")
-    policy = load_policy(art.path, robot)
-    # The simulator and the policy take turns on one thread; a second torch thread only waits.
-    with torch_single_thread():
-        return evaluate(policy.act, robot, episodes=episodes, seed=seed, record_obs=True)
+    return score_policy(load_policy(art.path, robot).act, robot, episodes, seed, record_obs=True)
 
 
 # --------------------------------------------------------------------------------------------

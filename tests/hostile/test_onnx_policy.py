@@ -15,7 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from xcompile.errors import CheckpointError, ContractError, XCompileError
-from xcompile.policy import ExternalDataError, load_policy, ort_session
+from xcompile.onnx import session as session_mod
+from xcompile.onnx.session import ExternalDataError, ort_session
+from xcompile.policy import load_policy
 from xcompile.sim.env import obs_dim
 from xcompile.targets import load_robot
 
@@ -223,11 +225,9 @@ def test_broken_model_on_the_command_line_has_no_traceback(tmp_path):
 
 
 def test_oversized_model_is_refused_before_reading(tmp_path, monkeypatch):
-    import xcompile.policy as pol
-
     path = tmp_path / "m.onnx"
     path.write_bytes(_panda_model().SerializeToString())
-    monkeypatch.setattr(pol, "MAX_ONNX_BYTES", 100)
+    monkeypatch.setattr(session_mod, "MAX_ONNX_BYTES", 100)
     with pytest.raises(CheckpointError, match="GB"):
         ort_session(path)
 

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from xcompile.artifact import Artifact
 from xcompile.errors import PlanError
-from xcompile.measure import torch_single_thread
+from xcompile.evaluate import torch_single_thread
 from xcompile.targets import HardwareTarget, RobotTarget
 
 

@@ -40,7 +40,7 @@ class TensorRTConfig(PassConfig):
 def import_tensorrt() -> Any:
     """`tensorrt` and a CUDA device, or `ToolUnavailable` saying which is missing."""
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # optional and heavy: only on a machine that builds engines
     except ImportError as e:
         raise ToolUnavailable(
             "build-tensorrt: TensorRT is not installed (pip install 'xcompile[tensorrt]' on a "
@@ -58,7 +58,7 @@ def import_tensorrt() -> Any:
 
 def _gpu() -> tuple[str, str]:
     try:
-        import torch
+        import torch  # heavy: only when an engine is built
 
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability(0)

@@ -41,18 +41,28 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError
+from xcompile.evaluate import BatchPolicy, score_policy, torch_single_thread
+from xcompile.measure import count_params_bytes
+from xcompile.models.slim import MLPPolicy, load_torch_policy, save_torch_policy
+from xcompile.models.tuning import normalized_mlp
 from xcompile.passes.base import (
     BuildContext,
     Pass,
     PassConfig,
     PassResult,
     register_pass,
-    with_profile_defaults,
+    seeded_torch,
 )
+from xcompile.passes.training import start_training
+from xcompile.policy import torch_act
+from xcompile.sim.env import obs_dim
+from xcompile.sim.observations import random_obs
+from xcompile.targets import RobotTarget
 
 DAGGER_SEED = 200_000
 HELDOUT_SEED = 40_000
@@ -110,22 +120,6 @@ class DistillConfig(PassConfig):
                                "(same seeds for both)")
 
 
-# NETWORK
-def make_student(obs_dim: int, n_act: int, hidden: list[int], activation: str,
-                 obs: np.ndarray) -> Any:
-    """An MLPPolicy whose normalisation buffers hold the mean and std of `obs`."""
-    import torch
-
-    from xcompile.models.slim import MLPPolicy
-
-    student = MLPPolicy(obs_dim, hidden, n_act, activation, normalize=True)
-    x = torch.as_tensor(obs)
-    with torch.no_grad():
-        student.obs_mean.copy_(x.mean(0))
-        student.obs_std.copy_(x.std(0).clamp_min(MIN_OBS_STD))
-    return student
-
-
 @dataclass
 class _Data:
     obs: list[np.ndarray] = field(default_factory=list)
@@ -148,26 +142,11 @@ class Distill(Pass):
     summary = "DAgger into a small MLP over the flat observation (normalisation folded in)"
 
     def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
-        import torch
-
-        from xcompile.models.slim import load_torch_policy, read_torch_policy, save_torch_policy
-        from xcompile.policy import torch_act
-
-        assert isinstance(cfg, DistillConfig)
-        cfg = with_profile_defaults(cfg, ctx.profile, PROFILE_DEFAULTS)
-        assert isinstance(cfg, DistillConfig)
-        t0 = time.perf_counter()
-        teacher_spec = read_torch_policy(art.path)["spec"]
+        cfg, teacher_spec, t0 = start_training(art, cfg, DistillConfig, ctx, PROFILE_DEFAULTS)
         teacher = torch_act(load_torch_policy(art.path))
         robot = ctx.robot
         budget_us = float(ctx.hardware.latency_budget_us)
-
-        from xcompile.measure import torch_single_thread
-
-        # One thread: small MLP steps gain nothing from a second, and on a shared machine a
-        # second intra-op thread that waits for a core makes every step many times slower.
-        with torch.random.fork_rng(devices=[]), torch_single_thread():
-            torch.manual_seed(ctx.seed)
+        with seeded_torch(ctx.seed):
             heldout = _collect(teacher, None, 0.0, 0.0, ctx, cfg.heldout_episodes,
                                ctx.seed + HELDOUT_SEED)
             teacher_score = _score(teacher, cfg, ctx)
@@ -223,11 +202,6 @@ class Distill(Pass):
     def check(self, inp: Artifact, result: PassResult, cfg: PassConfig,
               ctx: BuildContext) -> dict[str, Any]:
         out = result.artifact
-        import torch
-
-        from xcompile.measure import count_params_bytes, random_obs
-        from xcompile.models.slim import load_torch_policy
-
         folded = load_torch_policy(out.path)
         s = result.summary
         unfolded = load_torch_policy(out.path.parent / s["unfolded"])
@@ -250,13 +224,10 @@ class Distill(Pass):
                 "student_latency_us": s["student_latency_us"], "wall_s": s["wall_s"]}
 
 
-def _collect(teacher: Any, student: Any, beta: float, noise_std: float, ctx: BuildContext,
-             episodes: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _collect(teacher: BatchPolicy, student: BatchPolicy | None, beta: float, noise_std: float,
+             ctx: BuildContext, episodes: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Roll out (student, teacher with probability beta, or the noisy teacher when student is
     None); return the visited observations, the teacher's labels and the mean score."""
-    from xcompile.evaluate import evaluate
-    from xcompile.measure import torch_single_thread
-
     rng = np.random.default_rng(seed)
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
@@ -271,29 +242,17 @@ def _collect(teacher: Any, student: Any, beta: float, noise_std: float, ctx: Bui
         use_teacher = rng.random(len(obs)) < beta
         return np.where(use_teacher[:, None], label, mine)
 
-    with torch_single_thread():
-        res = evaluate(act, ctx.robot, episodes=episodes, seed=seed)
+    res = score_policy(act, ctx.robot, episodes, seed)
     return (np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32),
             res.score)
 
 
-def _score(policy: Any, cfg: DistillConfig, ctx: BuildContext) -> float:
-    from xcompile.evaluate import evaluate
-    from xcompile.measure import torch_single_thread
-
-    with torch_single_thread():
-        return evaluate(policy, ctx.robot, episodes=cfg.eval_episodes,
-                        seed=ctx.seed + EVAL_SEED).score
+def _score(policy: BatchPolicy, cfg: DistillConfig, ctx: BuildContext) -> float:
+    return score_policy(policy, ctx.robot, cfg.eval_episodes, ctx.seed + EVAL_SEED).score
 
 
-def _latency_us(robot: Any, hidden: list[int], activation: str, n: int = 300) -> float:
+def _latency_us(robot: RobotTarget, hidden: list[int], activation: str, n: int = 300) -> float:
     """Median batch-1 latency of an MLP of these widths, torch eager on one thread."""
-    import torch
-
-    from xcompile.measure import random_obs, torch_single_thread
-    from xcompile.models.slim import MLPPolicy
-    from xcompile.sim.env import obs_dim
-
     mlp = MLPPolicy(obs_dim(robot), hidden, robot.n_joints, activation).eval()
     x = torch.as_tensor(random_obs(robot, 1))
     times = []
@@ -309,8 +268,6 @@ def _latency_us(robot: Any, hidden: list[int], activation: str, n: int = 300) ->
 def _fit(student: Any, x: Any, y: Any, epochs: int, lr: float, batch: int, gen: Any,
          cosine: bool = False) -> float:
     """MSE fit of `student` on (x, y); returns the last epoch's mean loss."""
-    import torch
-
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     steps = epochs * math.ceil(len(x) / batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.05) \
@@ -340,11 +297,6 @@ def _dagger(teacher: Any, hidden: list[int], cfg: DistillConfig, ctx: BuildConte
             heldout: tuple[np.ndarray, np.ndarray, float],
             progress: tuple[int, int]) -> tuple[Any, dict[str, Any]]:
     """DAgger rounds for one student size; `data` (shared across sizes) grows in place."""
-    import torch
-
-    from xcompile.policy import torch_act
-    from xcompile.sim.env import obs_dim
-
     robot = ctx.robot
     gen = torch.Generator().manual_seed(ctx.seed)
     x_ho, y_ho = torch.as_tensor(heldout[0]), torch.as_tensor(heldout[1])
@@ -353,8 +305,10 @@ def _dagger(teacher: Any, hidden: list[int], cfg: DistillConfig, ctx: BuildConte
     dagger_scores: list[float] = []
     ci, n_cand = progress
 
-    def new_student() -> Any:
-        return make_student(obs_dim(robot), robot.n_joints, hidden, cfg.activation, data.obs[0])
+    def new_student() -> MLPPolicy:
+        # NETWORK: an MLP over the flat observation, normalised with round 0's statistics
+        return normalized_mlp(obs_dim(robot), robot.n_joints, hidden, cfg.activation,
+                              data.obs[0], MIN_OBS_STD)
 
     def fit(model: Any) -> Any:
         xa, ya = data.arrays()

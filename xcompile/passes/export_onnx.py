@@ -1,6 +1,6 @@
-"""export-onnx: the one-robot torch policy as ONNX graphs carrying their deployment contract.
+"""export-onnx: the one-robot torch policy as an ONNX graph carrying its deployment contract.
 
-torch -> onnx. Cost: a few seconds (one torch.export trace per graph).
+torch -> onnx. Cost: a few seconds (one torch.export trace).
 
 Method: `torch.onnx.export(dynamo=True)` (torch.export + onnxscript) at a pinned opset, weights
 inside the file, inputs/outputs named `obs` -> `action`. One graph, `policy.onnx`, with a dynamic
@@ -11,9 +11,9 @@ An MLP's observation normalisation is folded into its first layer before export.
 
 The deployment contract (robot, joint order, default pose, action scale and clip, PD gains, torque
 limits, control period, observation layout, task family, source checkpoint hash, pass history,
-xcompile version) goes into the model's `metadata_props`, so a runtime can refuse a policy for
-another robot (`xcompile.policy.check_contract`). The output is byte-identical for the same input:
-the exporter's graph names are deterministic, and doc strings and per-node metadata (stack traces,
+xcompile version: `xcompile.onnx.contract`) goes into the model's `metadata_props`, so a runtime
+can refuse a policy for another robot. The output is byte-identical for the same input: the
+exporter's graph names are deterministic, and doc strings and per-node metadata (stack traces,
 paths) are stripped.
 
 Check: onnxruntime against torch on random observations, at batch 1 and at batch 64.
@@ -23,97 +23,38 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import os
-import tempfile
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError
+from xcompile.models.slim import MLPPolicy, load_torch_policy
+from xcompile.onnx.contract import deployment_contract
+from xcompile.onnx.model import save_onnx, set_metadata, strip_volatile
+from xcompile.onnx.session import ort_session
 from xcompile.passes.base import BuildContext, Pass, PassConfig, PassResult, register_pass
-from xcompile.targets import RobotTarget
+from xcompile.sim.env import obs_dim
+from xcompile.sim.observations import random_obs
 
 
 class ExportConfig(PassConfig):
-    opset: int = Field(17, ge=17, le=21, description="ONNX opset the graphs are written for")
+    opset: int = Field(17, ge=17, le=21, description="ONNX opset the graph is written for")
     n_check_obs: int = Field(1000, ge=64, description="random observations the check compares on")
     tolerance: float = Field(1e-4, gt=0, description="largest allowed |onnxruntime - torch|, in "
                              "action units")
 
 
-def deployment_contract(robot: RobotTarget, ctx: BuildContext,
-                        history: list[str]) -> dict[str, str]:
-    """The metadata_props every compiled ONNX policy carries (all values are strings)."""
-    import xcompile
-    from xcompile.sim.env import obs_layout
+def _export(module: Any, n_obs: int, opset: int) -> Any:
+    """`module` as an ONNX ModelProto with a dynamic batch, volatile fields stripped."""
+    import onnx  # heavy: only when the pass runs
 
-    j = robot.joints
-    return {
-        "robot": robot.name,
-        "joint_order": json.dumps(list(j.names)),
-        "default_pose": json.dumps(list(j.default)),
-        "action_scale": repr(float(j.action_scale)),
-        "action_clip": repr(float(j.action_clip)),
-        "kp": json.dumps(list(j.kp)),
-        "kd": json.dumps(list(j.kd)),
-        "torque_limit": json.dumps(list(j.torque_limit)),
-        "control_period_s": repr(1.0 / robot.control_hz),
-        "obs_layout": json.dumps([[name, width] for name, width in obs_layout(robot)]),
-        "family": robot.family,
-        "source_checkpoint_sha256": ctx.source_sha256,
-        "pass_history": json.dumps(list(history)),
-        "xcompile_version": xcompile.__version__,
-    }
-
-
-def set_metadata(model: Any, props: dict[str, str]) -> None:
-    """Replace `model.metadata_props` by `props`, in sorted key order (deterministic bytes)."""
-    del model.metadata_props[:]
-    for key in sorted(props):
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, props[key]
-
-
-def save_onnx(model: Any, path: Path) -> Path:
-    """Write an ONNX model (weights inside) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        Path(tmp).write_bytes(model.SerializeToString())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _strip_volatile(model: Any) -> None:
-    # Node metadata of the dynamo exporter can hold stack traces with absolute paths: drop it so the
-    # same policy gives the same bytes on any machine. Doc strings go for the same reason.
-    model.doc_string = ""
-    model.graph.doc_string = ""
-    for node in model.graph.node:
-        node.doc_string = ""
-        del node.metadata_props[:]
-    for fn in model.functions:
-        for node in fn.node:
-            node.doc_string = ""
-            del node.metadata_props[:]
-
-
-def _export(module: Any, obs_dim: int, opset: int, dynamic: bool) -> Any:
-    import onnx
-    import torch
-
-    example = torch.zeros(2 if dynamic else 1, obs_dim)
-    dynamic_shapes = {"obs": {0: torch.export.Dim("batch")}} if dynamic else None
+    example = torch.zeros(2, n_obs)
+    dynamic_shapes = {"obs": {0: torch.export.Dim("batch")}}
     # The exporter logs and prints a lot (opset conversion notes, missing torchvision ops); a
     # failure still raises with its message.
     sink = io.StringIO()
@@ -133,7 +74,7 @@ def _export(module: Any, obs_dim: int, opset: int, dynamic: bool) -> Any:
     assert prog is not None
     model = prog.model_proto
     model = onnx.load_from_string(model.SerializeToString())
-    _strip_volatile(model)
+    strip_volatile(model)
     return model
 
 
@@ -147,10 +88,7 @@ class ExportOnnx(Pass):
     summary = "export to ONNX (dynamic batch) with the deployment contract"
 
     def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
-        import onnx
-
-        from xcompile.models.slim import MLPPolicy, load_torch_policy
-        from xcompile.sim.env import obs_dim
+        import onnx  # heavy: only when the pass runs
 
         assert isinstance(cfg, ExportConfig)
         module = load_torch_policy(art.path)
@@ -161,8 +99,8 @@ class ExportOnnx(Pass):
             raise PassCheckError(
                 f"export-onnx: the policy takes {module.obs_dim} observations but robot "
                 f"{ctx.robot.name} gives {n_obs}; it was made for another robot")
-        props = deployment_contract(ctx.robot, ctx, [*ctx.history, self.name])
-        model = _export(module, n_obs, cfg.opset, True)
+        props = deployment_contract(ctx.robot, ctx.source_sha256, [*ctx.history, self.name])
+        model = _export(module, n_obs, cfg.opset)
         set_metadata(model, props)
         onnx.checker.check_model(model)
         path = save_onnx(model, ctx.workdir / "policy.onnx")
@@ -174,18 +112,11 @@ class ExportOnnx(Pass):
     def check(self, inp: Artifact, result: PassResult, cfg: PassConfig,
               ctx: BuildContext) -> dict[str, Any]:
         out = result.artifact
-        import torch
-
-        from xcompile.measure import random_obs
-        from xcompile.models.slim import load_torch_policy
-
         assert isinstance(cfg, ExportConfig)
         module = load_torch_policy(inp.path)
         obs = random_obs(ctx.robot, cfg.n_check_obs, seed=ctx.seed + 1)
         with torch.inference_mode():
             want = module(torch.as_tensor(obs)).numpy()
-        from xcompile.policy import ort_session
-
         sess = ort_session(out.path)
         got_b1 = np.concatenate([sess.run(None, {"obs": obs[i:i + 1]})[0]
                                  for i in range(len(obs))])

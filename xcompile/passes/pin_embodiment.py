@@ -19,11 +19,18 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from xcompile.artifact import Artifact
-from xcompile.errors import PassCheckError, TargetError
+from xcompile.errors import PassCheckError
+from xcompile.evaluate import score_policy
+from xcompile.measure import count_params_bytes
+from xcompile.models.fat import pin
+from xcompile.models.slim import load_torch_policy, save_torch_policy, spec_of
 from xcompile.passes.base import BuildContext, Pass, PassConfig, PassResult, register_pass
+from xcompile.policy import body_descriptors, fat_act, load_fat_checkpoint
+from xcompile.sim.observations import random_obs
 
 
 class PinConfig(PassConfig):
@@ -33,18 +40,6 @@ class PinConfig(PassConfig):
         "added to the check (0: random observations only)")
     tolerance: float = Field(1e-5, gt=0, description="largest allowed |pinned - fat| over all "
                              "check observations, in action units")
-
-
-def _load_fat(art: Artifact, ctx: BuildContext) -> Any:
-    from xcompile.models.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(art.path)
-    if ctx.robot.family not in ckpt.config.global_dims:
-        raise TargetError(
-            f"robot {ctx.robot.name!r} does {ctx.robot.family!r}, a task family the fat policy "
-            f"{art.path.name} does not serve (it serves {ckpt.config.families}); pick a target "
-            "of one of those families or a fat policy trained for it")
-    return ckpt
 
 
 @register_pass
@@ -57,11 +52,7 @@ class PinEmbodiment(Pass):
     summary = "fold one body's descriptors into the fat network; drop what it does not use"
 
     def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
-        from xcompile.models.fat import pin
-        from xcompile.models.slim import save_torch_policy, spec_of
-        from xcompile.policy import body_descriptors
-
-        ckpt = _load_fat(art, ctx)
+        ckpt = load_fat_checkpoint(art.path, ctx.robot)
         robot = ctx.robot
         desc, known = body_descriptors(ckpt, robot)
         pinned = pin(ckpt.model, desc, robot.family)
@@ -76,26 +67,16 @@ class PinEmbodiment(Pass):
     def check(self, inp: Artifact, result: PassResult, cfg: PassConfig,
               ctx: BuildContext) -> dict[str, Any]:
         out = result.artifact
-        import torch
-
-        from xcompile.measure import count_params_bytes, random_obs, torch_single_thread
-        from xcompile.models.slim import load_torch_policy
-        from xcompile.policy import body_descriptors, fat_act
-
         assert isinstance(cfg, PinConfig)
-        ckpt = _load_fat(inp, ctx)
+        ckpt = load_fat_checkpoint(inp.path, ctx.robot)
         robot = ctx.robot
         desc, known = body_descriptors(ckpt, robot)
         pinned = load_torch_policy(out.path)
 
         obs = [random_obs(robot, cfg.n_check_obs, seed=ctx.seed)]
         if cfg.check_episodes:
-            from xcompile.evaluate import evaluate
-
-            fat_policy = fat_act(ckpt.model, desc, robot.family)
-            with torch_single_thread():
-                res = evaluate(fat_policy, robot, episodes=cfg.check_episodes, seed=ctx.seed,
-                               record_obs=True)
+            res = score_policy(fat_act(ckpt.model, desc, robot.family), robot,
+                               cfg.check_episodes, ctx.seed, record_obs=True)
             obs += res.observations
         x = torch.as_tensor(np.concatenate(obs))
         with torch.inference_mode():

@@ -16,11 +16,13 @@ runs first.
 On onnxruntime-cpu hardware, `activations="auto"` writes weight-only int8 instead: the activation
 Q/DQ pairs removed, the weights int8 behind their DequantizeLinear, the first layer's weights in
 fp16. Elsewhere `auto` keeps the first layer, then the activations, int8 only where the closed-loop
-score allows; see `_choose`.
+score allows; see `_choose`. The graph rewrites (weight-only, fp16 weights, which layers read
+the observation or write the action) are in `xcompile.onnx.graph`.
 fp16: `onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)`: the weights and
 arithmetic in fp16, `obs` and `action` stay float32.
 
-The deployment contract is copied from the input; `precision` is added and `pass_history` extended.
+The deployment contract is copied from the input; `precision` (and for int8 `int8_activations`) is
+added and `pass_history` extended (`xcompile.onnx.contract.extend_contract`).
 
 Check: action error against the float graph on held-out closed-loop observations (episodes other
 than the calibration ones; random observations only if `heldout_episodes=0`, where int8 may clip
@@ -30,7 +32,6 @@ units). Reports the size ratio, and with `score_episodes > 0` the closed-loop sc
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,9 +42,21 @@ from pydantic import Field
 
 from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError, XCompileError
+from xcompile.evaluate import EvalResult, evaluate
+from xcompile.measure import count_params_bytes, score
+from xcompile.onnx.contract import extend_contract
+from xcompile.onnx.graph import (
+    drop_unused_opsets,
+    fp16_weights,
+    input_layers,
+    output_layers,
+    tensorrt_ready,
+    weight_only,
+)
+from xcompile.onnx.model import get_metadata, save_onnx, set_metadata
+from xcompile.onnx.session import ort_session
 from xcompile.passes.base import BuildContext, Pass, PassConfig, PassResult, register_pass
-from xcompile.passes.export_onnx import save_onnx, set_metadata
-from xcompile.policy import ort_session
+from xcompile.sim.observations import random_obs
 from xcompile.targets import HardwareTarget
 
 _CALIBRATION_SEED = 10_000   # calibration episodes use seeds seed+10000...; held-out ones +20000
@@ -88,10 +101,8 @@ def _run_batched(sess: Any, obs: np.ndarray, batch: int = 256) -> np.ndarray:
 
 
 def _rollouts(onnx_path: Path, ctx: BuildContext, episodes: int, seed: int,
-              record_obs: bool = False) -> Any:
-    """Closed-loop episodes of an ONNX policy on the build's robot (an EvalResult)."""
-    from xcompile.evaluate import evaluate
-
+              record_obs: bool = False) -> EvalResult:
+    """Closed-loop episodes of an ONNX policy on the build's robot."""
     sess = ort_session(onnx_path)
     return evaluate(lambda o: _run_batched(sess, np.asarray(o, np.float32)), ctx.robot,
                     episodes=episodes, seed=seed, record_obs=record_obs)
@@ -102,62 +113,9 @@ def _closed_loop_obs(onnx_path: Path, ctx: BuildContext, episodes: int, seed: in
     return np.concatenate(res.observations).astype(np.float32)
 
 
-def _nearest_products(model: Any, from_inputs: bool) -> list[str]:
-    """Names of the MatMul/Gemm nodes met first when walking from the graph's inputs (forward)
-    or from its outputs (backward); the walk stops at each one it meets."""
-    nodes = model.graph.node
-    if from_inputs:
-        nexts: dict[str, list[Any]] = {}
-        for node in nodes:
-            for name in node.input:
-                nexts.setdefault(name, []).append(node)
-        todo, onward = [i.name for i in model.graph.input], "output"
-    else:
-        nexts = {out: [node] for node in nodes for out in node.output}
-        todo, onward = [o.name for o in model.graph.output], "input"
-    seen, found = set(), []
-    while todo:
-        for node in nexts.get(todo.pop(0), []):
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if node.op_type in ("MatMul", "Gemm"):
-                found.append(str(node.name))
-            else:
-                todo += list(getattr(node, onward))
-    return found
-
-
-def output_layers(model: Any) -> list[str]:
-    """Names of the matrix products that write the action with no other one in between.
-
-    For an MLP that is its last layer; for a pinned fat network, the action head and the
-    joint-state skip that is added to it.
-    """
-    return _nearest_products(model, from_inputs=False)
-
-
-def input_layers(model: Any) -> list[str]:
-    """Names of the matrix products that read the observation with no other one in between.
-
-    The observation mixes quantities of very different scales (joint angles in rad, goal errors of
-    a few cm, scaled velocities); under one int8 range for the whole vector the small ones round
-    away. Keeping these products in float keeps the observation in float.
-    """
-    return _nearest_products(model, from_inputs=True)
-
-
-def _drop_unused_opsets(model: Any) -> None:
-    # quantize_static declares every contrib domain it knows; keep only those the graph uses.
-    used = {n.domain for n in model.graph.node} | {""}
-    keep = [o for o in model.opset_import if o.domain in used]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
-
-
 def _int8(pre: Path, dst: Path, calib: np.ndarray, exclude: list[str]) -> None:
     """Static int8 QDQ of the shape-inferred model `pre` (see `quant_pre_process`)."""
-    from onnxruntime import quantization as q
+    from onnxruntime import quantization as q  # heavy: only for int8
 
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
@@ -175,103 +133,6 @@ def _int8(pre: Path, dst: Path, calib: np.ndarray, exclude: list[str]) -> None:
                        "QuantizeBias": False, "DedicatedQDQPair": True})
 
 
-def weight_only(model: Any) -> Any:
-    """`model` (QDQ) with every activation Q/DQ pair removed: int8 weights through their
-    DequantizeLinear, float activations (W8A32). The unused scales and zero points go too."""
-    import onnx
-
-    inits = {t.name for t in model.graph.initializer}
-    nodes = list(model.graph.node)
-    # Activation Q -> DQ pairs (a Q that reads no initializer): each DQ output becomes the Q input.
-    q_in = {n.output[0]: n.input[0] for n in nodes
-            if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
-    rename = {n.output[0]: q_in[n.input[0]] for n in nodes
-              if n.op_type == "DequantizeLinear" and n.input[0] in q_in}
-    # Copies: protobuf hands out fresh wrappers on every access, so keep what we keep by value.
-    keep = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes
-            if n.output[0] not in q_in and n.output[0] not in rename]
-    for n in keep:
-        for i, name in enumerate(n.input):
-            n.input[i] = rename.get(name, name)
-    for out in model.graph.output:    # a graph output a DQ wrote: now a copy of the float value
-        if out.name in rename:
-            keep.append(onnx.helper.make_node("Identity", [rename[out.name]], [out.name],
-                                              name=f"{out.name}_float"))
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-    used = {name for n in keep for name in n.input}
-    unused = [t for t in model.graph.initializer if t.name not in used]
-    for t in unused:
-        model.graph.initializer.remove(t)
-    return model
-
-
-def fp16_weights(model: Any, names: list[str]) -> Any:
-    """`model` with the float weights of the MatMul/Gemm nodes `names` stored in fp16 behind a
-    Cast to float (which onnxruntime folds at load: fp32 arithmetic, half the bytes on disk).
-
-    For the first layer of a weight-only model: its weights carry the folded observation
-    normalisation (W / std), so their columns differ in scale as much as the observation entries
-    do. int8 with one scale per tensor rounds the small ones away, and even one scale per input
-    feature cost a1 0.999 -> 0.966 (action error 0.0075 vs 0.0020 in float); fp16 keeps 11
-    significant bits in every entry."""
-    import onnx
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.name not in names or len(node.input) < 2 or node.input[1] not in inits:
-            continue
-        w_name = node.input[1]
-        w = numpy_helper.to_array(inits[w_name]).astype(np.float16)
-        model.graph.initializer.remove(inits[w_name])
-        model.graph.initializer.append(numpy_helper.from_array(w, f"{w_name}_fp16"))
-        node.input[1] = f"{w_name}_float"
-        model.graph.node.insert(0, onnx.helper.make_node(
-            "Cast", [f"{w_name}_fp16"], [node.input[1]], to=onnx.TensorProto.FLOAT,
-            name=f"{w_name}_Cast"))
-    return model
-
-
-def tensorrt_ready(model: Any) -> list[str]:
-    """Problems that keep TensorRT from building a QDQ model: [] when there are none.
-
-    Every Q/DQ zero point must be an int8 0 (symmetric; a missing zero point means uint8), and no
-    DequantizeLinear may read an int32 tensor (a quantized bias).
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    consts = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    consts[node.output[0]] = a.t
-    problems = []
-    for node in model.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        if len(node.input) < 3 or not node.input[2]:
-            problems.append(f"{node.op_type} {node.name!r} has no zero point (defaults to uint8)")
-        elif node.input[2] not in consts:
-            problems.append(f"{node.op_type} {node.name!r}: zero point is not a constant")
-        else:
-            zp = consts[node.input[2]]
-            if zp.data_type != onnx.TensorProto.INT8:
-                problems.append(f"{node.op_type} {node.name!r}: zero point is "
-                                f"{onnx.TensorProto.DataType.Name(zp.data_type)}, not INT8")
-            elif np.any(numpy_helper.to_array(zp) != 0):
-                problems.append(f"{node.op_type} {node.name!r}: non-zero zero point "
-                                "(asymmetric quantization)")
-        if node.op_type == "DequantizeLinear":
-            x = consts.get(node.input[0])
-            if x is not None and x.data_type == onnx.TensorProto.INT32:
-                problems.append(f"DequantizeLinear {node.name!r} reads int32 {node.input[0]!r} "
-                                "(a quantized bias)")
-    return problems
-
-
 @register_pass
 class Quantize(Pass):
     name = "quantize"
@@ -283,10 +144,10 @@ class Quantize(Pass):
     precision_option = "precision"
 
     def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
-        import onnx
+        import onnx  # heavy: only when the pass runs
 
         assert isinstance(cfg, QuantizeConfig)
-        src_meta = {p.key: p.value for p in onnx.load(str(art.path)).metadata_props}
+        src_meta = get_metadata(onnx.load(str(art.path)))
         dst = ctx.workdir / f"policy_{cfg.precision}.onnx"
         info: dict[str, Any] = {}
         if cfg.precision == "int8":
@@ -300,16 +161,15 @@ class Quantize(Pass):
                                                                     ctx, info)
             model = onnx.load(str(dst))
         else:
-            from onnxconverter_common import float16
+            from onnxconverter_common import float16  # heavy: only for fp16
 
             model = float16.convert_float_to_float16(onnx.load(str(art.path)),
                                                      keep_io_types=True)
-        _drop_unused_opsets(model)
-        history = json.loads(src_meta.get("pass_history", "[]"))
+        drop_unused_opsets(model)
         extra = ({"int8_activations": "true" if info["activations"] == "int8" else "false"}
                  if cfg.precision == "int8" else {})
-        set_metadata(model, {**src_meta, "precision": cfg.precision, **extra,
-                             "pass_history": json.dumps([*history, self.name])})
+        set_metadata(model, extend_contract(src_meta, self.name, precision=cfg.precision,
+                                            **extra))
         save_onnx(model, dst)
         out = Artifact.create("onnx", dst, ctx.robot.name,
                               meta={**art.meta, "precision": cfg.precision},
@@ -344,7 +204,7 @@ class Quantize(Pass):
         a bias correction of the float head, a linear observation->action skip in the student,
         and int8-aware fine-tuning of the student (none beyond episode noise).
         """
-        import onnx
+        import onnx  # heavy: only when the pass runs
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         act_mode = cfg.activations
@@ -405,8 +265,6 @@ class Quantize(Pass):
     def check(self, inp: Artifact, result: PassResult, cfg: PassConfig,
               ctx: BuildContext) -> dict[str, Any]:
         out = result.artifact
-        from xcompile.measure import count_params_bytes, random_obs
-
         assert isinstance(cfg, QuantizeConfig)
         try:
             quant = ort_session(out.path)
@@ -437,7 +295,7 @@ class Quantize(Pass):
                                "bytes_float": fb, "bytes_quantized": qb,
                                "size_ratio": qb / fb}
         if cfg.precision == "int8":
-            import onnx
+            import onnx  # heavy: only when the pass runs
 
             problems = tensorrt_ready(onnx.load(str(out.path)))
             res["tensorrt_ready"] = not problems
@@ -445,8 +303,6 @@ class Quantize(Pass):
             res.update({k: result.summary[k] for k in ("input_layer", "activations",
                                                         "auto_scores") if k in result.summary})
         if cfg.score_episodes:
-            from xcompile.measure import score
-
             sf = score(inp, ctx.robot, cfg.score_episodes, ctx.seed)
             sq = score(out, ctx.robot, cfg.score_episodes, ctx.seed)
             res.update(score_float=round(sf.score, 4), score_quantized=round(sq.score, 4))

@@ -28,9 +28,10 @@ Budgets (`env_steps`, `n_envs`, `rollout_steps`, `epochs`, `critic_warmup_iters`
 come from `PROFILE_DEFAULTS[ctx.profile]` for every field the user did not set (pydantic's
 `model_fields_set`: what the build file or command line gave; see `with_profile_defaults`).
 
-Writes `tuned.pt`, `learning_curve.json` (per iteration: env steps, mean score and return of the
-training episodes that ended in it, with exploration noise; losses, KL, std) and
-`learning_curve.png`; the artifact meta names the last two relative to the artifact's folder.
+Writes `tuned.pt` and `learning_curve.png` (shipped beside it, see `learning_curve.py`); the
+summary carries the learning curve (per iteration: env steps, mean score and return of the training
+episodes that ended in it, with exploration noise; losses, KL, std). Network surgery for
+`trainable="last"` is `xcompile.models.tuning.split_for_tuning`.
 Check: the saved policy gives finite actions; measurements score_start, score_tuned, kept, env_steps,
 wall time.
 """
@@ -40,23 +41,33 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import Field
+from torch import nn
 
 from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError
+from xcompile.evaluate import EvalResult, score_policy
+from xcompile.models.slim import load_torch_policy, save_torch_policy
+from xcompile.models.tuning import split_for_tuning
 from xcompile.passes.base import (
     BuildContext,
     Pass,
     PassConfig,
     PassResult,
     register_pass,
-    with_profile_defaults,
+    seeded_torch,
 )
+from xcompile.passes.learning_curve import plot_learning_curve
+from xcompile.passes.training import start_training
+from xcompile.policy import torch_act
+from xcompile.sim.env import obs_dim
+from xcompile.sim.observations import random_obs
+from xcompile.sim.vec import LockstepEnvs
 from xcompile.targets import HardwareTarget
 
 HELDOUT_SEED = 30_000      # held-out evaluation episodes: ctx.seed + HELDOUT_SEED + i
@@ -115,191 +126,17 @@ class RLFinetuneConfig(PassConfig):
 
 
 # NETWORK
-def split_for_tuning(module: Any, trainable: str) -> tuple[Callable[[Any], Any], Any]:
-    """(features, tail) with tail(features(obs)) == module(obs); only `tail` trains.
-
-    The tail shares its parameters with `module`, so training it tunes `module` in place.
-    "all": features is the identity. "last": a PinnedPolicy's last transformer block, final norm
-    and head; an MLPPolicy's last hidden layer and output layer."""
-    import torch
-    from torch import nn
-
-    from xcompile.models.fat import PinnedPolicy, split_obs
-    from xcompile.models.slim import MLPPolicy
-
-    if trainable == "all":
-        return (lambda obs: obs), module
-    if isinstance(module, PinnedPolicy):
-        m = module
-
-        def features(obs: torch.Tensor) -> torch.Tensor:
-            global_obs, joint_state = split_obs(obs, m.global_dim, m.n_joints)
-            joints = torch.nn.functional.linear(joint_state, m.joint_weight) + m.joint_const
-            x = torch.cat([m.global_encoder(global_obs).unsqueeze(1), joints], dim=1)
-            for block in m.blocks[:-1]:
-                x = block(x)
-            # The tail's state skip needs each joint's raw state: carried as extra channels
-            # (zeros on the global token) so features stay one tensor that can be cached.
-            state = torch.cat([joint_state.new_zeros(x.shape[0], 1, joint_state.shape[-1]),
-                               joint_state], dim=1)
-            return torch.cat([x, state], dim=-1)
-
-        class Tail(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.block, self.ln_f, self.head, self.skip = m.blocks[-1], m.ln_f, m.head, m.skip
-                self.d = m.joint_const.shape[-1]
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                h, state = x[..., :self.d], x[:, 1:, self.d:]
-                return (self.head(self.ln_f(self.block(h)[:, 1:])) + self.skip(state)).squeeze(-1)
-
-        return features, Tail()
-    if isinstance(module, MLPPolicy):
-        m2 = module
-        k = max(0, len(m2.net) - 3)
-
-        def mlp_features(obs: torch.Tensor) -> torch.Tensor:
-            if m2.normalize:
-                obs = (obs - m2.obs_mean) / m2.obs_std
-            return m2.net[:k](obs)
-
-        return mlp_features, m2.net[k:]
-    raise PassCheckError(f"rl-finetune: trainable='last' does not know how to split a "
-                         f"{type(module).__name__}; use trainable='all'")
-
-
-def make_critic(obs_dim: int, hidden: list[int]) -> Any:
-    from torch import nn
-
+def make_critic(n_obs: int, hidden: list[int]) -> nn.Module:
     layers: list[nn.Module] = []
-    for a, b in zip([obs_dim, *hidden[:-1]], hidden):
+    for a, b in zip([n_obs, *hidden[:-1]], hidden):
         layers += [nn.Linear(a, b), nn.Tanh()]
     layers.append(nn.Linear(hidden[-1], 1))
     return nn.Sequential(*layers)
 
 
-@register_pass
-class RLFinetune(Pass):
-    name = "rl-finetune"
-    version = 1
-    input_format = "torch"
-    output_format = "torch"
-    Config = RLFinetuneConfig
-    summary = "PPO on the target's own task from the given policy, anchored to it; keeps the better"
-
-    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
-        import torch
-
-        from xcompile.models.slim import load_torch_policy, read_torch_policy, save_torch_policy
-
-        assert isinstance(cfg, RLFinetuneConfig)
-        cfg = with_profile_defaults(cfg, ctx.profile, PROFILE_DEFAULTS)
-        assert isinstance(cfg, RLFinetuneConfig)
-        t_start = time.perf_counter()
-        spec = read_torch_policy(art.path)["spec"]
-        start = load_torch_policy(art.path)
-        policy = load_torch_policy(art.path)
-        from xcompile.measure import torch_single_thread
-
-        # One thread for rollouts and updates alike: on a shared 2-core machine a second intra-op
-        # thread that waits for a core makes each small step many times slower (measured: a
-        # 128x128 MLP step went from about 1 ms to 500 ms under load).
-        with torch.random.fork_rng(devices=[]), torch_single_thread():
-            torch.manual_seed(ctx.seed)
-            curve = _ppo(policy, cfg, ctx)
-        train_s = time.perf_counter() - t_start
-
-        t_eval = time.perf_counter()
-        res_start, res_tuned = (_heldout(m, cfg, ctx) for m in (start, policy))
-        # Strictly better score, no tie-break on return: a reach score saturates at 1.0, and a
-        # tuned policy that tied on a few held-out episodes with a higher return was seen to lose
-        # 0.1-0.2 of score on the report's episodes (panda). A tie keeps the start.
-        kept = "tuned" if res_tuned.score > res_start.score or not cfg.keep_better else "start"
-        eval_s = time.perf_counter() - t_eval
-
-        path = save_torch_policy(ctx.workdir / "tuned.pt", policy if kept == "tuned" else start,
-                                 spec)
-        summary = {"kept": kept, "score_start": round(res_start.score, 4),
-                   "score_tuned": round(res_tuned.score, 4),
-                   "return_start": round(float(np.mean(res_start.returns)), 3),
-                   "return_tuned": round(float(np.mean(res_tuned.returns)), 3),
-                   "heldout_episodes": cfg.eval_episodes,
-                   "heldout_seed": ctx.seed + HELDOUT_SEED,
-                   "env_steps": curve[-1]["env_steps"] if curve else 0,
-                   "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
-                   "final_std": curve[-1]["std"] if curve else cfg.init_std,
-                   "config": cfg.model_dump(mode="json")}
-        plot_learning_curve(curve, summary, ctx.workdir / "learning_curve.png",
-                            f"rl-finetune on {ctx.robot.name}")
-        out = Artifact.create("torch", path, ctx.robot.name,
-                              meta={**art.meta, "kind": spec["kind"], "kept": kept},
-                              lineage=(*art.lineage, self.name))
-        return PassResult(out, {**summary, "curve": curve}, files=("learning_curve.png",))
-
-    def check(self, inp: Artifact, result: PassResult, cfg: PassConfig,
-              ctx: BuildContext) -> dict[str, Any]:
-        out = result.artifact
-        import torch
-
-        from xcompile.measure import random_obs
-        from xcompile.models.slim import load_torch_policy
-
-        module = load_torch_policy(out.path)
-        with torch.inference_mode():
-            act = module(torch.as_tensor(random_obs(ctx.robot, 256, seed=ctx.seed + 2)))
-        if not bool(torch.isfinite(act).all()):
-            raise PassCheckError("rl-finetune: the tuned policy outputs NaN or Inf; lower lr "
-                                 "or raise anchor_coef")
-        s = result.summary
-        losses = [r[k] for r in s["curve"] for k in ("pg_loss", "v_loss", "anchor_loss")
-                  if r.get(k) is not None]
-        if not all(math.isfinite(v) for v in losses):
-            raise PassCheckError("rl-finetune: a training loss went NaN/Inf")
-        return {"kept": s["kept"], "score_start": s["score_start"],
-                "score_tuned": s["score_tuned"], "heldout_episodes": s["heldout_episodes"],
-                "env_steps": s["env_steps"], "train_s": s["train_s"], "eval_s": s["eval_s"],
-                "wall_s": round(s["train_s"] + s["eval_s"], 2), "final_std": s["final_std"]}
-
-
-    @classmethod
-    def notes(cls, stage: Mapping[str, Any], stages: list[Mapping[str, Any]], cfg: PassConfig,
-              hardware: HardwareTarget) -> list[str]:
-        """What fine-tuning added over the policy it started from, on the report's episodes."""
-        done = [s for s in stages if not s["skipped"]]
-        i = next(k for k, s in enumerate(done) if s["name"] == stage["name"])
-        start = done[i - 1] if i > 0 else None
-        if start is None or start["score"] is None or stage["score"] is None:
-            return []
-        known = next((s["checks"]["known_body"] for s in done if "known_body" in s["checks"]),
-                     None)
-        body = ("a body the fat policy was trained on" if known else
-                "a body the fat policy never saw (zero-shot)" if known is False else "this body")
-        c = stage["checks"]
-        kept = (f"; the pass kept the {c['kept']} policy (held-out seeds: start "
-                f"{c['score_start']:.3f}, tuned {c['score_tuned']:.3f})" if "kept" in c else "")
-        return [f"RL fine-tuning on {body}: start ({start['name']}) {start['score']:.3f} → tuned "
-                f"{stage['score']:.3f} ({stage['score'] - start['score']:+.3f}) on the report's "
-                f"episodes{kept}"]
-
-
-def _heldout(module: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> Any:
-    from xcompile.evaluate import evaluate
-    from xcompile.measure import torch_single_thread
-    from xcompile.policy import torch_act
-
-    with torch_single_thread():
-        return evaluate(torch_act(module.eval()), ctx.robot, episodes=cfg.eval_episodes,
-                        seed=ctx.seed + HELDOUT_SEED)
-
-
+# LOOP
 def _ppo(policy: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> list[dict[str, Any]]:
     """Train `policy` (in place) with PPO; return the learning curve, one row per iteration."""
-    import torch
-
-    from xcompile.sim.env import obs_dim
-    from xcompile.sim.vec import LockstepEnvs
-
     robot = ctx.robot
     n_obs, n_act = obs_dim(robot), robot.n_joints
     features, tail = split_for_tuning(policy, cfg.trainable)
@@ -460,34 +297,91 @@ def _ppo(policy: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> list[dict[str
     return curve
 
 
-def plot_learning_curve(curve: list[dict[str, Any]], summary: dict[str, Any], path: Path,
-                        title: str) -> None:
-    """Env steps vs mean training-episode score (left axis) and return (right axis)."""
-    import matplotlib
+def _heldout(module: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> EvalResult:
+    return score_policy(torch_act(module.eval()), ctx.robot, cfg.eval_episodes,
+                        ctx.seed + HELDOUT_SEED)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), constrained_layout=True)
-    pts = [(r["env_steps"], r["score"], r["return"]) for r in curve if r["score"] is not None]
-    extra: list[Any] = []
-    if pts:
-        x, sc, ret = zip(*pts)
-        ax.plot(x, sc, "o-", color="#4c72b0", label="score (training episodes)")
-        ax2 = ax.twinx()
-        extra = ax2.plot(x, ret, "s--", color="#dd8452", label="return (training episodes)")
-        ax2.set_ylabel("return", color="#dd8452")
-    warm = [r["env_steps"] for r in curve if r["phase"] == "warmup"]
-    if warm:
-        ax.axvspan(0, max(warm), color="0.9", label="critic warm-up")
-    ax.axhline(summary["score_start"], color="0.4", ls=":", label="start, held-out")
-    ax.axhline(summary["score_tuned"], color="#55a868", ls=":", label="tuned, held-out")
-    ax.set_xlabel("env steps")
-    ax.set_ylabel("score")
-    ax.set_ylim(-0.02, 1.05)
-    handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles + extra, labels + [h.get_label() for h in extra], loc="lower right",
-              fontsize=7)
-    ax.set_title(f"{title} (kept: {summary['kept']})")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+
+@register_pass
+class RLFinetune(Pass):
+    name = "rl-finetune"
+    version = 1
+    input_format = "torch"
+    output_format = "torch"
+    Config = RLFinetuneConfig
+    summary = "PPO on the target's own task from the given policy, anchored to it; keeps the better"
+
+    def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
+        cfg, spec, t_start = start_training(art, cfg, RLFinetuneConfig, ctx, PROFILE_DEFAULTS)
+        start = load_torch_policy(art.path)
+        policy = load_torch_policy(art.path)
+        with seeded_torch(ctx.seed):     # rollouts and updates alike on one thread
+            curve = _ppo(policy, cfg, ctx)
+        train_s = time.perf_counter() - t_start
+
+        t_eval = time.perf_counter()
+        res_start, res_tuned = (_heldout(m, cfg, ctx) for m in (start, policy))
+        # Strictly better score, no tie-break on return: a reach score saturates at 1.0, and a
+        # tuned policy that tied on a few held-out episodes with a higher return was seen to lose
+        # 0.1-0.2 of score on the report's episodes (panda). A tie keeps the start.
+        kept = "tuned" if res_tuned.score > res_start.score or not cfg.keep_better else "start"
+        eval_s = time.perf_counter() - t_eval
+
+        path = save_torch_policy(ctx.workdir / "tuned.pt", policy if kept == "tuned" else start,
+                                 spec)
+        summary = {"kept": kept, "score_start": round(res_start.score, 4),
+                   "score_tuned": round(res_tuned.score, 4),
+                   "return_start": round(float(np.mean(res_start.returns)), 3),
+                   "return_tuned": round(float(np.mean(res_tuned.returns)), 3),
+                   "heldout_episodes": cfg.eval_episodes,
+                   "heldout_seed": ctx.seed + HELDOUT_SEED,
+                   "env_steps": curve[-1]["env_steps"] if curve else 0,
+                   "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
+                   "final_std": curve[-1]["std"] if curve else cfg.init_std,
+                   "config": cfg.model_dump(mode="json")}
+        plot_learning_curve(curve, summary, ctx.workdir / "learning_curve.png",
+                            f"rl-finetune on {ctx.robot.name}")
+        out = Artifact.create("torch", path, ctx.robot.name,
+                              meta={**art.meta, "kind": spec["kind"], "kept": kept},
+                              lineage=(*art.lineage, self.name))
+        return PassResult(out, {**summary, "curve": curve}, files=("learning_curve.png",))
+
+    def check(self, inp: Artifact, result: PassResult, cfg: PassConfig,
+              ctx: BuildContext) -> dict[str, Any]:
+        out = result.artifact
+        module = load_torch_policy(out.path)
+        with torch.inference_mode():
+            act = module(torch.as_tensor(random_obs(ctx.robot, 256, seed=ctx.seed + 2)))
+        if not bool(torch.isfinite(act).all()):
+            raise PassCheckError("rl-finetune: the tuned policy outputs NaN or Inf; lower lr "
+                                 "or raise anchor_coef")
+        s = result.summary
+        losses = [r[k] for r in s["curve"] for k in ("pg_loss", "v_loss", "anchor_loss")
+                  if r.get(k) is not None]
+        if not all(math.isfinite(v) for v in losses):
+            raise PassCheckError("rl-finetune: a training loss went NaN/Inf")
+        return {"kept": s["kept"], "score_start": s["score_start"],
+                "score_tuned": s["score_tuned"], "heldout_episodes": s["heldout_episodes"],
+                "env_steps": s["env_steps"], "train_s": s["train_s"], "eval_s": s["eval_s"],
+                "wall_s": round(s["train_s"] + s["eval_s"], 2), "final_std": s["final_std"]}
+
+    @classmethod
+    def notes(cls, stage: Mapping[str, Any], stages: list[Mapping[str, Any]], cfg: PassConfig,
+              hardware: HardwareTarget) -> list[str]:
+        """What fine-tuning added over the policy it started from, on the report's episodes."""
+        done = [s for s in stages if not s["skipped"]]
+        i = next(k for k, s in enumerate(done) if s["name"] == stage["name"])
+        start = done[i - 1] if i > 0 else None
+        if start is None or start["score"] is None or stage["score"] is None:
+            return []
+        known = next((s["checks"]["known_body"] for s in done if "known_body" in s["checks"]),
+                     None)
+        body = ("a body the fat policy was trained on" if known else
+                "a body the fat policy never saw (zero-shot)" if known is False else "this body")
+        c = stage["checks"]
+        kept = (f"; the pass kept the {c['kept']} policy (held-out seeds: start "
+                f"{c['score_start']:.3f}, tuned {c['score_tuned']:.3f})" if "kept" in c else "")
+        return [f"RL fine-tuning on {body}: start ({start['name']}) {start['score']:.3f} → tuned "
+                f"{stage['score']:.3f} ({stage['score'] - start['score']:+.3f}) on the report's "
+                f"episodes{kept}"]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from xcompile.errors import XCompileError
+from xcompile.outdir import atomic_write_via
 
 
 class RobotEnv(Protocol):
@@ -53,28 +52,22 @@ def _mark_goal(env: RobotEnv, rgb: np.ndarray, view, proj, w: int, h: int) -> No
 
 
 def write_gif(frames: list[np.ndarray], path: str | Path, fps: int = 12) -> None:
-    """Write `frames` as an animated GIF at `path`, atomically: into a temporary file in the same
-    folder, renamed into place, so a failure (disk full, Ctrl-C) leaves no partial GIF."""
-    from PIL import Image
-
+    """Write `frames` as an animated GIF at `path`, atomically (`outdir.atomic_write_via`), so a
+    failure (disk full, Ctrl-C) leaves no partial GIF."""
+    from PIL import Image  # heavy: only when a GIF is written
 
     if not frames:
         raise ValueError("write_gif needs at least one frame")
     path = Path(path)
     images = [Image.fromarray(f) for f in frames]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
+                           duration=int(1000 / fps), loop=0, optimize=True)
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        atomic_write_via(path, write, suffix=".tmp")
     except OSError as e:
         raise XCompileError(f"cannot write the GIF {path}: {e.strerror or e} (is its folder "
                             f"{path.parent} there and writable?)") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
-                           duration=int(1000 / fps), loop=0, optimize=True)
-        os.chmod(tmp, 0o644)   # mkstemp makes it owner-only; a GIF is for anyone to look at
-        os.replace(tmp, path)
-    except OSError as e:
-        raise XCompileError(f"cannot write the GIF {path}: {e.strerror or e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
