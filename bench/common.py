@@ -8,7 +8,13 @@ Two measure functions are handed to run_build instead of the full `measure_artif
 
 - `size_measure` (used with episodes=0): params, bytes, MACs only. The latency scripts re-time
   every variant themselves, back to back in one process, so their ratios come from one run.
-- `score_measure` (used with episodes >= 1): params, bytes, MACs and the closed-loop score.
+- `score_measure` (used with episodes >= 1): params, bytes, MACs and the closed-loop score
+  (`xcompile.measure.score`: episodes of the build's "report" seed stream, the same for every
+  stage; with its bootstrap 95% interval and the per-episode scores, as the report carries them).
+
+Seeds (`xcompile/seeds.py`): a script that reads scores off a build reads the build's own, taken
+on the "report" stream; a script that runs episodes itself (robustness.py) draws them from the
+"bench" stream (`BENCH_STREAM`), which no build uses.
 
 The pass manager caches measurements on disk by artifact id and episode count (not by measure
 function), so each measure function is only ever used with its own kind of episode count; the
@@ -45,6 +51,7 @@ from xcompile.passes.base import all_passes
 from xcompile.targets import RobotTarget, list_robots, load_robot
 
 REPO = Path(__file__).resolve().parent.parent
+BENCH_STREAM = "bench"    # the seed stream of episodes a script runs itself (xcompile/seeds.py)
 DEFAULT_CKPT = "examples/fat_policy.pt"
 DEFAULT_WORK_DIR = ".xcompile/bench"
 
@@ -88,8 +95,9 @@ def parser(description: str, default_robots: Sequence[str], default_profile: str
                     f"built-in: {' '.join(list_robots())})")
     ap.add_argument("--out", default=None, help="JSON results file (default bench/results/"
                     "<script>[-quick].json)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of every pass and of the score "
-                    "episodes (episode i uses seed+i)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every build (its passes and "
+                    "its report's score episodes, seed stream 'report') and of the episodes a "
+                    "script runs itself (stream 'bench'); see xcompile/seeds.py")
     if default_profile is not None:
         ap.add_argument("--profile", choices=PROFILES, default=default_profile,
                         help=f"build profile of every pass (default {default_profile}; --quick: "
@@ -175,12 +183,14 @@ def size_measure(art: Artifact, robot: RobotTarget, episodes: int = 0, seed: int
     pb = xm.count_params_bytes(art)
     return {"format": art.format, "params": pb["params"], "bytes": pb["bytes"],
             "macs": _macs(art, robot), "latency_p50_us": None, "latency_p99_us": None,
-            "runtime": None, "score": None, "score_std": None, "episodes": 0}
+            "runtime": None, "score": None, "score_std": None, "score_ci95": None,
+            "scores": None, "episodes": 0}
 
 
 def score_measure(art: Artifact, robot: RobotTarget, episodes: int = 1, seed: int = 0,
                   latency_n: int = 0) -> dict[str, Any]:
-    """params, bytes, MACs and the closed-loop score over `episodes` seeded episodes."""
+    """params, bytes, MACs and the closed-loop score over episodes 0..episodes-1 of the
+    "report" seed stream (seed `seed`), with its 95% interval and the per-episode scores."""
     if episodes < 1:
         raise ValueError("score_measure is used with episodes >= 1 only (its disk cache key)")
     row = {**size_measure(art, robot), "episodes": episodes}
@@ -188,7 +198,8 @@ def score_measure(art: Artifact, robot: RobotTarget, episodes: int = 1, seed: in
         res = xm.score(art, robot, episodes, seed)
     except ToolUnavailable:
         return row
-    row.update(score=round(res.score, 4), score_std=round(float(np.std(res.scores)), 4))
+    row.update(score=round(res.score, 4), score_std=round(float(np.std(res.scores)), 4),
+               score_ci95=res.score_ci95, scores=[round(float(s), 4) for s in res.scores])
     return row
 
 
@@ -236,7 +247,8 @@ def build(ckpt: str | Path, robot: str | RobotTarget, names: Sequence[str], *, q
           measure: Callable[..., dict[str, Any]] | None = None) -> Built:
     """Run the plan `names` on `ckpt` for `robot` through the pass manager (cached per work dir).
 
-    episodes=0 measures sizes only; episodes >= 1 also scores every stage on seeds seed..+n-1.
+    episodes=0 measures sizes only; episodes >= 1 also scores every stage on episodes 0..n-1 of
+    the "report" seed stream (the same episodes for every stage).
     A pass that fails with an xcompile error (a check that refuses, a missing tool) is reported
     in `Built.error`, so one robot's failure does not lose the other rows.
     """

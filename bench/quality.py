@@ -1,12 +1,16 @@
 """How well each stage of a compiled policy still does its task, for every built-in robot.
 
 One build per robot through the pass manager (pin-embodiment[, rl-finetune][, distill],
-export-onnx, quantize int8), every stage scored by the build itself on the same seeded episodes
-(episode i uses seed `--seed + i`); the numbers are read from the build's report (report.json
-`stages`), not measured again here. Columns: score of the fat network, the pinned network (equal to
-the fat one to float rounding), the RL-tuned one, the distilled student and the int8 student; the
-int8 score as a fraction of the fat score; parameters of fat and int8; compression (fat bytes /
-int8 bytes). A stage whose pass is not registered is shown as "n/a" with a note.
+export-onnx, quantize int8), every stage scored by the build itself on the same episodes: episodes
+0..n-1 of the build's "report" seed stream (xcompile/seeds.py, seed `--seed`), which no pass trains,
+checks or chooses on. The numbers are read from the build's report (report.json `stages`), not
+measured again here. Columns: score of the fat network, the pinned network (equal to the fat one to
+float rounding), the RL-tuned one, the distilled student and the int8 student; the int8 score as a
+fraction of the pinned (and tuned) score; compression (fat bytes / int8 bytes); speed-up. The JSON
+also has each stage's bootstrap 95% interval (`score_ci95`) and, where the report carries the
+per-episode scores, the paired interval of int8 / fat, int8 / pinned and int8 / tuned
+(`xcompile.stats.ratio_ci95`: the stages ran the same episodes). A stage whose pass is not
+registered is shown as "n/a" with a note.
 
 Builds use profile "fast" unless `--profile` says otherwise: the 8 robots then fit in about 15
 minutes on 2 cores; `--profile default` (what `xcompile build` uses) takes several times longer
@@ -24,6 +28,7 @@ from typing import Any
 
 import common
 
+from xcompile.stats import ratio_ci95
 from xcompile.targets import list_robots
 
 COLS = [("fat", "fat"), ("pinned", "pin-embodiment"), ("tuned", "rl-finetune"),
@@ -67,6 +72,11 @@ def bench_robot(args: Any, robot: str, names: list[str], cols: list[tuple[str, s
     res["int8_over_fat"] = common.ratio(scores["int8"], scores["fat"])
     res["int8_over_pinned"] = common.ratio(scores["int8"], scores["pinned"])
     res["int8_over_tuned"] = common.ratio(scores["int8"], scores.get("tuned"))
+    res["score_ci95"] = {k: (s.get("score_ci95") if s else None) for k, s in stages.items()}
+    per_episode = {k: s.get("scores") for k, s in stages.items() if s and s.get("scores")}
+    for den in ("fat", "pinned", "tuned"):
+        if "int8" in per_episode and den in per_episode:
+            res[f"int8_over_{den}_ci95"] = ratio_ci95(per_episode["int8"], per_episode[den])[1]
     res["compression"] = common.ratio(fat["bytes"] if fat else None, q["bytes"] if q else None)
     res["speedup_vs_pinned"] = common.ratio(stages["pinned"].get("latency_p50_us"),
                                             q.get("latency_p50_us"))
@@ -76,11 +86,16 @@ def bench_robot(args: Any, robot: str, names: list[str], cols: list[tuple[str, s
         row += [common.fmt(res["int8_over_tuned"], ".2f")]
     row += [common.fmt(res["compression"], ".1f") + "×",
             common.fmt(res["speedup_vs_pinned"], ".1f") + "×"]
-    detail = [[robot, key, common.fmt(s.get("score"), ".3f", "n/a"), common.fmt(s.get("params")),
+    detail = [[robot, key, common.fmt(s.get("score"), ".3f", "n/a"), _ci(s.get("score_ci95")),
+               common.fmt(s.get("params")),
                common.fmt(s.get("bytes")), common.fmt(s.get("latency_p50_us"), ".1f"),
                common.fmt(s.get("latency_p99_us"), ".1f"), s.get("runtime") or "–"]
               for key, s in stages.items() if s]
     return res, row, detail
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "–" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -108,15 +123,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     headers = (["robot"] + [k for k, _ in cols] + ["int8 / pinned"]
                + (["int8 / tuned"] if cols is COLS else [])
                + ["fat bytes / int8 bytes", "pinned torch p50 / int8 p50"])
-    md = (f"Scores in [0, 1], mean of {args.episodes} episodes (seeds {args.seed}.."
-          f"{args.seed + args.episodes - 1}, the same for every stage); plan "
+    md = (f"Scores in [0, 1], mean of {args.episodes} episodes (episodes 0.."
+          f"{args.episodes - 1} of the builds' seed stream `report`, seed {args.seed}: the same "
+          "for every stage, none that a pass trained, checked or chose on); plan "
           f"`{','.join(names)}`, profile {'fast (quick budgets)' if args.quick else args.profile}. "
           "Latency: batch 1, one thread, every stage of a robot timed back to back in one run "
           "(fat and pinned in torch eager, the rest in onnxruntime).\n\n"
           + common.md_table(headers, rows)
           + "\n\nPer stage:\n\n"
-          + common.md_table(["robot", "stage", "score", "params", "bytes", "p50 µs", "p99 µs",
-                             "runtime"], details))
+          + common.md_table(["robot", "stage", "score", "score 95% CI", "params", "bytes",
+                             "p50 µs", "p99 µs", "runtime"], details))
     return common.finish(args, script, results, md, notes, started)
 
 

@@ -1,9 +1,11 @@
 """Does the slim policy keep the fat policy's robustness? Scores under the faults a robot meets.
 
 The slim int8 policy is built exactly as bench/quality.py builds it (same plan, options, profile
-(fast by default; `--profile`) and cache, so a quality run makes this one cheap); its nominal
-score and the fat network's are read from that build's report. Both are then scored on the same
-seeded episodes (xcompile.evaluate.evaluate with xcompile.sim.env.Faults) under each fault:
+(fast by default; `--profile`) and cache, so a quality run makes this one cheap). The fat network
+and the slim one are then scored here, nominally and under each fault, on the same episodes:
+episodes 0..n-1 of seed stream "bench" (xcompile/seeds.py; xcompile.evaluate.evaluate with
+xcompile.sim.env.Faults), which no build trains, checks or reports on. (The build's own report
+scores, on its "report" stream, are kept in the JSON as `nominal_report`.) The faults:
 
 - motors 30% weaker: torque_scale=0.7;
 - one joint locked: joint 2 in policy order (a knee on every quadruped here, an arm's third
@@ -14,9 +16,10 @@ seeded episodes (xcompile.evaluate.evaluate with xcompile.sim.env.Faults) under 
 - 20 ms action latency: action_delay_steps = round(0.02 * control_hz);
 - observation noise: Gaussian, std 0.05 on every observation entry.
 
-Retained = faulted score / nominal score of the same policy. "slim keeps" = slim retained / fat
-retained: 1.0 means the slim policy loses exactly what the fat one loses under that fault, below
-1 that compilation made it more fragile.
+Retained = faulted score / nominal score of the same policy, on the same episodes (a paired ratio:
+the JSON gives its bootstrap 95% interval, `xcompile.stats.ratio_ci95`, and each score's,
+`mean_ci95`). "slim keeps" = slim retained / fat retained: 1.0 means the slim policy loses
+exactly what the fat one loses under that fault, below 1 that compilation made it more fragile.
 
     python bench/robustness.py                        # all 8 robots, 10 episodes per cell
     python bench/robustness.py --quick --robots a1    # < 2 min: the test suite runs this
@@ -28,10 +31,12 @@ import time
 from typing import Any
 
 import common
+import numpy as np
 from quality import quality_plan
 
 from xcompile.evaluate import torch_single_thread
 from xcompile.sim.env import Faults, RobotEnv
+from xcompile.stats import mean_ci95, ratio_ci95
 from xcompile.targets import RobotTarget, list_robots, load_robot
 
 LOCKED_JOINT = 2
@@ -70,13 +75,21 @@ def faults_for(robot: RobotTarget) -> list[tuple[str, Faults | None, str]]:
     return out
 
 
-def score(path: Any, robot: RobotTarget, episodes: int, seed: int, faults: Faults) -> float:
+def score(path: Any, robot: RobotTarget, episodes: int, seed: int,
+          faults: Faults | None) -> list[float]:
+    """Per-episode scores of the policy at `path` on episodes 0..episodes-1 of the "bench" seed
+    stream (None: no fault)."""
     from xcompile.evaluate import evaluate
     from xcompile.policy import load_policy
 
     policy = load_policy(path, robot)
     with torch_single_thread():
-        return evaluate(policy.act, robot, episodes=episodes, seed=seed, faults=faults).score
+        return evaluate(policy.act, robot, episodes=episodes, seed=seed, faults=faults,
+                        stream=common.BENCH_STREAM).scores
+
+
+def _mean(scores: list[float]) -> float:
+    return float(np.mean(scores))
 
 
 def bench_robot(args: Any, robot_name: str, names: list[str]) -> tuple[dict[str, Any], list[Any],
@@ -90,7 +103,11 @@ def bench_robot(args: Any, robot_name: str, names: list[str]) -> tuple[dict[str,
                 [[robot.name, f"build failed: {b.error}"] + [""] * 7], [])
     fat_art, slim_art = b.artifact("fat"), b.artifact("quantize")
     assert fat_art is not None and slim_art is not None
-    fat_nom, slim_nom = b.row("fat")["score"], b.row("quantize")["score"]  # type: ignore[index]
+    report_nom = {"fat": b.row("fat")["score"],                      # type: ignore[index]
+                  "slim_int8": b.row("quantize")["score"]}           # type: ignore[index]
+    fat_nom_s = score(fat_art.path, robot, args.episodes, args.seed, None)
+    slim_nom_s = score(slim_art.path, robot, args.episodes, args.seed, None)
+    fat_nom, slim_nom = _mean(fat_nom_s), _mean(slim_nom_s)
     cells, rows = [], []
     one = common.fmt(common.ratio(fat_nom, fat_nom), ".2f")
     rows.append([robot.name, "none (nominal)", "", common.fmt(fat_nom, ".3f"),
@@ -102,22 +119,35 @@ def bench_robot(args: Any, robot_name: str, names: list[str]) -> tuple[dict[str,
             cells.append({"fault": name, "detail": detail, "applies": False})
             rows.append([robot.name, name, detail] + ["n/a"] * 6)
             continue
-        fat_s = score(fat_art.path, robot, args.episodes, args.seed, faults)
-        slim_s = score(slim_art.path, robot, args.episodes, args.seed, faults)
+        fat_ss = score(fat_art.path, robot, args.episodes, args.seed, faults)
+        slim_ss = score(slim_art.path, robot, args.episodes, args.seed, faults)
+        fat_s, slim_s = _mean(fat_ss), _mean(slim_ss)
         fat_ret, slim_ret = common.ratio(fat_s, fat_nom), common.ratio(slim_s, slim_nom)
         keeps = common.ratio(slim_ret, fat_ret)
         cells.append({"fault": name, "detail": detail, "applies": True, "faults": vars(faults),
-                      "fat": fat_s, "slim_int8": slim_s, "fat_retained": fat_ret,
-                      "slim_retained": slim_ret, "slim_keeps_of_fat": keeps,
-                      "slim_over_fat": common.ratio(slim_s, fat_s)})
+                      "fat": fat_s, "slim_int8": slim_s,
+                      "fat_ci95": mean_ci95(fat_ss), "slim_int8_ci95": mean_ci95(slim_ss),
+                      "fat_scores": [round(x, 4) for x in fat_ss],
+                      "slim_int8_scores": [round(x, 4) for x in slim_ss],
+                      "fat_retained": fat_ret, "slim_retained": slim_ret,
+                      "fat_retained_ci95": ratio_ci95(fat_ss, fat_nom_s)[1],
+                      "slim_retained_ci95": ratio_ci95(slim_ss, slim_nom_s)[1],
+                      "slim_keeps_of_fat": keeps,
+                      "slim_over_fat": common.ratio(slim_s, fat_s),
+                      "slim_over_fat_ci95": ratio_ci95(slim_ss, fat_ss)[1]})
         rows.append([robot.name, name, detail, common.fmt(fat_s, ".3f"), common.fmt(slim_s, ".3f"),
                      common.fmt(fat_ret, ".2f"), common.fmt(slim_ret, ".2f"),
                      common.fmt(keeps, ".2f"), common.fmt(common.ratio(slim_s, fat_s), ".2f")])
     notes = [f"{robot.name}: {n}" for n in b.notes]
     if not fat_nom:
         notes.append(f"{robot.name}: the fat policy scores 0 nominally; retention is undefined")
-    return ({"robot": robot.name, "nominal": {"fat": fat_nom, "slim_int8": slim_nom},
-             "faults": cells}, rows, notes)
+    return ({"robot": robot.name, "stream": common.BENCH_STREAM, "seed": args.seed,
+             "episodes": args.episodes,
+             "nominal": {"fat": fat_nom, "slim_int8": slim_nom,
+                         "fat_ci95": mean_ci95(fat_nom_s), "slim_int8_ci95": mean_ci95(slim_nom_s),
+                         "fat_scores": [round(x, 4) for x in fat_nom_s],
+                         "slim_int8_scores": [round(x, 4) for x in slim_nom_s]},
+             "nominal_report": report_nom, "faults": cells}, rows, notes)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -136,8 +166,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes += n
     headers = ["robot", "fault", "detail", "fat", "slim int8", "fat retained", "slim retained",
                "slim keeps (slim ret. / fat ret.)", "slim / fat"]
-    md = (f"Scores in [0, 1], mean of {args.episodes} episodes (seeds {args.seed}.."
-          f"{args.seed + args.episodes - 1}) per cell; slim = plan `{','.join(names)}`"
+    md = (f"Scores in [0, 1], mean of {args.episodes} episodes per cell (episodes 0.."
+          f"{args.episodes - 1} of seed stream `{common.BENCH_STREAM}`, seed {args.seed}: the same "
+          f"episodes in every cell, none that a build trained, checked or reported on); "
+          f"slim = plan `{','.join(names)}`"
           f"{' (quick budgets)' if args.quick else f', profile {args.profile}'}.\n\n"
           + common.md_table(headers, rows))
     return common.finish(args, "robustness", results, md, notes, started)

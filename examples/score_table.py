@@ -1,6 +1,6 @@
 """The score table of examples/README.md: each robot's expert vs the sample fat policy.
 
-Same fixed seeds for both (episode i uses seed SEED+i), as `xcompile eval` does.
+The same episodes for both: the report stream's, as `xcompile eval` scores (xcompile/seeds.py).
 
     python examples/score_table.py --episodes 20 --seed 0
 """

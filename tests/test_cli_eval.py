@@ -33,6 +33,17 @@ def test_eval_same_seed_same_score(tiny_fat_ckpt):
     a = json.loads(runner.invoke(app, args).stdout)
     b = json.loads(runner.invoke(app, args).stdout)
     assert a["scores"] == b["scores"] and a["episodes"] == 2 and a["known_body"] is True
+    # The report's episodes of a build seeded 5, with the score's 95% interval and what the
+    # robot did (a1 walks: distance made good and speed).
+    assert a["stream"] == "report" and a["seed"] == 5
+    lo, hi = a["score_ci95"]
+    assert lo <= a["score"] <= hi
+    assert {"distance_made_good_m", "forward_speed_mps", "returns"} <= set(a)
+    # Another stream is other episodes; an unknown one is refused by name.
+    c = json.loads(runner.invoke(app, [*args, "--stream", "bench"]).stdout)
+    assert c["stream"] == "bench" and c["returns"] != a["returns"]   # (the tiny policy scores 0)
+    r = runner.invoke(app, [*args, "--stream", "nope"])
+    assert r.exit_code == 2 and "unknown --stream 'nope'" in " ".join(r.output.split())
 
 
 def test_eval_unseen_body_is_zero_shot(tiny_fat_ckpt, tmp_path):

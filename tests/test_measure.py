@@ -68,10 +68,21 @@ def test_measure_artifact_row(stages):
     robot, arts = stages
     row = measure.measure_artifact(arts["onnx"], robot, episodes=2, seed=0, latency_n=N)
     assert set(row) == {"format", "params", "bytes", "macs", "latency_p50_us", "latency_p99_us",
-                        "runtime", "score", "score_std", "episodes", "nonfinite_action_episodes"}
+                        "runtime", "score", "score_std", "score_ci95", "scores", "episodes",
+                        "nonfinite_action_episodes"}
     assert row["format"] == "onnx" and row["episodes"] == 2
     assert 0.0 <= row["score"] <= 1.0 and row["score_std"] >= 0.0
+    lo, hi = row["score_ci95"]
+    assert lo <= row["score"] <= hi
     res = measure.score(arts["onnx"], robot, 2, 0)
     assert len(res.scores) == 2 and res.observations       # observations recorded
+    # Per-episode scores in episode order, on the report's seed stream: the same episodes as
+    # `xcompile eval --seed 0` (default stream report), so stages pair up episode by episode.
+    assert res.stream == "report"
+    assert row["scores"] == [round(s, 4) for s in res.scores]
+    assert row["score"] == pytest.approx(sum(row["scores"]) / 2, abs=1e-4)
+    unscored = measure.measure_artifact(arts["onnx"], robot, episodes=0, latency_n=N)
+    assert set(unscored) == set(row) - {"nonfinite_action_episodes"}
+    assert unscored["score_ci95"] is None and unscored["scores"] is None
     # The same policy in torch scores the same on the same seeded episodes.
     assert measure.score(arts["pinned"], robot, 2, 0).score == pytest.approx(res.score, abs=0.02)

@@ -439,3 +439,45 @@ def test_missing_checkpoint_and_bad_plan_write_nothing(fat, tmp_path):
     with pytest.raises(PlanError, match="t-export takes torch"):
         build(fat, tmp_path, [PlanStep("t-export", PassConfig())])
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_paired_score_ratios_and_intervals_reach_the_report(fat, tmp_path):
+    """Stages scored on the same episodes are compared episode by episode: the report carries
+    final / each earlier stage with a bootstrap interval, in report.json, report.md and a note."""
+    per_episode = {"fat-checkpoint": [1.0, 0.8, 0.6, 1.0], "torch": [1.0, 0.8, 0.6, 1.0],
+                   "onnx": [0.9, 0.8, 0.5, 1.0]}
+
+    def measure(art, robot, episodes, seed, latency_n=2000):
+        row = fake_measure(art, robot, episodes, seed, latency_n)
+        scores = per_episode[art.format]
+        return {**row, "score": sum(scores) / 4, "scores": scores, "score_ci95": [0.5, 1.0]}
+
+    res = build(fat, tmp_path, plan_of("t-pin", "t-export"), measure=measure)
+    ratios = {r["stage"]: r for r in res.report["score_ratios"]}
+    assert set(ratios) == {"fat", "t-pin"} and ratios["fat"]["final"] == "t-export"
+    r = ratios["t-pin"]
+    assert r["ratio"] == pytest.approx(3.2 / 3.4, abs=1e-4) and r["episodes"] == 4
+    assert r["ci95"][0] <= r["ratio"] <= r["ci95"][1] < 1.0 + 1e-9   # never better on any episode
+    assert any("t-export / t-pin = 0.941" in n for n in res.report["notes"])
+    md = (tmp_path / "out" / "a1" / "report.md").read_text()
+    assert "Score ratios (paired" in md and "| t-export / fat | 0.941 |" in md
+    assert res.report["stages"][1]["score_ci95"] == [0.5, 1.0]
+
+
+def test_terminal_table_fits_80_columns():
+    from rich.console import Console
+
+    from xcompile.render import render_table
+
+    big = {"name": "pin-embodiment", "format": "torch", "params": 4_623_368,
+           "bytes": 18_537_765, "macs": 59_602_980, "latency_p50_us": 3723.6,
+           "latency_p99_us": 6346.7, "runtime": "onnxruntime", "score": 0.95,
+           "score_ci95": [0.912, 0.987], "wall_s": 155.6, "cached": True, "skipped": False}
+    report = {"robot": "spot", "hardware": "cpu", "plan": [{"name": "pin-embodiment"}],
+              "stages": [big, {**big, "name": "build-tensorrt", "skipped": True,
+                               "cached": False}], "runtime_floor_us": 6.6}
+    console = Console(width=80, record=True)
+    console.print(render_table(report))
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "4.62M" in text and "18.5M" in text and "0.91–0.99" in text and "cached" in text

@@ -77,3 +77,25 @@ def test_gif(tmp_path):
     rollout_gif(lambda o: np.zeros((len(o), 12)), load_robot("a1"), path, every=50)
     img = Image.open(path)
     assert img.n_frames >= 2 and img.size == (320, 240)
+
+
+def test_gif_renders_the_episode_evaluate_runs(tmp_path, monkeypatch):
+    from xcompile.errors import XCompileError
+    from xcompile.evaluate import rollout_gif
+    from xcompile.seeds import episode_seed
+
+    seeds = []
+    orig = RobotEnv.reset
+
+    def reset(self, *, seed=None, options=None):
+        seeds.append(seed)
+        return orig(self, seed=seed, options=options)
+
+    monkeypatch.setattr(RobotEnv, "reset", reset)
+    rollout_gif(lambda o: np.zeros((len(o), 7)), load_robot("panda"), tmp_path / "r.gif",
+                seed=2, stream="bench", every=75)
+    assert seeds == [episode_seed("bench", 2, 0)]      # what evaluate(seed=2, stream="bench")
+    with pytest.raises(XCompileError, match="unknown seed stream"):   # runs as its episode 0
+        rollout_gif(lambda o: np.zeros((len(o), 7)), load_robot("panda"), tmp_path / "s.gif",
+                       stream="nope")
+    assert not (tmp_path / "s.gif").exists()

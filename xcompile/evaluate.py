@@ -2,9 +2,17 @@
 
 A policy is any callable from a batch of flat observations (B, obs_dim) to actions (B, n). Episodes
 run in lock-step over several simulators so that the policy is called on a batch (a fat network is
-slow per call, not per row). Episode i uses seed `seed + i`, so a score is reproducible and two
-policies are compared on the same episodes. `score_policy` is `evaluate` with torch on one thread,
-the way every pass and measurement scores a policy.
+slow per call, not per row). Episode i of a call with seed `seed` and stream `stream` starts from
+`xcompile.seeds.episode_seed(stream, seed, i)`: a score is reproducible, two policies are compared on
+the same episodes, and each use of episodes (the report's scores, a pass's checks, training data,
+benchmarks; see `xcompile.seeds.STREAMS`) runs on its own, so no number is read off the episodes
+something was tuned on. `score_policy` is `evaluate` with torch on one thread, the way every pass
+and measurement scores a policy.
+
+`EvalResult.as_dict()` carries the score with its bootstrap 95% interval over episodes
+(`xcompile.stats.mean_ci95`), the per-episode scores, and what the episodes did physically: the
+end effector's final distance to the goal (reach) or the distance made good along the command and
+its speed (locomotion).
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ from typing import Any
 import numpy as np
 
 from xcompile.errors import ContractError, XCompileError
+from xcompile.seeds import episode_seed
 from xcompile.sim.env import Faults, RobotEnv
 from xcompile.sim.render import frame, write_gif
+from xcompile.stats import mean_ci95
 from xcompile.targets import RobotTarget
 
 BatchPolicy = Callable[[np.ndarray], np.ndarray]
@@ -37,23 +47,60 @@ class EvalResult:
     returns: list[float] = field(default_factory=list)   # undiscounted env reward per episode
     nonfinite_action_episodes: int = 0   # episodes in which the policy emitted a NaN/Inf action
     observations: list[np.ndarray] = field(default_factory=list, repr=False)
+    stream: str | None = None            # the seed stream the episodes came from (xcompile.seeds)
+    # What each episode did physically, taken from the env when it ended (empty where the family
+    # does not apply). reach: the end effector's final distance to the goal. locomotion: distance
+    # made good along the command (+x; a fall stops it where it fell), the episode's duration and
+    # its commanded speed.
+    reach_errors_m: list[float] = field(default_factory=list)
+    distances_m: list[float] = field(default_factory=list)
+    durations_s: list[float] = field(default_factory=list)
+    commanded_mps: list[float] = field(default_factory=list)
 
     @property
     def score(self) -> float:
         return float(np.mean(self.scores))
 
     @property
+    def score_ci95(self) -> list[float] | None:
+        """Bootstrap 95% interval [low, high] of the mean score (None for no episodes)."""
+        return mean_ci95(self.scores)
+
+    @property
     def success_rate(self) -> float:
         return float(np.mean([s >= 1.0 - 1e-9 for s in self.scores]))
 
     def as_dict(self) -> dict:
-        return {
-            "robot": self.robot, "seed": self.seed, "episodes": len(self.scores),
+        d = {
+            "robot": self.robot, "seed": self.seed, "stream": self.stream,
+            "episodes": len(self.scores),
             "score": round(self.score, 4), "score_std": round(float(np.std(self.scores)), 4),
+            "score_ci95": self.score_ci95,
             "falls": self.falls, "success_rate": round(self.success_rate, 4),
             "invalid_actions": self.invalid_actions, "scores": [round(s, 4) for s in self.scores],
             "nonfinite_action_episodes": self.nonfinite_action_episodes,
         }
+        if self.returns:
+            d["return_mean"] = round(float(np.mean(self.returns)), 4)
+            d["returns"] = [round(r, 4) for r in self.returns]
+        if self.reach_errors_m:
+            d["reach_error_mm"] = round(1000 * float(np.mean(self.reach_errors_m)), 2)
+            d["reach_errors_mm"] = [round(1000 * e, 2) for e in self.reach_errors_m]
+        if self.distances_m:
+            speeds = [x / t if t > 0 else 0.0 for x, t in zip(self.distances_m, self.durations_s)]
+            d["distance_made_good_m"] = round(float(np.mean(self.distances_m)), 4)
+            d["forward_speed_mps"] = round(float(np.mean(speeds)), 4)
+            d["commanded_speed_mps"] = round(float(np.mean(self.commanded_mps)), 4)
+        return d
+
+    def record_physics(self, i: int, env: RobotEnv) -> None:
+        """Record episode `i`'s physical figures from `env`, whose episode has just ended."""
+        if env.family == "reach":
+            self.reach_errors_m[i] = float(np.linalg.norm(env._ee_pos() - env.goal))
+        else:
+            self.distances_m[i] = float(env._base()[0][0] - env.start_xy[0])
+            self.durations_s[i] = float(env.t * env.dt)
+            self.commanded_mps[i] = float(env.cmd_vx)
 
     def nonfinite_message(self) -> str | None:
         """A sentence for the user when the policy emitted NaN/Inf actions, else None."""
@@ -77,15 +124,25 @@ def _actions(policy: BatchPolicy, obs: np.ndarray, robot: RobotTarget) -> np.nda
 
 def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: int = 0,
              faults: Faults | None = None, parallel: int = 10, record_obs: bool = False,
-             on_episode: Callable[[], None] | None = None) -> EvalResult:
+             on_episode: Callable[[], None] | None = None, stream: str = "report",
+             first_episode: int = 0) -> EvalResult:
+    """Closed-loop score of `policy` over `episodes` episodes; episode i (0-based) starts from
+    `episode_seed(stream, seed, first_episode + i)`. Every caller names the stream of its use
+    (`xcompile.seeds.STREAMS`); `first_episode` lets one use draw several disjoint batches from
+    its stream (distill's DAgger rounds)."""
+    seeds = [episode_seed(stream, seed, first_episode + i) for i in range(episodes)]
     res = EvalResult(robot=robot.name, seed=seed, scores=[0.0] * episodes,
-                     returns=[0.0] * episodes)
+                     returns=[0.0] * episodes, stream=stream)
+    if robot.family == "reach":
+        res.reach_errors_m = [0.0] * episodes
+    else:
+        res.distances_m, res.durations_s, res.commanded_mps = ([0.0] * episodes for _ in range(3))
     nonfinite: set[int] = set()
     envs = [RobotEnv(robot, faults=faults) for _ in range(min(parallel, episodes))]
     try:
         for start in range(0, episodes, len(envs)):
             batch = list(range(start, min(start + len(envs), episodes)))
-            obs = np.stack([envs[k].reset(seed=seed + i)[0] for k, i in enumerate(batch)])
+            obs = np.stack([envs[k].reset(seed=seeds[i])[0] for k, i in enumerate(batch)])
             live = list(range(len(batch)))
             while live:
                 if record_obs:
@@ -104,6 +161,7 @@ def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: 
                         res.scores[batch[k]] = float(info["score"])
                         res.falls += int(getattr(envs[k], "fell", False))
                         res.invalid_actions += int(info.get("invalid_action", False))
+                        res.record_physics(batch[k], envs[k])
                         if on_episode:
                             on_episode()
                     else:
@@ -133,11 +191,11 @@ def torch_single_thread() -> Iterator[None]:
 
 
 def score_policy(policy: BatchPolicy, robot: RobotTarget, episodes: int, seed: int,
-                 **kw: Any) -> EvalResult:
-    """`evaluate` with torch on one thread: the simulator and the policy take turns on one
-    thread, and a second torch thread only waits for a core."""
+                 stream: str = "report", **kw: Any) -> EvalResult:
+    """`evaluate` (episodes from `stream`) with torch on one thread: the simulator and the policy
+    take turns on one thread, and a second torch thread only waits for a core."""
     with torch_single_thread():
-        return evaluate(policy, robot, episodes=episodes, seed=seed, **kw)
+        return evaluate(policy, robot, episodes=episodes, seed=seed, stream=stream, **kw)
 
 
 def check_gif_path(path: str | os.PathLike[str]) -> Path:
@@ -161,15 +219,18 @@ def check_gif_path(path: str | os.PathLike[str]) -> Path:
 
 
 def rollout_gif(policy: BatchPolicy, robot: RobotTarget, path, seed: int = 0,
-                every: int = 4, max_frames: int = 60) -> None:
-    """Render one evaluation episode (seed `seed`) of `policy` to an animated GIF.
+                every: int = 4, max_frames: int = 60, stream: str = "report",
+                episode: int = 0) -> None:
+    """Render episode `episode` of `stream` (seed `seed`; the episode `evaluate` runs as its
+    episode `episode`) of `policy` to an animated GIF.
 
     The path is checked before simulating (`check_gif_path`) and the GIF is written atomically:
     a failure leaves no partial file."""
     path = check_gif_path(path)
+    first = episode_seed(stream, seed, episode)   # refuses a bad stream or seed before simulating
     env = RobotEnv(robot)
     try:
-        obs, _ = env.reset(seed=seed)
+        obs, _ = env.reset(seed=first)
         frames = [frame(env)]
         t = 0
         while True:

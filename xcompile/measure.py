@@ -23,7 +23,11 @@ How each number is taken:
   like the robot's; median and p99 over `n` calls. `ort_floor_us` is onnxruntime's own per-call
   floor (an Identity graph of the same input shape) measured the same way, so a report can tell
   what the model costs from what calling it costs.
-- score: `xcompile.evaluate.score_policy` on the robot target, episodes seeded `seed + i`.
+- score: `xcompile.evaluate.score_policy` on the robot target, on the episodes of seed stream
+  "report" (`xcompile.seeds`), which no pass trains, checks or chooses on. Every stage of a build
+  is scored on the same episodes, so two stages' per-episode `scores` pair up (the report's
+  ratios and their intervals, `xcompile.stats.ratio_ci95`); `score_ci95` is the bootstrap 95%
+  interval of the mean (`xcompile.stats.mean_ci95`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ from xcompile.onnx.session import ort_session
 from xcompile.policy import body_descriptors, load_fat_checkpoint, load_policy
 from xcompile.sim.observations import random_obs
 from xcompile.targets import RobotTarget
+
+# What a measurement means, for caches that outlive this process (the manager's measurement cache
+# keys on the artifact id, which the seed streams do not change): bump it when the same artifact
+# would measure differently. 2: scores on the "report" seed stream, rows with score_ci95 and scores.
+MEASURE_VERSION = 2
 
 _CACHE: dict[tuple[str, Any], Any] = {}
 
@@ -244,8 +253,12 @@ def ort_floor_us(obs_dim: int, n: int = 2000) -> float:
 # score
 
 
+REPORT_STREAM = "report"   # the seed stream every reported score is taken on
+
+
 def score(art: Artifact, robot: RobotTarget, episodes: int, seed: int = 0) -> EvalResult:
-    """Closed-loop score of the artifact's policy on `robot` (observations recorded)."""
+    """Closed-loop score of the artifact's policy on `robot`, on episodes 0..episodes-1 of the
+    "report" seed stream (observations recorded)."""
     return _cached((art.id, ("score", _robot_key(robot), episodes, seed)),
                    lambda: _score(art, robot, episodes, seed))
 
@@ -253,7 +266,8 @@ def score(art: Artifact, robot: RobotTarget, episodes: int, seed: int = 0) -> Ev
 def _score(art: Artifact, robot: RobotTarget, episodes: int, seed: int) -> EvalResult:
     if art.format == "tensorrt":
         raise ToolUnavailable("a TensorRT engine is scored on its GPU; score its ONNX instead")
-    return score_policy(load_policy(art.path, robot).act, robot, episodes, seed, record_obs=True)
+    return score_policy(load_policy(art.path, robot).act, robot, episodes, seed,
+                        stream=REPORT_STREAM, record_obs=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,12 +277,14 @@ def _score(art: Artifact, robot: RobotTarget, episodes: int, seed: int) -> EvalR
 def measure_artifact(art: Artifact, robot: RobotTarget, episodes: int, seed: int = 0,
                      latency_n: int = 2000) -> dict[str, Any]:
     """One row of the report's stage table (stable keys). episodes=0 skips the score; a
-    measurement that needs a missing tool (TensorRT) is None."""
+    measurement that needs a missing tool (TensorRT) is None. The score comes with
+    `score_ci95` ([low, high], bootstrap over episodes) and the per-episode `scores` (4 decimals,
+    episode i of the "report" stream at index i: the same episodes for every stage)."""
     pb = count_params_bytes(art)
     row: dict[str, Any] = {"format": art.format, "params": pb["params"], "bytes": pb["bytes"],
                            "macs": None, "latency_p50_us": None, "latency_p99_us": None,
                            "runtime": None, "score": None, "score_std": None,
-                           "episodes": episodes}
+                           "score_ci95": None, "scores": None, "episodes": episodes}
     row["macs"] = macs(art, robot)
     try:
         lat = latency(art, robot, latency_n)
@@ -281,6 +297,8 @@ def measure_artifact(art: Artifact, robot: RobotTarget, episodes: int, seed: int
             res = score(art, robot, episodes, seed)
             row.update(score=round(res.score, 4),
                        score_std=round(float(np.std(res.scores)), 4),
+                       score_ci95=res.score_ci95,
+                       scores=[round(float(s), 4) for s in res.scores],
                        nonfinite_action_episodes=res.nonfinite_action_episodes)
         except ToolUnavailable:
             pass

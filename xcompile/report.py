@@ -24,11 +24,12 @@ from xcompile.manager.run import StageRecord
 from xcompile.manager.settings import PlanStep
 from xcompile.passes.base import get_pass
 from xcompile.render import _num, render_markdown, render_table
+from xcompile.stats import ratio_ci95
 from xcompile.targets import HardwareTarget, RobotTarget
 
 REPORT_VERSION = 1
 MEASURE_KEYS = ("params", "bytes", "macs", "latency_p50_us", "latency_p99_us", "runtime", "score",
-                "score_std")
+                "score_std", "score_ci95", "scores")
 STAGE_KEYS = ("name", "format", *MEASURE_KEYS, "wall_s", "cached", "skipped", "skip_reason",
               "checks")
 
@@ -71,6 +72,23 @@ def stage_doc(rec: StageRecord) -> dict[str, Any]:
 
 def _final_index(stages: list[dict[str, Any]]) -> int:
     return max(i for i, s in enumerate(stages) if not s["skipped"])
+
+
+def score_ratios(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last scored stage's score over each earlier stage's, with a paired 95% interval: every
+    stage is scored on the same report episodes, so the comparison is paired episode by
+    episode."""
+    scored = [s for s in stages if not s["skipped"] and s.get("scores")]
+    if len(scored) < 2:
+        return []
+    final = scored[-1]
+    out = []
+    for s in scored[:-1]:
+        ratio, ci = ratio_ci95(final["scores"], s["scores"])
+        if ratio is not None:
+            out.append({"final": final["name"], "stage": s["name"], "ratio": ratio, "ci95": ci,
+                        "episodes": len(s["scores"])})
+    return out
 
 
 def evaluate_gates(stages: list[dict[str, Any]], gates: Gates) -> list[dict[str, Any]]:
@@ -127,6 +145,12 @@ def build_report(robot: RobotTarget, hardware: HardwareTarget, plan: Sequence[Pl
     if p50 is not None and p50 > hardware.latency_budget_us:
         notes.append(f"final p50 latency {p50:.1f} µs is over {hardware.name}'s budget of "
                      f"{hardware.latency_budget_us:g} µs")
+    ratios = score_ratios(stages)
+    if ratios:
+        notes.append(f"paired score ratios over the same {ratios[0]['episodes']} report episodes "
+                     "(95% bootstrap intervals): " + "; ".join(
+                         f"{r['final']} / {r['stage']} = {r['ratio']:.3f} "
+                         f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" for r in ratios))
     if runtime_floor_us is not None:
         notes.append(f"latency includes the runtime's per-call overhead: onnxruntime runs an "
                      f"empty graph in {runtime_floor_us:.1f} µs (p50) on this machine")
@@ -143,6 +167,7 @@ def build_report(robot: RobotTarget, hardware: HardwareTarget, plan: Sequence[Pl
         "stages": stages,
         "runtime_floor_us": runtime_floor_us,
         "gates": evaluate_gates(stages, gates),
+        "score_ratios": ratios,
         "final": final,
         "notes": notes,
         "files": {f: r.name for r in records if not r.skipped for f in r.files},

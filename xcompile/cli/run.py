@@ -27,6 +27,7 @@ from xcompile.cli.common import (
 )
 from xcompile.errors import XCompileError
 from xcompile.outdir import check_file_target
+from xcompile.seeds import STREAMS
 
 
 @app.command("eval")
@@ -35,8 +36,12 @@ def eval_(
                                                 "policy (.onnx).")],
     target: TargetOpt,
     episodes: Annotated[int, typer.Option(min=1, max=10000, help="Evaluation episodes.")] = 20,
-    seed: Annotated[int, typer.Option(min=0, max=2**31 - 1,
-                                      help="Episode i uses seed SEED+i.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**31 - 1, help=(
+        "Seed of the episodes: with the default --stream report, the episodes a build seeded "
+        "SEED scores its stages on."))] = 0,
+    stream: Annotated[str, typer.Option(help=(
+        "Seed stream of the episodes (xcompile/seeds.py): report (what builds report), bench, "
+        "or any other use's, to look at the episodes a pass trained or checked on."))] = "report",
     gif: Annotated[Optional[Path], typer.Option(  # noqa: UP007
         help="Write a rollout GIF of episode 0 here.")] = None,
     as_json: JsonOpt = False,
@@ -52,16 +57,19 @@ def eval_(
     from xcompile.targets import load_robot
 
     with user_errors():
+        if stream not in STREAMS:
+            raise XCompileError(f"unknown --stream {stream!r}: choose one of "
+                                f"{', '.join(STREAMS)}")
         if gif:
             check_file_target(gif, "--gif")     # before the evaluation, not after it
         robot = load_robot(target)
         loaded = load_policy(policy, robot)
         with Progress(console=err_console, transient=True, disable=as_json) as prog:
             task = prog.add_task(f"evaluating on {robot.name}", total=episodes)
-            res = evaluate(loaded.act, robot, episodes=episodes, seed=seed,
+            res = evaluate(loaded.act, robot, episodes=episodes, seed=seed, stream=stream,
                            on_episode=lambda: prog.advance(task))
         if gif:
-            rollout_gif(loaded.act, robot, gif, seed=seed)
+            rollout_gif(loaded.act, robot, gif, seed=seed, stream=stream)
     doc = {"policy": str(policy), "kind": loaded.kind, **res.as_dict()}
     if loaded.kind == "fat":
         doc["known_body"] = loaded.info["known_body"]
@@ -69,8 +77,10 @@ def eval_(
         print_json(doc)
         return
     extra = "" if loaded.info.get("known_body", True) else " (zero-shot: body not in checkpoint)"
-    console.print(f"{robot.name}{extra}: score [bold]{res.score:.3f}[/] over {episodes} episodes "
-                  f"(seed {seed}), falls {res.falls}, success {100 * res.success_rate:.0f}%")
+    lo, hi = res.score_ci95 or (res.score, res.score)
+    console.print(f"{robot.name}{extra}: score [bold]{res.score:.3f}[/] [{lo:.3f}, {hi:.3f}] "
+                  f"(95% CI) over {episodes} episodes ({stream} stream, seed {seed}), falls "
+                  f"{res.falls}, success {100 * res.success_rate:.0f}%")
     if res.nonfinite_message():
         err_console.print(f"[yellow]warning:[/] {escape(res.nonfinite_message() or '')}",
                           highlight=False)
@@ -154,7 +164,8 @@ def build(
                         "that build did not write (they are deleted). Never replaces a folder "
                         "xcompile did not write.")] = False,
     seed: Annotated[Optional[int], typer.Option(  # noqa: UP007
-        min=0, max=2**31 - 1, help="Seed of every pass and of the score episodes. Default 0.")
+        min=0, max=2**31 - 1, help="Seed of every pass and of the score episodes (each use "
+                                   "draws from its own stream, xcompile/seeds.py). Default 0.")
     ] = None,
     profile: Annotated[Optional[str], typer.Option(  # noqa: UP007
         help="fast | default | thorough: how much effort heavy passes and scoring spend.")] = None,

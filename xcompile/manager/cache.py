@@ -9,8 +9,9 @@ A pass runs in a temporary folder in `cache_dir/tmp/` that is renamed into place
 the entry's `result.json` (artifact, summary, shipped files, checks) is signed
 (`xcompile.integrity`), so an edited or foreign entry is discarded and the pass runs again.
 
-Measurements (size, latency, score) are cached per artifact id in `cache_dir/measure/`, signed
-and bound to the artifact they describe. Temporary work of killed runs is removed by the next run.
+Measurements (size, latency, score) are cached per artifact id and measurement protocol
+(`xcompile.measure.MEASURE_VERSION`: its episodes and fields) in `cache_dir/measure/`, signed and
+bound to the artifact they describe. Temporary work of killed runs is removed by the next run.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 from xcompile import integrity
 from xcompile.artifact import Artifact, file_sha256
 from xcompile.manager.settings import PlanStep
+from xcompile.measure import MEASURE_VERSION
 from xcompile.outdir import (
     OutputError,
     atomic_write,
@@ -217,7 +219,7 @@ def measure_cached(measure: Measure, art: Artifact, robot: RobotTarget, hardware
     # discarded and measured again.
     key = _sha({"artifact": art.id, "robot": robot.name, "hardware": hardware.name,
                 "episodes": episodes, "seed": seed, "latency_n": latency_n,
-                "host": platform.node()})
+                "host": platform.node(), "protocol": MEASURE_VERSION})
     path = cache_dir / "measure" / f"{key}.json"
     if use_cache and path.is_file():
         try:

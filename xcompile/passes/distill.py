@@ -16,13 +16,15 @@ The student is `slim.MLPPolicy` over the robot's own flat observation, with obse
 normalisation (mean and std of round 0's data, std at least 0.05 so a near-constant input is not
 amplified) folded into the first Linear before it is saved: the saved MLP has no normalisation step.
 Its widths come from `hidden`, or with `auto` from the smallest rung of `ladder` whose closed-loop
-score is at least `min_score_fraction` x the teacher's score on the same seeds and whose batch-1
+score is at least `min_score_fraction` x the teacher's score on the same episodes and whose batch-1
 latency fits the hardware target's `latency_budget_us` (torch eager, one thread: an upper bound of
 the onnxruntime latency it will have). Data gathered for a rung is kept for the next one.
 
-Seeds: DAgger round r uses episodes ctx.seed + 200_000 + 1000 r + i; the held-out teacher-labelled
-states come from teacher episodes ctx.seed + 40_000 + i; teacher and student are scored on
-ctx.seed + 50_000 + i (the report scores on ctx.seed + i).
+Seeds (streams of `xcompile.seeds`, each used by nothing else): the DAgger rounds draw from
+"dagger", round r of ladder rung c (counted over the whole run, R = r + rounds * c) its episodes
+R * episodes_per_round + j, so no two rounds or rungs share an episode; the held-out
+teacher-labelled states come from teacher episodes of "distill-heldout"; teacher and student are
+scored on "distill-score" (the ladder's choice). The report scores on "report".
 
 Budgets (`rounds`, `episodes_per_round`, `fit_epochs`, `final_fit_epochs`, `eval_episodes`,
 `heldout_episodes`, `auto`) come from `PROFILE_DEFAULTS[ctx.profile]` for fields the user did not
@@ -60,13 +62,14 @@ from xcompile.passes.base import (
 )
 from xcompile.passes.training import start_training
 from xcompile.policy import torch_act
+from xcompile.seeds import episode_seed
 from xcompile.sim.env import obs_dim
 from xcompile.sim.observations import random_obs
 from xcompile.targets import RobotTarget
 
-DAGGER_SEED = 200_000
-HELDOUT_SEED = 40_000
-EVAL_SEED = 50_000
+DAGGER_STREAM = "dagger"             # the DAgger rounds' episodes
+HELDOUT_STREAM = "distill-heldout"   # teacher episodes whose labelled states measure action error
+SCORE_STREAM = "distill-score"       # teacher and student scores (auto's choice of rung)
 MIN_OBS_STD = 0.05
 
 # Budgets per build profile for fields the user did not set. Fitting is cheap (a few seconds); the
@@ -82,7 +85,8 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     # sample's xarm6 teacher then gave a student at 0.876 (seeds 0-9; action error 0.0082), a
     # slow drift off the goal. 8 x 12 episodes, 100/600 epochs: 1.0 (seeds 0-9), 0.97 (seeds
     # 10-29), action error 0.0048; distillation then took 100-265 s per robot in
-    # `bench/quality.py --profile default` (quadrupeds the longest).
+    # `bench/quality.py --profile default` (quadrupeds the longest). (Measured before the seed
+    # streams of xcompile.seeds: "seeds 0-9" are the episodes seeded 0..9, in no stream.)
     "default": {"rounds": 8, "episodes_per_round": 12, "fit_epochs": 100, "final_fit_epochs": 600,
                 "eval_episodes": 6, "heldout_episodes": 2},
     "thorough": {"rounds": 10, "episodes_per_round": 12, "fit_epochs": 80,
@@ -117,7 +121,7 @@ class DistillConfig(PassConfig):
     heldout_episodes: int = Field(2, ge=1, description="teacher episodes whose labelled states "
                                   "measure the action error after each round")
     eval_episodes: int = Field(6, ge=1, description="episodes that score teacher and student "
-                               "(same seeds for both)")
+                               "(the same episodes for both, seed stream distill-score)")
 
 
 @dataclass
@@ -135,7 +139,7 @@ class _Data:
 @register_pass
 class Distill(Pass):
     name = "distill"
-    version = 2
+    version = 3
     input_format = "torch"
     output_format = "torch"
     Config = DistillConfig
@@ -148,7 +152,7 @@ class Distill(Pass):
         budget_us = float(ctx.hardware.latency_budget_us)
         with seeded_torch(ctx.seed):
             heldout = _collect(teacher, None, 0.0, 0.0, ctx, cfg.heldout_episodes,
-                               ctx.seed + HELDOUT_SEED)
+                               HELDOUT_STREAM)
             teacher_score = _score(teacher, cfg, ctx)
             data = _Data()
             candidates = cfg.ladder if cfg.auto else [cfg.hidden]
@@ -225,10 +229,12 @@ class Distill(Pass):
 
 
 def _collect(teacher: BatchPolicy, student: BatchPolicy | None, beta: float, noise_std: float,
-             ctx: BuildContext, episodes: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+             ctx: BuildContext, episodes: int, stream: str, first_episode: int = 0
+             ) -> tuple[np.ndarray, np.ndarray, float]:
     """Roll out (student, teacher with probability beta, or the noisy teacher when student is
-    None); return the visited observations, the teacher's labels and the mean score."""
-    rng = np.random.default_rng(seed)
+    None) on episodes first_episode.. of `stream`; return the visited observations, the
+    teacher's labels and the mean score."""
+    rng = np.random.default_rng(episode_seed(stream, ctx.seed, first_episode))
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
 
@@ -242,13 +248,15 @@ def _collect(teacher: BatchPolicy, student: BatchPolicy | None, beta: float, noi
         use_teacher = rng.random(len(obs)) < beta
         return np.where(use_teacher[:, None], label, mine)
 
-    res = score_policy(act, ctx.robot, episodes, seed)
+    res = score_policy(act, ctx.robot, episodes, ctx.seed, stream=stream,
+                       first_episode=first_episode)
     return (np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32),
             res.score)
 
 
 def _score(policy: BatchPolicy, cfg: DistillConfig, ctx: BuildContext) -> float:
-    return score_policy(policy, ctx.robot, cfg.eval_episodes, ctx.seed + EVAL_SEED).score
+    return score_policy(policy, ctx.robot, cfg.eval_episodes, ctx.seed,
+                        stream=SCORE_STREAM).score
 
 
 def _latency_us(robot: RobotTarget, hidden: list[int], activation: str, n: int = 300) -> float:
@@ -319,15 +327,16 @@ def _dagger(teacher: Any, hidden: list[int], cfg: DistillConfig, ctx: BuildConte
     total = cfg.rounds + 1
     for rnd in range(cfg.rounds):
         # ROLLOUT (round 0: noisy teacher, unless an earlier ladder rung left data; then: student)
-        seed = ctx.seed + DAGGER_SEED + 1000 * (rnd + cfg.rounds * ci)
+        # episodes of the "dagger" stream: disjoint across rounds and ladder rungs
+        first = (rnd + cfg.rounds * ci) * cfg.episodes_per_round
         if student is None and len(data) == 0:
             x, y, sc = _collect(teacher, None, 0.0, cfg.noise_std, ctx, cfg.episodes_per_round,
-                                seed)
+                                DAGGER_STREAM, first)
         else:
             if student is None:
                 student = fit(new_student())
             x, y, sc = _collect(teacher, torch_act(student), cfg.beta_decay ** max(rnd, 1), 0.0,
-                                ctx, cfg.episodes_per_round, seed)
+                                ctx, cfg.episodes_per_round, DAGGER_STREAM, first)
         data.obs.append(x)
         data.act.append(y)
         dagger_scores.append(round(sc, 4))

@@ -11,7 +11,7 @@ URDF for a body it never saw (zero-shot), exactly as the fat policy itself would
 
 Check: the pinned policy (reloaded from its file) and the fat network act the same, to float
 rounding, on random observations shaped like the robot's and on observations recorded in closed
-loop on the target.
+loop on the target (episodes of seed stream "pin-check", `xcompile.seeds`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from xcompile.models.slim import load_torch_policy, save_torch_policy, spec_of
 from xcompile.passes.base import BuildContext, Pass, PassConfig, PassResult, register_pass
 from xcompile.policy import body_descriptors, fat_act, load_fat_checkpoint
 from xcompile.sim.observations import random_obs
+
+CHECK_STREAM = "pin-check"   # the fat policy's closed-loop episodes the check compares on
 
 
 class PinConfig(PassConfig):
@@ -76,7 +78,8 @@ class PinEmbodiment(Pass):
         obs = [random_obs(robot, cfg.n_check_obs, seed=ctx.seed)]
         if cfg.check_episodes:
             res = score_policy(fat_act(ckpt.model, desc, robot.family), robot,
-                               cfg.check_episodes, ctx.seed, record_obs=True)
+                               cfg.check_episodes, ctx.seed, stream=CHECK_STREAM,
+                               record_obs=True)
             obs += res.observations
         x = torch.as_tensor(np.concatenate(obs))
         with torch.inference_mode():

@@ -24,10 +24,12 @@ arithmetic in fp16, `obs` and `action` stay float32.
 The deployment contract is copied from the input; `precision` (and for int8 `int8_activations`) is
 added and `pass_history` extended (`xcompile.onnx.contract.extend_contract`).
 
-Check: action error against the float graph on held-out closed-loop observations (episodes other
-than the calibration ones; random observations only if `heldout_episodes=0`, where int8 may clip
-what it was not calibrated for); refused beyond `max_action_error` (mean absolute, in action
-units). Reports the size ratio, and with `score_episodes > 0` the closed-loop score of both.
+Check: action error against the float graph on held-out closed-loop observations (episodes of seed
+stream "quantize-check", never the calibration stream's; random observations only if
+`heldout_episodes=0`, where int8 may clip what it was not calibrated for); refused beyond
+`max_action_error` (mean absolute, in action units). Reports the size ratio, and with
+`score_episodes > 0` the closed-loop score of both (a measurement the check decides nothing on:
+`xcompile.measure.score`, on the report's stream, so it equals the report's figure).
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ from xcompile.passes.base import BuildContext, Pass, PassConfig, PassResult, reg
 from xcompile.sim.observations import random_obs
 from xcompile.targets import HardwareTarget
 
-_CALIBRATION_SEED = 10_000   # calibration episodes use seeds seed+10000...; held-out ones +20000
-_HELDOUT_SEED = 20_000
-_AUTO_SEED = 30_000        # episodes of the input_layer="auto" choice
+# Seed streams (xcompile.seeds), one per use, shared with no other pass or the report:
+CALIBRATION_STREAM = "calibration"   # the float policy's episodes whose observations calibrate
+CHECK_STREAM = "quantize-check"      # held-out episodes whose observations the action check uses
+CHOICE_STREAM = "quantize-choice"    # episodes of the closed-loop "auto" choices
 
 
 class QuantizeConfig(PassConfig):
@@ -100,16 +103,17 @@ def _run_batched(sess: Any, obs: np.ndarray, batch: int = 256) -> np.ndarray:
                            for i in range(0, len(obs), b)])
 
 
-def _rollouts(onnx_path: Path, ctx: BuildContext, episodes: int, seed: int,
+def _rollouts(onnx_path: Path, ctx: BuildContext, episodes: int, stream: str,
               record_obs: bool = False) -> EvalResult:
-    """Closed-loop episodes of an ONNX policy on the build's robot."""
+    """Closed-loop episodes (of seed stream `stream`) of an ONNX policy on the build's robot."""
     sess = ort_session(onnx_path)
     return evaluate(lambda o: _run_batched(sess, np.asarray(o, np.float32)), ctx.robot,
-                    episodes=episodes, seed=seed, record_obs=record_obs)
+                    episodes=episodes, seed=ctx.seed, stream=stream, record_obs=record_obs)
 
 
-def _closed_loop_obs(onnx_path: Path, ctx: BuildContext, episodes: int, seed: int) -> np.ndarray:
-    res = _rollouts(onnx_path, ctx, episodes, seed, record_obs=True)
+def _closed_loop_obs(onnx_path: Path, ctx: BuildContext, episodes: int, stream: str
+                     ) -> np.ndarray:
+    res = _rollouts(onnx_path, ctx, episodes, stream, record_obs=True)
     return np.concatenate(res.observations).astype(np.float32)
 
 
@@ -136,7 +140,7 @@ def _int8(pre: Path, dst: Path, calib: np.ndarray, exclude: list[str]) -> None:
 @register_pass
 class Quantize(Pass):
     name = "quantize"
-    version = 7
+    version = 8
     input_format = "onnx"
     output_format = "onnx"
     Config = QuantizeConfig
@@ -151,8 +155,7 @@ class Quantize(Pass):
         dst = ctx.workdir / f"policy_{cfg.precision}.onnx"
         info: dict[str, Any] = {}
         if cfg.precision == "int8":
-            obs = _closed_loop_obs(art.path, ctx, cfg.calibration_episodes,
-                                   ctx.seed + _CALIBRATION_SEED)
+            obs = _closed_loop_obs(art.path, ctx, cfg.calibration_episodes, CALIBRATION_STREAM)
             rng = np.random.default_rng(ctx.seed)
             if len(obs) > cfg.calibration_samples:
                 obs = obs[np.sort(rng.choice(len(obs), cfg.calibration_samples, replace=False))]
@@ -192,17 +195,18 @@ class Quantize(Pass):
 
         Weight-only models keep the first layer's weights in fp16 (`fp16_weights`) unless
         input_layer="float". With int8 activations, input_layer "auto" and activations "auto"
-        (off the CPU runtime) are decided in closed loop on `auto_episodes` episodes used
-        neither for calibration nor for the check: int8 stays when the model scores at least
-        `auto_min_score_ratio` x the float policy. The first layer goes first (the observation
-        mixes radians, centimetres and scaled velocities; with the normalisation folded into the
-        first layer's weights, one int8 scale for them rounds the small entries away), then the
-        activations. Measured on the default-profile students
-        (10 episodes, seeds 0-9, float 1.0): xarm6 all-int8 0.51; first layer float 0.94 (action
-        error 0.0018); weight-only after that 1.00 (0.0007). Dropped: equalising each observation
-        entry to its own int8 range (xarm6 0.67; aliengo 1.0 -> 0.90), per-channel weight scales,
-        a bias correction of the float head, a linear observation->action skip in the student,
-        and int8-aware fine-tuning of the student (none beyond episode noise).
+        (off the CPU runtime) are decided in closed loop on `auto_episodes` episodes of seed
+        stream "quantize-choice", used neither for calibration ("calibration"), nor for the check
+        ("quantize-check"), nor by any other pass or the report: int8 stays when the model scores
+        at least `auto_min_score_ratio` x the float policy. The first layer goes first (the
+        observation mixes radians, centimetres and scaled velocities; with the normalisation
+        folded into the first layer's weights, one int8 scale for them rounds the small entries
+        away), then the activations. Measured on the default-profile students (10 episodes
+        seeded 0-9, before the seed streams; float 1.0): xarm6 all-int8 0.51; first layer float
+        0.94 (action error 0.0018); weight-only after that 1.00 (0.0007). Dropped: equalising each
+        observation entry to its own int8 range (xarm6 0.67; aliengo 1.0 -> 0.90), per-channel
+        weight scales, a bias correction of the float head, a linear observation->action skip in
+        the student, and int8-aware fine-tuning of the student (none beyond episode noise).
         """
         import onnx  # heavy: only when the pass runs
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -216,7 +220,6 @@ class Quantize(Pass):
             graph = onnx.load(str(pre))
             out = output_layers(graph) if cfg.keep_output_float else []
             first = input_layers(graph)
-            seed = ctx.seed + _AUTO_SEED
             scores: dict[str, float] = {}
 
             def write(in_mode: str, weights_only: bool) -> None:
@@ -230,8 +233,9 @@ class Quantize(Pass):
 
             def passes(key: str) -> bool:
                 if "float" not in scores:
-                    scores["float"] = _rollouts(src, ctx, cfg.auto_episodes, seed).score
-                scores[key] = _rollouts(dst, ctx, cfg.auto_episodes, seed).score
+                    scores["float"] = _rollouts(src, ctx, cfg.auto_episodes,
+                                                CHOICE_STREAM).score
+                scores[key] = _rollouts(dst, ctx, cfg.auto_episodes, CHOICE_STREAM).score
                 return scores[key] >= cfg.auto_min_score_ratio * scores["float"]
 
             if act_mode == "float":
@@ -275,7 +279,7 @@ class Quantize(Pass):
         # Held-out observations from the deployment distribution: int8 ranges were calibrated on
         # it, and random inputs outside it get clipped (a large error no robot would see).
         if cfg.heldout_episodes:
-            obs = _closed_loop_obs(inp.path, ctx, cfg.heldout_episodes, ctx.seed + _HELDOUT_SEED)
+            obs = _closed_loop_obs(inp.path, ctx, cfg.heldout_episodes, CHECK_STREAM)
         else:
             obs = random_obs(ctx.robot, 256, seed=ctx.seed + 2)
         want = _run_batched(flt, obs)

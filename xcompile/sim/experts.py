@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xcompile.evaluate import EvalResult
+from xcompile.seeds import episode_seed
 from xcompile.sim.env import RobotEnv
 
 
@@ -92,15 +94,14 @@ def expert_action(env: RobotEnv, obs: np.ndarray) -> np.ndarray:
     return reach_action(env)
 
 
-def evaluate_expert(robot, episodes: int = 20, seed: int = 0):
-    """Score of the scripted expert on the same seeded episodes `xcompile eval` uses."""
-    from xcompile.evaluate import EvalResult
-
+def evaluate_expert(robot, episodes: int = 20, seed: int = 0, stream: str = "report"):
+    """Score of the scripted expert on the episodes `xcompile eval --stream STREAM --seed SEED`
+    scores a policy on (`xcompile.seeds`)."""
     env = RobotEnv(robot)
-    res = EvalResult(robot=env.robot.name, seed=seed, scores=[])
+    res = EvalResult(robot=env.robot.name, seed=seed, stream=stream, scores=[])
     try:
         for i in range(episodes):
-            obs, _ = env.reset(seed=seed + i)
+            obs, _ = env.reset(seed=episode_seed(stream, seed, i))
             while True:
                 obs, _, term, trunc, info = env.step(expert_action(env, obs))
                 res.steps += 1

@@ -4,7 +4,8 @@ One process, no subprocesses: on 2 cores async vector envs gain little (the poli
 pass is where batching pays). An env whose episode ends is reset in the same step with the next
 unused seed (gymnasium's SAME_STEP autoreset), and its last observation is returned in `final_obs`
 so a learner can bootstrap a truncated episode. Episode k (counting over all envs, in the order they
-start) uses seed `seed + k`, so a run is reproducible.
+start) starts from `xcompile.seeds.episode_seed(stream, seed, k)`, so a run is reproducible and
+its episodes are none that another use (a check, the report) runs on.
 
 `xcompile.evaluate.evaluate` is the scoring loop; this is the training one.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xcompile.seeds import episode_seed
 from xcompile.sim.env import Faults, RobotEnv
 from xcompile.targets import RobotTarget
 
@@ -31,12 +33,15 @@ class VecStep:
 
 
 class LockstepEnvs:
-    def __init__(self, robot: RobotTarget, n: int, seed: int, faults: Faults | None = None):
+    def __init__(self, robot: RobotTarget, n: int, seed: int, faults: Faults | None = None, *,
+                 stream: str):
         if n < 1:
             raise ValueError("LockstepEnvs needs n >= 1")
+        episode_seed(stream, seed, 0)     # refuses an unknown stream or a bad seed up front
         self.robot = robot
+        self.stream = stream
+        self.seed = seed
         self.envs = [RobotEnv(robot, faults=faults) for _ in range(n)]
-        self.next_seed = seed
         self.episodes_started = 0
         self._ret = np.zeros(n)
         self.obs = np.zeros((n, obs_dim_of(self.envs[0])), dtype=np.float32)
@@ -48,8 +53,8 @@ class LockstepEnvs:
         self.close()
 
     def _reset_one(self, k: int) -> np.ndarray:
-        obs, _ = self.envs[k].reset(seed=self.next_seed)
-        self.next_seed += 1
+        obs, _ = self.envs[k].reset(seed=episode_seed(self.stream, self.seed,
+                                                      self.episodes_started))
         self.episodes_started += 1
         self._ret[k] = 0.0
         return obs
