@@ -466,7 +466,7 @@ def finish(args: argparse.Namespace, script: str, results: Any, markdown: str,
     m = machine()
     doc = {"script": script, "command": command_line(), "quick": bool(args.quick),
            "checkpoint": str(args.checkpoint), "checkpoint_id": checkpoint_id(args.checkpoint),
-           "robots": list(args.robots), "machine": m,
+           "robots": list(args.robots), "machine": m, "protocol": xm.MEASURE_VERSION,
            "wall_s": round(time.perf_counter() - started, 1) if started else None,
            "notes": list(dict.fromkeys(notes)), "results": results, "markdown": markdown}
     out = Path(args.out)

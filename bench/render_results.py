@@ -62,7 +62,11 @@ def section(script: str, title: str, command: str, results: Path) -> str:
     else:
         ckpt = (f"Checkpoint: `{doc['checkpoint']}` (not fingerprinted: measured before results "
                 "recorded the checkpoint's sha256)")
-    return (f"## {title}\n\nCommand: `{doc['command']}` (wall {doc['wall_s']} s)\n\n"
+    stale = ("" if doc.get("protocol", 1) >= 2 else
+             "**Not re-run since the seed streams (measurement protocol 2):** its scores are on "
+             "the old episodes `seed + i`, the ones the sample fat policy was selected on, and "
+             "carry no intervals; sizes and latencies are unaffected.\n\n")
+    return (f"## {title}\n\n{stale}Command: `{doc['command']}` (wall {doc['wall_s']} s)\n\n"
             f"Machine: {common.machine_line(doc['machine'])}\n\n{ckpt}\n\n{doc['markdown']}\n"
             + (f"\nNotes:\n\n{notes}" if notes else ""))
 

@@ -26,7 +26,7 @@ from xcompile.cli.common import (
     user_errors,
 )
 from xcompile.errors import XCompileError
-from xcompile.outdir import check_file_target
+from xcompile.outdir import check_file_target, check_replaceable
 from xcompile.seeds import STREAMS
 
 
@@ -208,6 +208,8 @@ def build(
             flags = " and ".join("--" + c for c in chosen)
             raise XCompileError(f"choose one precision, not {flags}")
         gates = Gates(max_latency_us, max_size_kb, min_score_ratio)
+        if out is not None:      # before the checkpoint is read and hashed: a refusal is instant
+            check_replaceable(out, force=force)
         req = prepare(checkpoint, target, hardware, from_manifest=from_manifest, config=config,
                       cli={"passes": parse_plan(passes) if passes is not None else None,
                            "seed": seed, "profile": profile, "episodes": episodes,
