@@ -44,7 +44,16 @@ TODO were not run on the recorded machine: run the command shown to fill them (t
 `python bench/render_results.py`). No number here is estimated. A section's wall time is that run's:
 the scripts share a pass cache (`.xcompile/bench/`), so a section whose builds were already cached
 ran in seconds; from cold, `quality.py --profile default` takes about 26 minutes for 8 robots.
+
+Since the seed streams (measurement protocol 2, `xcompile/seeds.py`), scores are on the report
+stream's episodes, which no pass trains, checks or chooses on, with bootstrap 95% intervals; the
+score sections measured before them say so. The thin (50 episodes) and default (20 episodes)
+builds were re-run on 2026-11-26 partly at the same time (load about 2 in their machine lines):
+their scores are exact, their latencies noisier than a lone run's.
 """
+
+
+SCORED = ("quality", "quality-thin", "quality-default", "robustness")   # sections with scores
 
 
 def section(script: str, title: str, command: str, results: Path) -> str:
@@ -62,7 +71,7 @@ def section(script: str, title: str, command: str, results: Path) -> str:
     else:
         ckpt = (f"Checkpoint: `{doc['checkpoint']}` (not fingerprinted: measured before results "
                 "recorded the checkpoint's sha256)")
-    stale = ("" if doc.get("protocol", 1) >= 2 else
+    stale = ("" if doc.get("protocol", 1) >= 2 or script not in SCORED else
              "**Not re-run since the seed streams (measurement protocol 2):** its scores are on "
              "the old episodes `seed + i`, the ones the sample fat policy was selected on, and "
              "carry no intervals; sizes and latencies are unaffected.\n\n")
