@@ -25,7 +25,7 @@ from xcompile.artifact import Artifact, file_sha256
 from xcompile.errors import CheckpointError, GateError, XCompileError
 from xcompile.evaluate import rollout_gif
 from xcompile.manager.cache import Measure
-from xcompile.manager.manifest import MANIFEST, Rebuild, build_manifest, rebuild_from_manifest
+from xcompile.manager.manifest import Rebuild, build_manifest, rebuild_from_manifest
 from xcompile.manager.plan import INPUT_FORMAT
 from xcompile.manager.reproducer import load_reproducer, reproducer_dir
 from xcompile.manager.run import BuildHooks, StageRecord, run_plan
@@ -37,7 +37,7 @@ from xcompile.manager.settings import (
     resolve_settings,
 )
 from xcompile.measure import ort_floor_us
-from xcompile.outdir import check_replaceable, check_writable_parent, write_folder
+from xcompile.outdir import MANIFEST, check_replaceable, check_writable_parent, write_folder
 from xcompile.policy import load_policy
 from xcompile.render import plot_stages, render_markdown
 from xcompile.report import Gates, build_report, policy_file_name

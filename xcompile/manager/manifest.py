@@ -35,7 +35,6 @@ from xcompile.passes.base import all_passes
 from xcompile.targets import HardwareTarget, RobotTarget, load_hardware, load_robot
 from xcompile.targets.loader import HARDWARE_DIR, ROBOTS_DIR
 
-MANIFEST = "manifest.json"
 VERSIONED = ("torch", "onnx", "onnxruntime", "pybullet", "numpy", "pydantic")
 
 
