@@ -16,6 +16,7 @@ from xcompile.artifact import Artifact
 from xcompile.errors import XCompileError
 from xcompile.evaluate import EvalResult, evaluate
 from xcompile.passes import distill as distill_mod
+from xcompile.passes import emit_c as emit_mod
 from xcompile.passes import pin_embodiment as pin_mod
 from xcompile.passes import quantize as quantize_mod
 from xcompile.passes import rl_finetune as rl_mod
@@ -78,7 +79,8 @@ def _bench_common():
 
 def test_every_stream_the_code_names_exists_and_each_use_has_its_own():
     uses = {}
-    for mod in (rl_mod, distill_mod, quantize_mod, pin_mod, measure_mod, _bench_common()):
+    for mod in (rl_mod, distill_mod, quantize_mod, pin_mod, emit_mod, measure_mod,
+                _bench_common()):
         names = {k: v for k, v in vars(mod).items() if k.endswith("_STREAM")}
         assert names, f"{mod.__name__} names no seed stream"
         uses.update({f"{mod.__name__}.{k}": v for k, v in names.items()})

@@ -10,6 +10,7 @@ Formats:
     torch           a one-robot torch policy saved by `xcompile.models.slim.save_torch_policy`
     onnx            a one-robot ONNX graph, `obs` -> `action`, contract in its metadata
     tensorrt        a serialized TensorRT engine (.plan) beside its ONNX
+    c               C99 source (policy.c, policy.h beside it) emitted from an ONNX policy
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("fat-checkpoint", "torch", "onnx", "tensorrt")
+FORMATS = ("fat-checkpoint", "torch", "onnx", "tensorrt", "c")
 
 
 def file_sha256(path: str | Path) -> str:

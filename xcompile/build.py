@@ -137,7 +137,8 @@ def prepare(checkpoint: Path | None, target: str | None, hardware: str | None, *
 
 
 def compare_outputs(out_dir: Path, expected: Mapping[str, str],
-                    names: Sequence[str] = ("policy.onnx", "policy.plan")) -> dict[str, bool]:
+                    names: Sequence[str] = ("policy.onnx", "policy.plan", "policy.c", "policy.h")
+                    ) -> dict[str, bool]:
     """{file: identical?} for the compiled policy files the original build recorded."""
     return {n: file_sha256(out_dir / n) == expected[n] for n in names
             if n in expected and (out_dir / n).is_file()}

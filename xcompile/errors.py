@@ -45,3 +45,7 @@ class ToolUnavailable(XCompileError):
     The pass manager decides whether that skips the pass (it was a default) or fails the build (the
     user asked for it explicitly).
     """
+
+
+class UnsupportedModel(XCompileError):
+    """A model uses operators or a structure that a back end cannot compile."""

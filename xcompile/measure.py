@@ -10,8 +10,10 @@ How each number is taken:
   weights the deployed graph carries too). onnx: elements of the graph's initializers and Constant
   tensors, except int64 ones (shapes and indices, not weights); the exporter stores equal tensors
   once, so this can be a little below the torch count. A quantized graph counts its int8
-  weights plus its scales and zero points. tensorrt: those of the ONNX it was built from.
-- bytes: the artifact's file size on disk.
+  weights plus its scales and zero points. tensorrt: those of the ONNX it was built from. c: the
+  weights and biases of its dense layers.
+- bytes: the artifact's file size on disk; for C, the compiled object's text + data (what a
+  microcontroller keeps in flash), not the size of the source text.
 - MACs: multiply-accumulates of one batch-1 call, counted over matrix products only (Linear/Gemm,
   MatMul, the attention products); element-wise work (norms, softmax, activations) is left out.
   torch and fat-checkpoint: `torch.utils.flop_counter.FlopCounterMode` over one call (its matmul
@@ -22,7 +24,8 @@ How each number is taken:
   onnxruntime intra_op=1, inter_op=1, sequential), after a warm-up, on random observations shaped
   like the robot's; median and p99 over `n` calls. `ort_floor_us` is onnxruntime's own per-call
   floor (an Identity graph of the same input shape) measured the same way, so a report can tell
-  what the model costs from what calling it costs.
+  what the model costs from what calling it costs. C: timed inside a C harness
+  (`xcompile.cgen.harness_latency`, clock_gettime around each call), no Python in the loop.
 - score: `xcompile.evaluate.score_policy` on the robot target, on the episodes of seed stream
   "report" (`xcompile.seeds`), which no pass trains, checks or chooses on. Every stage of a build
   is scored on the same episodes, so two stages' per-episode `scores` pair up (the report's
@@ -83,8 +86,9 @@ def _robot_key(robot: RobotTarget) -> str:
 
 def count_params_bytes(art: Artifact) -> dict[str, int]:
     """{"params": stored weight elements, "bytes": file size}; see the module docstring."""
-    return _cached((art.id, "params_bytes"), lambda: {"params": _count_params(art),
-                                                       "bytes": art.n_bytes})
+    return _cached((art.id, "params_bytes"), lambda: {
+        "params": _count_params(art),
+        "bytes": int(art.meta["object_bytes"]) if art.format == "c" else art.n_bytes})
 
 
 def _count_params(art: Artifact) -> int:
@@ -99,6 +103,8 @@ def _count_params(art: Artifact) -> int:
     if art.format == "tensorrt":
         onnx_path = art.meta.get("onnx_path")
         return onnx_param_count(onnx_path) if onnx_path and Path(onnx_path).exists() else 0
+    if art.format == "c":
+        return int(art.meta["params"])
     raise ValueError(f"unknown artifact format {art.format!r}")
 
 
@@ -130,6 +136,8 @@ def _macs(art: Artifact, robot: RobotTarget) -> int:
     if art.format == "tensorrt":
         onnx_path = art.meta.get("onnx_path")
         return onnx_macs(onnx_path) if onnx_path and Path(onnx_path).exists() else 0
+    if art.format == "c":                 # emit-c keeps its source ONNX beside the C
+        return onnx_macs(art.path.parent / "policy.onnx")
     call, _ = _torch_callable(art, robot)
     x = torch.as_tensor(random_obs(robot, 1))
     counter = FlopCounterMode(display=False)
@@ -227,6 +235,11 @@ def _latency(art: Artifact, robot: RobotTarget, n: int) -> dict[str, Any]:
     if art.format == "tensorrt":
         raise ToolUnavailable("latency of a TensorRT engine is measured on its GPU; this "
                               "measurement runs TensorRT-free")
+    if art.format == "c":
+        from xcompile.cgen import harness_latency
+
+        lat = harness_latency(art.path, obs, n=n)
+        return {"p50_us": lat["p50_us"], "p99_us": lat["p99_us"], "runtime": "c"}
     call, runtime = _torch_callable(art, robot)
     inputs = [torch.as_tensor(obs[i:i + 1]) for i in range(len(obs))]
     with torch_single_thread(), torch.inference_mode():
@@ -266,6 +279,11 @@ def score(art: Artifact, robot: RobotTarget, episodes: int, seed: int = 0) -> Ev
 def _score(art: Artifact, robot: RobotTarget, episodes: int, seed: int) -> EvalResult:
     if art.format == "tensorrt":
         raise ToolUnavailable("a TensorRT engine is scored on its GPU; score its ONNX instead")
+    if art.format == "c":
+        from xcompile.cgen.load import load_c_policy
+
+        policy, *_ = load_c_policy(art.path)
+        return score_policy(policy, robot, episodes, seed, stream=REPORT_STREAM, record_obs=True)
     return score_policy(load_policy(art.path, robot).act, robot, episodes, seed,
                         stream=REPORT_STREAM, record_obs=True)
 

@@ -35,7 +35,7 @@ FAT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 @dataclass
 class LoadedPolicy:
     act: BatchPolicy
-    kind: str                       # "fat", "onnx", "torch"
+    kind: str                       # "fat", "onnx", "torch", "c"
     path: Path
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -163,7 +163,15 @@ def load_policy(path: str | Path, robot: RobotTarget) -> LoadedPolicy:
         except Exception as e:  # onnxruntime raises its own types for malformed models
             raise CheckpointError(f"{path}: onnxruntime cannot load it ({e})") from e
         return LoadedPolicy(act, "onnx", path, {"metadata": meta})
+    if path.suffix == ".c":
+        from xcompile.cgen.load import load_c_policy  # compiles: only C it emitted itself
+
+        policy, src, meta = load_c_policy(path)
+        check_contract(meta, robot, path)
+        check_io_widths(src.obs_dim, src.act_dim, robot, path)
+        return LoadedPolicy(policy, "c", path, {"metadata": meta})
     raise CheckpointError(
         f"{path}: unknown policy file type '{path.suffix}'. Expected a fat checkpoint "
-        f"({', '.join(FAT_SUFFIXES)}), a torch policy (.pt) or a compiled policy (.onnx)"
+        f"({', '.join(FAT_SUFFIXES)}), a torch policy (.pt) or a compiled policy (.onnx, or "
+        ".c as `xcompile build --emit c` writes it)"
     )

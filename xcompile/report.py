@@ -175,7 +175,7 @@ def build_report(robot: RobotTarget, hardware: HardwareTarget, plan: Sequence[Pl
 
 
 def policy_file_name(art: Artifact) -> str:
-    return {"onnx": "policy.onnx", "tensorrt": "policy.plan"}.get(
+    return {"onnx": "policy.onnx", "tensorrt": "policy.plan", "c": "policy.c"}.get(
         art.format, "policy" + "".join(art.path.suffixes))
 
 

@@ -30,6 +30,7 @@ STREAMS: dict[str, int] = {
     "quantize-check": 8,       # quantize's action-error check
     "quantize-choice": 9,      # quantize's closed-loop choice of what stays in float
     "pin-check": 10,           # pin-embodiment's closed-loop equality check
+    "emit-c-check": 13,        # emit-c's comparison of C with onnxruntime
     # what people read
     "report": 11,              # a build's stage scores and `xcompile eval`
     "bench": 12,               # bench/ scripts

@@ -33,7 +33,9 @@ from xcompile.seeds import STREAMS
 @app.command("eval")
 def eval_(
     policy: Annotated[Path, typer.Argument(help="Fat checkpoint (.pt/.safetensors) or compiled "
-                                                "policy (.onnx).")],
+                                                "policy (.onnx, or policy.c from --emit c: run "
+                                                "only when it is exactly what xcompile emits "
+                                                "from the policy.onnx beside it).")],
     target: TargetOpt,
     episodes: Annotated[int, typer.Option(min=1, max=10000, help="Evaluation episodes.")] = 20,
     seed: Annotated[int, typer.Option(min=0, max=2**31 - 1, help=(
@@ -149,6 +151,11 @@ def build(
     fp16: Annotated[bool, typer.Option("--fp16", help="Quantize to fp16 instead of int8.")] = False,
     fp32: Annotated[bool, typer.Option("--fp32", help="No quantization: drop quantize from the "
                                                       "plan.")] = False,
+    emit: Annotated[str, typer.Option(
+        "--emit", help="Back end of the final policy: onnx (policy.onnx), or c (also policy.c "
+                       "and policy.h: dependency-free C99 for a control loop or a "
+                       "microcontroller, checked against onnxruntime; needs a C compiler, "
+                       "otherwise skipped with a note). c ends the plan with emit-c.")] = "onnx",
     passes: Annotated[Optional[str], typer.Option(  # noqa: UP007
         help="The plan: pass names separated by commas, e.g. pin-embodiment,export-onnx,"
              "quantize. Default: pin-embodiment, rl-finetune, distill, export-onnx, "
@@ -191,7 +198,8 @@ def build(
 ) -> None:
     """Compile a fat checkpoint into a slim policy for one robot, with a report.
 
-    Writes OUT/policy.onnx, report.json, report.md, stages.png, rollout.gif and manifest.json.
+    Writes OUT/policy.onnx, report.json, report.md, stages.png, rollout.gif and manifest.json
+    (with --emit c also policy.c and policy.h).
     A missed gate exits with code 4 after the report is written.
 
     Example: xcompile build examples/fat_policy.pt --target spot --int8 --max-latency-us 500
@@ -213,7 +221,7 @@ def build(
         req = prepare(checkpoint, target, hardware, from_manifest=from_manifest, config=config,
                       cli={"passes": parse_plan(passes) if passes is not None else None,
                            "seed": seed, "profile": profile, "episodes": episodes,
-                           "precision": chosen[0] if chosen else None})
+                           "precision": chosen[0] if chosen else None, "emit": emit})
         for note in req.notes:
             err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         out_dir = out or Path("build") / req.robot.name
@@ -232,8 +240,9 @@ def build(
         print_json(result.report)
     else:
         print_report(result.report)
-        console.print(f"wrote {out_dir}/ ({result.report['final']['policy']}, report.md, "
-                      "report.json, manifest.json)", highlight=False)
+        policies = sorted(p.name for p in out_dir.glob("policy.*"))
+        console.print(f"wrote {out_dir}/ ({', '.join(policies)}, report.md, report.json, "
+                      "manifest.json)", highlight=False)
     same = compare_outputs(out_dir, req.rebuild.expected_outputs) if req.rebuild else {}
     for name, ok in same.items():
         mark = "[green]identical[/]" if ok else "[bold red]DIFFERS[/]"

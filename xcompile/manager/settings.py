@@ -196,6 +196,11 @@ def resolve_settings(defaults: Mapping[str, Any] | None = None,
         options.setdefault(q, {})[opt] = precision
         sources[f"{q}.{opt}"] = "cli"
 
+    emit_notes: list[str] = []
+    emit = (cli_cfg or {}).get("emit")
+    if emit not in (None, "onnx"):
+        passes = with_emitter(passes, emit, sources.get("passes", "default"), emit_notes)
+
     profile = merged.get("profile", "default")
     if profile not in PROFILES:
         raise PlanError(f"unknown profile '{profile}': choose one of {', '.join(PROFILES)}")
@@ -211,7 +216,7 @@ def resolve_settings(defaults: Mapping[str, Any] | None = None,
     # is a mistake worth saying (a typo in the plan, or a plan that dropped it).
     # A build file whose own plan leaves out a pass it sets options for is refused; options in
     # a build file shared by several plans (the plan from --passes) are noted as unused.
-    notes = []
+    notes = emit_notes
     stray = {k.split(".", 1)[0]: origin for k, origin in sources.items()
              if "." in k and origin != "default" and k.split(".", 1)[0] not in passes}
     for name, origin in sorted(stray.items()):
@@ -223,6 +228,36 @@ def resolve_settings(defaults: Mapping[str, Any] | None = None,
     plan = [PlanStep(n, make_config(n, options.get(n))) for n in passes]
     return BuildSettings(plan=plan, seed=seed, profile=profile, episodes=episodes,
                          sources=sources, notes=notes)
+
+
+EMIT_CHOICES = ("onnx", "c")
+
+
+def with_emitter(passes: list[str], emit: str, origin: str, notes: list[str]) -> list[str]:
+    """`passes` ending with the pass whose `emit_option` is `emit` (`--emit c`): it goes right
+    after the last pass that makes what it takes; passes that would follow it and take that same
+    format (build-tensorrt) are left out of a default plan, refused in a user's."""
+    found = [n for n, cls in all_passes().items() if cls.emit_option == emit]
+    if not found:
+        raise PlanError(f"--emit {emit}: unknown back end; choose one of "
+                        f"{', '.join(EMIT_CHOICES)}")
+    name = found[0]
+    if name in passes:
+        return passes
+    takes = get_pass(name).input_format
+    makers = [i for i, n in enumerate(passes) if get_pass(n).output_format == takes]
+    if not makers:
+        raise PlanError(f"--emit {emit} needs a pass that makes {takes} (e.g. export-onnx) but "
+                        f"the plan is {format_plan(passes)}")
+    head, tail = passes[:makers[-1] + 1], passes[makers[-1] + 1:]
+    if tail and origin != "default":
+        raise PlanError(f"--emit {emit} ends the plan with {name}, but the plan (from the "
+                        f"{origin}) lists {', '.join(tail)} after {head[-1]}: remove "
+                        f"{'it' if len(tail) == 1 else 'them'} or drop --emit")
+    if tail:
+        notes.append(f"--emit {emit}: the plan ends with {name}; {', '.join(tail)} left out "
+                     f"(the C policy is the deployable, not an engine)")
+    return [*head, name]
 
 
 def precision_pass() -> str:

@@ -172,6 +172,17 @@ def check_external_data(model: Any, folder: Path | None, where: str) -> bool:
     return external
 
 
+def read_onnx(path: str | Path) -> Any:
+    """The ModelProto of a self-contained model file (weights inside it), read as untrusted input:
+    what reads a graph's weights itself (the C emitter) uses this, not `onnx.load`."""
+    path = Path(path)
+    model = _parse_onnx(_read_onnx_file(path), str(path))
+    if check_external_data(model, path.parent, str(path)):
+        raise CheckpointError(f"{path}: keeps weights in external data files; xcompile reads "
+                              f"only self-contained models here (a slim policy is small)")
+    return model
+
+
 def ort_session(src: str | Path | bytes, threads: int = 1) -> Any:
     """A CPU onnxruntime session, sequential, on `threads` intra-op threads.
 

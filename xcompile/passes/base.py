@@ -72,6 +72,8 @@ class Pass(ABC):
     summary: ClassVar[str] = ""
     # The Config field that --int8/--fp16/--fp32 set, for the one pass that has such a field.
     precision_option: ClassVar[str | None] = None
+    # The value of `xcompile build --emit` that ends the plan with this pass (e.g. "c").
+    emit_option: ClassVar[str | None] = None
 
     @abstractmethod
     def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult: ...
