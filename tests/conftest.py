@@ -1,6 +1,9 @@
-"""Shared tiny fixtures: a small random fat checkpoint that knows one quadruped and one arm."""
+"""Shared fixtures: a tiny random fat checkpoint that knows one quadruped and one arm, and a small
+trained one (tests/fixtures/competent_fat.pt) that does their tasks, for tests of closed-loop scores."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from xcompile.models.descriptors import joint_descriptors
 from xcompile.models.fat import FatConfig, FatPolicy
 from xcompile.targets import load_robot
 
+COMPETENT_FAT = Path(__file__).resolve().parent / "fixtures" / "competent_fat.pt"
 TINY = FatConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, desc_hidden=32, desc_layers=1)
 
 
@@ -26,3 +30,15 @@ def tiny_fat_ckpt(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("ckpt") / "tiny_fat.pt"
     save_checkpoint(path, model, registry)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def competent_fat_ckpt() -> str:
+    """Path to a small fat checkpoint trained to imitate the scripted experts on a1 (locomotion)
+    and panda (reach): it scores about 1.0 on both, where the tiny random one scores 0, so a
+    comparison of two stages' scores on it can fail. Made by tests/fixtures/make_competent_fat.py
+    (its docstring says how, and what it scores); committed, never made by the tests."""
+    assert COMPETENT_FAT.is_file(), (
+        f"{COMPETENT_FAT} is missing: it is a committed test fixture "
+        "(python tests/fixtures/make_competent_fat.py makes it again, ~4 min)")
+    return str(COMPETENT_FAT)

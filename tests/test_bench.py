@@ -1,5 +1,6 @@
-"""The benchmark scripts run end to end (--quick, on the tiny checkpoint) and their JSON means what
-their tables say: sizes shrink where they should, timings are ordered, scores are scores.
+"""The benchmark scripts run end to end (--quick, on the tiny checkpoint; quality.py on the competent
+one, whose scores are not 0) and their JSON means what their tables say: sizes shrink where they
+should, timings are ordered, scores are scores.
 
 The scripts share one work folder, so later ones reuse the builds of earlier ones (as they do for a
 user); inference.py runs first and builds the most.
@@ -88,15 +89,22 @@ def test_latency_scaling(tiny_fat_ckpt, bench_work, tmp_path):
     assert res["ort_floor_us"]["p50_us"] > 0
 
 
-def test_quality(tiny_fat_ckpt, bench_work, tmp_path):
-    doc = run_script("quality", tiny_fat_ckpt, bench_work, tmp_path / "q.json")
+def test_quality(competent_fat_ckpt, bench_work, tmp_path):
+    # On the competent fixture (a1 walks, scores ~1), where the tiny random one scores 0 and the
+    # comparison of scores below could not fail. (tests/test_fidelity.py shows, on the same
+    # fixture, that each such comparison fails against a sabotaged policy.)
+    doc = run_script("quality", competent_fat_ckpt, bench_work, tmp_path / "q.json")
     (res,) = doc["results"]
     assert res["error"] is None
     scores = res["scores"]
     for k in ("fat", "pinned", "int8"):
         assert 0.0 <= scores[k] <= 1.0
-    # Pinning is exact: same episodes, same score (to float rounding of the rollout).
+    # Pinning is exact: same episodes, same non-trivial score (to float rounding of the rollout),
+    # and per episode.
+    assert scores["fat"] > 0.5
     assert scores["pinned"] == pytest.approx(scores["fat"], abs=0.02)
+    assert res["stages"]["pinned"]["scores"] == pytest.approx(res["stages"]["fat"]["scores"],
+                                                              abs=0.02)
     assert res["compression"] > 1.0
     assert all(s["latency_p50_us"] > 0 for s in res["stages"].values())
 

@@ -1,4 +1,5 @@
-"""`xcompile inspect` and `xcompile eval` from the command line, on the tiny fixture checkpoint."""
+"""`xcompile inspect` and `xcompile eval` from the command line, on the tiny fixture checkpoint (and
+on the competent one where scores are compared)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import pickle
 
 import torch
+from sabotage import sabotage_checkpoint
 from typer.testing import CliRunner
 
 from xcompile.cli import app
@@ -28,22 +30,35 @@ def test_inspect_table(tiny_fat_ckpt):
     assert r.exit_code == 0 and "a1" in r.stdout and "panda" in r.stdout
 
 
-def test_eval_same_seed_same_score(tiny_fat_ckpt):
-    args = ["eval", tiny_fat_ckpt, "--target", "a1", "--episodes", "2", "--seed", "5", "--json"]
+def test_eval_same_seed_same_score(competent_fat_ckpt, tmp_path):
+    # On the competent fixture (a1 walks: scores ~1; the tiny random one scores 0), so that the
+    # score comparisons below can fail.
+    args = ["eval", competent_fat_ckpt, "--target", "a1", "--episodes", "4", "--seed", "5",
+            "--json"]
     a = json.loads(runner.invoke(app, args).stdout)
     b = json.loads(runner.invoke(app, args).stdout)
-    assert a["scores"] == b["scores"] and a["episodes"] == 2 and a["known_body"] is True
+    assert a["scores"] == b["scores"] and a["episodes"] == 4 and a["known_body"] is True
+    assert a["score"] > 0.5, a["scores"]
     # The report's episodes of a build seeded 5, with the score's 95% interval and what the
     # robot did (a1 walks: distance made good and speed).
     assert a["stream"] == "report" and a["seed"] == 5
     lo, hi = a["score_ci95"]
     assert lo <= a["score"] <= hi
     assert {"distance_made_good_m", "forward_speed_mps", "returns"} <= set(a)
-    # Another stream is other episodes; an unknown one is refused by name.
+    # Another stream is other episodes: other scores, other distances; an unknown one is refused
+    # by name.
     c = json.loads(runner.invoke(app, [*args, "--stream", "bench"]).stdout)
-    assert c["stream"] == "bench" and c["returns"] != a["returns"]   # (the tiny policy scores 0)
+    assert c["stream"] == "bench" and c["score"] > 0.5
+    assert c["scores"] != a["scores"] and c["distance_made_good_m"] != a["distance_made_good_m"]
     r = runner.invoke(app, [*args, "--stream", "nope"])
     assert r.exit_code == 2 and "unknown --stream 'nope'" in " ".join(r.output.split())
+    # The same checkpoint with its actions x 0.7 scores lower on the same episodes, by far more
+    # than two runs of one policy differ (not at all) and outside the real score's 95% interval.
+    bad = sabotage_checkpoint(competent_fat_ckpt, tmp_path / "sabotaged.pt")
+    d = json.loads(runner.invoke(app, ["eval", str(bad), *args[2:]]).stdout)
+    run_to_run = max(abs(x - y) for x, y in zip(a["scores"], b["scores"]))
+    assert a["score"] - d["score"] > max(0.1, run_to_run), (a["scores"], d["scores"])
+    assert d["score_ci95"][1] < lo
 
 
 def test_eval_unseen_body_is_zero_shot(tiny_fat_ckpt, tmp_path):

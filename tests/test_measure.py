@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from sabotage import sabotage_onnx
 
 from xcompile import measure
 from xcompile.artifact import Artifact
@@ -15,12 +16,10 @@ from xcompile.targets import load_hardware, load_robot
 N = 300   # latency calls: enough for a sane p50/p99 on a tiny model, quick on a shared machine
 
 
-@pytest.fixture(scope="module")
-def stages(tiny_fat_ckpt, tmp_path_factory):
-    """fat, pinned and onnx artifacts for a1."""
+def build_stages(ckpt: str, tmp) -> tuple:
+    """fat, pinned and onnx artifacts of the fat checkpoint `ckpt` for a1."""
     robot = load_robot("a1")
-    tmp = tmp_path_factory.mktemp("measure")
-    fat = Artifact.create("fat-checkpoint", tiny_fat_ckpt, "a1")
+    fat = Artifact.create("fat-checkpoint", ckpt, "a1")
     arts = {"fat": fat}
     for key, name, src, cfg in (("pinned", "pin-embodiment", "fat",
                                  {"n_check_obs": 64, "check_episodes": 0}),
@@ -30,6 +29,19 @@ def stages(tiny_fat_ckpt, tmp_path_factory):
         ctx.workdir.mkdir()
         arts[key] = cls().run(arts[src], cls.Config(**cfg), ctx).artifact
     return robot, arts
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_fat_ckpt, tmp_path_factory):
+    """fat, pinned and onnx artifacts for a1 (tiny random fixture: sizes, MACs, latency)."""
+    return build_stages(tiny_fat_ckpt, tmp_path_factory.mktemp("measure"))
+
+
+@pytest.fixture(scope="module")
+def competent_stages(competent_fat_ckpt, tmp_path_factory):
+    """The same for the competent fixture, which walks (scores ~1 on a1; the tiny one scores 0):
+    for comparisons of scores, which must be able to fail."""
+    return build_stages(competent_fat_ckpt, tmp_path_factory.mktemp("measure-competent"))
 
 
 def test_params_and_bytes(stages, tiny_fat_ckpt):
@@ -84,5 +96,20 @@ def test_measure_artifact_row(stages):
     unscored = measure.measure_artifact(arts["onnx"], robot, episodes=0, latency_n=N)
     assert set(unscored) == set(row) - {"nonfinite_action_episodes"}
     assert unscored["score_ci95"] is None and unscored["scores"] is None
-    # The same policy in torch scores the same on the same seeded episodes.
-    assert measure.score(arts["pinned"], robot, 2, 0).score == pytest.approx(res.score, abs=0.02)
+
+
+SCORE_EPISODES = 4     # episodes 0..3 of the report stream (`xcompile eval --episodes 4`)
+SAME_SCORE = 0.02      # |mean score difference| of one policy in two runtimes
+
+
+def test_same_policy_same_score(competent_stages, tmp_path):
+    """The same policy in torch and in ONNX scores the same on the same seeded episodes, and a
+    non-trivial score: a copy of the ONNX with its actions x 0.7 does not."""
+    robot, arts = competent_stages
+    onnx = measure.score(arts["onnx"], robot, SCORE_EPISODES, 0)
+    pinned = measure.score(arts["pinned"], robot, SCORE_EPISODES, 0)
+    assert onnx.score > 0.5 and pinned.score > 0.5, (onnx.scores, pinned.scores)
+    assert pinned.score == pytest.approx(onnx.score, abs=SAME_SCORE)
+    bad = sabotage_onnx(arts["onnx"].path, tmp_path / "sabotaged.onnx", scale=0.7)
+    twin = measure.score(Artifact.create("onnx", bad, "a1"), robot, SCORE_EPISODES, 0)
+    assert abs(twin.score - pinned.score) > SAME_SCORE, (twin.scores, pinned.scores)

@@ -48,7 +48,9 @@ def user_errors():
     try:
         yield
     except XCompileError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True)
+        # One line however long (a path can be): a wrapped error breaks grep and log parsers.
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True,
+                          soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
 
 
