@@ -145,3 +145,18 @@ def test_build_cost(bench_work, tmp_path):
         assert "error" not in r, r
         assert r["wall_s"] > 0 and not r["cached"]
         assert r["rss_peak_mb"] >= r["rss_before_mb"] > 0
+
+
+@pytest.mark.skipif(not HAVE_STUDENT, reason="needs the distill pass (a slim student)")
+def test_c_backend(tiny_fat_ckpt, bench_work, tmp_path):
+    doc = run_script("c_backend", tiny_fat_ckpt, bench_work, tmp_path / "c.json", "--no-cross")
+    (res,) = doc["results"]
+    assert res["check_obs"] >= 2000 and res["max_abs_err"] <= 1e-5
+    # The same episodes in C and in onnxruntime: the same scores, so the paired difference is 0.
+    assert res["scores"]["c"] == pytest.approx(res["scores"]["onnxruntime"], abs=1e-4)
+    assert res["diff_c_minus_ort"] == pytest.approx(0.0, abs=1e-4)
+    lat = res["latency"]
+    for k in ("c_harness", "c_harness_portable", "c_ctypes", "onnxruntime", "torch"):
+        assert 0 < lat[k]["p50_us"] <= lat[k]["p99_us"] <= lat[k]["max_us"], k
+    assert res["host_object"]["text"] > res["weight_bytes"] > 0 and res["host_stack_bytes"] > 0
+    assert all(la["op"] == "dense" for la in res["layers"])
