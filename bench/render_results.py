@@ -31,6 +31,8 @@ SECTIONS = [  # script, title, command
      "python bench/runtime_floor.py"),
     ("latency_scaling", "Latency ratio vs fat size: pinned ONNX vs slim int8",
      "python bench/latency_scaling.py"),
+    ("fleet", "Fleet builds: serial vs process pool vs Ray, and evaluation throughput",
+     "python bench/fleet.py"),
     ("c_backend", "C back end: emitted C vs onnxruntime vs torch, the same int8 student",
      "python bench/c_backend.py --builds DIR   # DIR/<robot>/policy.onnx of default builds"),
 ]

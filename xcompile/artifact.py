@@ -11,6 +11,8 @@ Formats:
     onnx            a one-robot ONNX graph, `obs` -> `action`, contract in its metadata
     tensorrt        a serialized TensorRT engine (.plan) beside its ONNX
     c               C99 source (policy.c, policy.h beside it) emitted from an ONNX policy
+    fat-graph       the input: a foreign fat policy (.onnx, or .pt2 from torch.export) with its
+                    validated interface description in `meta["interface"]` (xcompile.frontends)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("fat-checkpoint", "torch", "onnx", "tensorrt", "c")
+FORMATS = ("fat-checkpoint", "torch", "onnx", "tensorrt", "c", "fat-graph")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -24,6 +24,8 @@ from typing import Any
 from xcompile.artifact import Artifact, file_sha256
 from xcompile.errors import CheckpointError, GateError, XCompileError
 from xcompile.evaluate import rollout_gif
+from xcompile.frontends import FOREIGN_SUFFIXES
+from xcompile.frontends.graph import fat_graph_artifact
 from xcompile.manager.cache import Measure
 from xcompile.manager.manifest import Rebuild, build_manifest, rebuild_from_manifest
 from xcompile.manager.plan import INPUT_FORMAT
@@ -79,11 +81,20 @@ class BuildRequest:
     notes: list[str] = field(default_factory=list)
 
 
-def input_artifact(ckpt_path: str | Path, robot: RobotTarget) -> Artifact:
+def input_artifact(ckpt_path: str | Path, robot: RobotTarget,
+                   interface: str | Path | None = None) -> Artifact:
+    """The build's input: a fat checkpoint, or with `interface` a foreign fat policy (.onnx or
+    .pt2, `xcompile.frontends`), checked against its interface and the robot before any work."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist (or is not a file); "
                               "check the path")
+    if interface is not None or path.suffix in FOREIGN_SUFFIXES:
+        if interface is None:
+            raise CheckpointError(f"{path} is a foreign fat policy ({path.suffix}); say how to "
+                                  "drive it with --interface FILE.toml (see the README, "
+                                  "'Foreign fat policies')")
+        return fat_graph_artifact(path, interface, robot)
     return Artifact.create(INPUT_FORMAT, path, robot.name)
 
 
@@ -96,12 +107,16 @@ def as_targets(robot: str | Path | RobotTarget, hardware: str | Path | HardwareT
 
 def prepare(checkpoint: Path | None, target: str | None, hardware: str | None, *,
             from_manifest: Path | None = None, config: Path | None = None,
-            cli: Mapping[str, Any] | None = None) -> BuildRequest:
+            cli: Mapping[str, Any] | None = None,
+            interface: Path | None = None) -> BuildRequest:
     """Resolve what to build: a new build, a rebuild from a manifest, or a reproducer.
 
     `cli`: the command line's settings layer (passes, seed, profile, episodes, precision).
     """
     cli = dict(cli or {})
+    if from_manifest is not None and interface is not None:
+        raise XCompileError("--from rebuilds a recorded build of a fat checkpoint; a build from "
+                            "a foreign fat policy (--interface) cannot be rebuilt with --from yet")
     if from_manifest is not None:
         fixed = [flag for flag, v in (
             ("--passes", cli.get("passes")), ("--config", config), ("--seed", cli.get("seed")),
@@ -130,7 +145,7 @@ def prepare(checkpoint: Path | None, target: str | None, hardware: str | None, *
     if checkpoint.is_dir() and (checkpoint / "plan.json").is_file():     # a reproducer
         inp, _ = load_reproducer(checkpoint)
     else:
-        inp = input_artifact(checkpoint, robot)
+        inp = input_artifact(checkpoint, robot, interface)
     settings = resolve_settings(DEFAULTS, read_build_file(config) if config else {}, cli,
                                 input_format=inp.format)
     return BuildRequest(inp, robot, hw, settings, None, list(settings.notes))
@@ -155,7 +170,8 @@ def run_build(ckpt_path: str | Path | Artifact, robot: str | Path | RobotTarget,
               hooks: Sequence[BuildHooks] = (), required: Collection[str] = (),
               episodes: int = 10, gates: Gates | None = None, measure: Measure | None = None,
               runtime_floor: Callable[[], float] | None = None, rollout: bool = True,
-              extra_manifest: Mapping[str, Any] | None = None, force: bool = False
+              extra_manifest: Mapping[str, Any] | None = None, force: bool = False,
+              interface: str | Path | None = None
               ) -> BuildResult:
     """Run `plan` on a fat checkpoint (or any artifact) for one robot; write `out_dir`.
 
@@ -167,7 +183,8 @@ def run_build(ckpt_path: str | Path | Artifact, robot: str | Path | RobotTarget,
     """
     robot_t, hw = as_targets(robot, hardware)
     out_dir = Path(out_dir)
-    inp = ckpt_path if isinstance(ckpt_path, Artifact) else input_artifact(ckpt_path, robot_t)
+    inp = (ckpt_path if isinstance(ckpt_path, Artifact)
+           else input_artifact(ckpt_path, robot_t, interface))
     check_replaceable(out_dir, force=force)
     check_writable_parent(out_dir)
     run = run_plan(inp, robot_t, hw, plan, cache_dir=Path(cache_dir), use_cache=use_cache,

@@ -49,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from xcompile.artifact import Artifact
 from xcompile.errors import ToolUnavailable
 from xcompile.evaluate import EvalResult, score_policy, torch_single_thread
+from xcompile.executors import current_executor, evaluate_file
 from xcompile.models.checkpoint import load_checkpoint
 from xcompile.models.fat import count_params
 from xcompile.models.slim import load_torch_policy
@@ -284,6 +285,10 @@ def _score(art: Artifact, robot: RobotTarget, episodes: int, seed: int) -> EvalR
 
         policy, *_ = load_c_policy(art.path)
         return score_policy(policy, robot, episodes, seed, stream=REPORT_STREAM, record_obs=True)
+    ex = current_executor()
+    if ex != "serial":              # a pool (`use_executor`): workers load the file themselves
+        return evaluate_file(art.path, robot, episodes, seed, REPORT_STREAM, record_obs=True,
+                             executor=ex)
     return score_policy(load_policy(art.path, robot).act, robot, episodes, seed,
                         stream=REPORT_STREAM, record_obs=True)
 

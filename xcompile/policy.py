@@ -155,6 +155,9 @@ def load_policy(path: str | Path, robot: RobotTarget) -> LoadedPolicy:
         desc, known = body_descriptors(ckpt, robot)
         return LoadedPolicy(fat_act(ckpt.model, desc, robot.family), "fat", path,
                             {"known_body": known, "sha256": ckpt.sha256})
+    if path.suffix == ".pt2":
+        raise CheckpointError(f"{path}: a torch.export program is a foreign fat policy; say how "
+                              "to drive it with --interface FILE.toml")
     if path.suffix == ".onnx":
         try:
             act, meta = onnx_act(path, robot=robot)   # checks the contract at load

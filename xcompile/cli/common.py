@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -86,6 +87,10 @@ def print_json(doc) -> None:
 
 JsonOpt = Annotated[bool, typer.Option(
     "--json", help="Print one JSON document instead of a table.")]
+InterfaceOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP007
+    "--interface", help="Interface description (TOML) of a foreign fat policy (.onnx or .pt2): "
+                        "its observation input, action output, task family and a table of "
+                        "embodiment input values per body (README: 'Foreign fat policies').")]
 TargetOpt = Annotated[str, typer.Option(
     "--target", "-t",
     help="Robot: a built-in name (see `xcompile targets`) or a path to a robot TOML.")]

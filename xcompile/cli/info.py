@@ -127,6 +127,7 @@ def pass_info(cls) -> dict:
                      "description": f.description or ""})
     return {"name": cls.name, "summary": cls.summary, "input_format": cls.input_format,
             "output_format": cls.output_format, "version": cls.version,
+            "input_formats": {f: cls.output_for(f) for f in cls.takes()},
             "options": opts}
 
 
@@ -149,7 +150,8 @@ def passes_(as_json: JsonOpt = False) -> None:
         return
     console.print(f"default plan: [bold]{','.join(DEFAULT_PLAN)}[/]\n", highlight=False)
     for p in infos:
-        console.print(f"[bold]{p['name']}[/] ({p['input_format']} → {p['output_format']}, "
+        flow = ", ".join(f"{a} → {b}" for a, b in p["input_formats"].items())
+        console.print(f"[bold]{p['name']}[/] ({flow}, "
                       f"version {p['version']}): {p['summary']}", highlight=False)
         if p["options"]:
             t = Table(show_header=True, box=None, padding=(0, 2, 0, 2))

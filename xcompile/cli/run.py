@@ -15,6 +15,7 @@ import typer
 from rich.markup import escape
 
 from xcompile.cli.common import (
+    InterfaceOpt,
     JsonOpt,
     TargetOpt,
     app,
@@ -28,6 +29,18 @@ from xcompile.cli.common import (
 from xcompile.errors import XCompileError
 from xcompile.outdir import check_file_target, check_replaceable
 from xcompile.seeds import STREAMS
+
+ExecutorOpt = Annotated[str, typer.Option(
+    "--executor", help="Where the work runs: serial (this process), process (a local process "
+                       "pool) or ray (Ray: a local instance, or the cluster at --ray-address; "
+                       "pip install 'xcompile[ray]'). Results are the same on each.")]
+WorkersOpt = Annotated[Optional[int], typer.Option(  # noqa: UP007
+    "--workers", min=1, max=256, help="Workers of the process or ray executor. Default: the "
+                                      "cores this process may use (ray with an address: the "
+                                      "cluster's CPUs).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(  # noqa: UP007
+    "--ray-address", help="With --executor ray: join this running cluster (auto, or HOST:PORT "
+                          "as `ray start --head` prints it) instead of starting a local Ray.")]
 
 
 @app.command("eval")
@@ -46,15 +59,23 @@ def eval_(
         "or any other use's, to look at the episodes a pass trained or checked on."))] = "report",
     gif: Annotated[Optional[Path], typer.Option(  # noqa: UP007
         help="Write a rollout GIF of episode 0 here.")] = None,
+    interface: InterfaceOpt = None,
+    executor: ExecutorOpt = "serial",
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Closed-loop score of a policy in PyBullet on one robot.
+
+    Episodes run in chunks of 10 (the lock-step batch) on the chosen executor; the per-episode
+    scores are the same whatever the executor and --workers, and the same as a build report's.
 
     Example: xcompile eval examples/fat_policy.pt --target a1 --episodes 20 --seed 0
     """
     from rich.progress import Progress
 
-    from xcompile.evaluate import evaluate, rollout_gif
+    from xcompile.evaluate import rollout_gif, score_policy
+    from xcompile.executors import evaluate_file, make_executor
     from xcompile.policy import load_policy
     from xcompile.targets import load_robot
 
@@ -65,14 +86,25 @@ def eval_(
         if gif:
             check_file_target(gif, "--gif")     # before the evaluation, not after it
         robot = load_robot(target)
-        loaded = load_policy(policy, robot)
-        with Progress(console=err_console, transient=True, disable=as_json) as prog:
+        if interface is not None:               # a foreign fat policy: this process only
+            from xcompile.frontends.graph import fat_graph_policy
+
+            loaded = fat_graph_policy(policy, interface, robot)
+            executor = "serial"
+        else:
+            loaded = load_policy(policy, robot)  # checked here once, whatever the executor
+        with make_executor(executor, workers, ray_address) as ex, \
+                Progress(console=err_console, transient=True, disable=as_json) as prog:
             task = prog.add_task(f"evaluating on {robot.name}", total=episodes)
-            res = evaluate(loaded.act, robot, episodes=episodes, seed=seed, stream=stream,
-                           on_episode=lambda: prog.advance(task))
+            if ex.name == "serial":     # this process: the policy already loaded
+                res = score_policy(loaded.act, robot, episodes, seed, stream=stream,
+                                   on_episode=lambda: prog.advance(task))
+            else:
+                res = evaluate_file(policy, robot, episodes, seed, stream, executor=ex,
+                                    on_episodes=lambda n: prog.advance(task, n))
         if gif:
             rollout_gif(loaded.act, robot, gif, seed=seed, stream=stream)
-    doc = {"policy": str(policy), "kind": loaded.kind, **res.as_dict()}
+    doc = {"policy": str(policy), "kind": loaded.kind, **res.as_dict(), "executor": executor}
     if loaded.kind == "fat":
         doc["known_body"] = loaded.info["known_body"]
     if as_json:
@@ -136,8 +168,13 @@ def build(
     target: Annotated[Optional[str], typer.Option(  # noqa: UP007
         "--target", "-t",
         help="Robot: a built-in name (see `xcompile targets`) or a path to a robot TOML. "
-             "Required unless --from is given; with --from, the path of the build's robot "
-             "TOML, if it is not built in.")] = None,
+             "Several, separated by commas (a1,spot,panda), make a fleet build. "
+             "Required unless --from or --fleet is given; with --from, the path of the build's "
+             "robot TOML, if it is not built in.")] = None,
+    fleet: Annotated[Optional[Path], typer.Option(  # noqa: UP007
+        "--fleet", help="Fleet file (TOML): targets = [...] and optional [target.NAME] tables "
+                        "of hardware, profile, episodes, seed. Builds every target into "
+                        "--out (default build/fleet): OUT/<robot>/ each, and report.md.")] = None,
     from_manifest: Annotated[Optional[Path], typer.Option(  # noqa: UP007
         "--from", help="Rebuild exactly what a manifest.json records (inputs are checked by "
                        "hash); the rebuilt policy is compared with the recorded one.")] = None,
@@ -160,6 +197,7 @@ def build(
         help="The plan: pass names separated by commas, e.g. pin-embodiment,export-onnx,"
              "quantize. Default: pin-embodiment, rl-finetune, distill, export-onnx, "
              "quantize, build-tensorrt (`xcompile passes` shows it).")] = None,
+    interface: InterfaceOpt = None,
     config: Annotated[Optional[Path], typer.Option(  # noqa: UP007
         help="TOML build file: passes (list), seed, profile, episodes, and one table of "
              "options per pass named pass.<name>. The command line overrides it.")] = None,
@@ -194,19 +232,25 @@ def build(
     min_score_ratio: Annotated[Optional[float], typer.Option(  # noqa: UP007
         help="Gate: final score / fat score (the first scored stage) must be at least this.")
     ] = None,
+    executor: ExecutorOpt = "serial",
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compile a fat checkpoint into a slim policy for one robot, with a report.
 
     Writes OUT/policy.onnx, report.json, report.md, stages.png, rollout.gif and manifest.json
     (with --emit c also policy.c and policy.h).
-    A missed gate exits with code 4 after the report is written.
+    A missed gate exits with code 4 after the report is written. A fleet build (several
+    --target, or --fleet) builds each target as a task on --executor and exits non-zero when
+    any target failed or missed a gate.
 
     Example: xcompile build examples/fat_policy.pt --target spot --int8 --max-latency-us 500
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from xcompile.build import compare_outputs, prepare, run_build
+    from xcompile.executors import make_executor, use_executor
     from xcompile.manager.settings import parse_plan
     from xcompile.report import Gates
 
@@ -216,19 +260,34 @@ def build(
             flags = " and ".join("--" + c for c in chosen)
             raise XCompileError(f"choose one precision, not {flags}")
         gates = Gates(max_latency_us, max_size_kb, min_score_ratio)
+        if interface is not None and (fleet is not None or (target and "," in target)):
+            raise XCompileError("--interface builds one target; a fleet build from a foreign "
+                                "fat policy is not supported yet")
+        if fleet is not None or (target is not None and "," in target):
+            cli = {"passes": parse_plan(passes) if passes is not None else None, "seed": seed,
+                   "profile": profile, "episodes": episodes,
+                   "precision": chosen[0] if chosen else None, "emit": emit}
+            return _build_fleet(
+                checkpoint, target, fleet, from_manifest, hardware, config, cli, out, force,
+                cache_dir, not no_cache, gates, ("build-tensorrt",) if tensorrt else (),
+                executor, workers, ray_address, as_json)
         if out is not None:      # before the checkpoint is read and hashed: a refusal is instant
             check_replaceable(out, force=force)
         req = prepare(checkpoint, target, hardware, from_manifest=from_manifest, config=config,
                       cli={"passes": parse_plan(passes) if passes is not None else None,
                            "seed": seed, "profile": profile, "episodes": episodes,
-                           "precision": chosen[0] if chosen else None, "emit": emit})
+                           "precision": chosen[0] if chosen else None, "emit": emit},
+                      interface=interface)
         for note in req.notes:
             err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         out_dir = out or Path("build") / req.robot.name
         s = req.settings
+        # One target: the passes run here; the report's closed-loop scoring runs on --executor
+        # (workers load each stage's file themselves; the scores are the same on every one).
         with interruptible(f"{out_dir} was not touched (it holds the previous build, or "
                             "nothing); finished passes are cached, so running the same command "
                             "again resumes"), \
+                make_executor(executor, workers, ray_address) as ex, use_executor(ex), \
                 Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                          console=err_console, disable=as_json) as prog:
             result = run_build(
@@ -253,3 +312,102 @@ def build(
             raise XCompileError(f"the rebuild is not byte-identical to the build {from_manifest} "
                                 f"records ({', '.join(n for n, ok in same.items() if not ok)}); "
                                 "see the notes above for version differences")
+
+
+# --------------------------------------------------------------------------------------------
+# fleet builds
+
+
+def _build_fleet(checkpoint, target, fleet, from_manifest, hardware, config, cli, out, force,
+                 cache_dir, use_cache, gates, required, executor, workers, ray_address,
+                 as_json) -> None:
+    """`build` for several targets: each a task on the executor, one line per target, and the
+    fleet report (xcompile.fleet)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from xcompile.executors import make_executor
+    from xcompile.fleet import (
+        check_fleet_dir,
+        exit_code,
+        fleet_table,
+        parse_targets,
+        prepare_jobs,
+        read_fleet_file,
+        run_fleet,
+    )
+
+    with user_errors():
+        if from_manifest is not None:
+            raise XCompileError("--from rebuilds one recorded build; it cannot be combined with "
+                                "a fleet (--fleet, or several --target)")
+        if fleet is not None and target is not None:
+            raise XCompileError("give the fleet's targets with --target a,b,c or with --fleet "
+                                "FILE, not both")
+        if checkpoint is None or checkpoint.is_dir():
+            raise XCompileError("a fleet build starts from a fat checkpoint, e.g. xcompile build "
+                                "examples/fat_policy.pt --target a1,spot")
+        out_dir = out or Path("build") / "fleet"
+        check_fleet_dir(out_dir, force=force)    # before any work: a refusal is instant
+        targets = read_fleet_file(fleet) if fleet is not None else parse_targets(target)
+        jobs, failed = prepare_jobs(checkpoint, targets, hardware=hardware, config=config,
+                                    cli=cli, cache_dir=cache_dir, use_cache=use_cache,
+                                    gates=gates, required=required)
+        for job in jobs:
+            for note in dict.fromkeys(job.notes):
+                err_console.print(f"[yellow]note:[/] {escape(job.target)}: {escape(note)}",
+                                  highlight=False)
+        with make_executor(executor, workers, ray_address) as ex, \
+                interruptible(f"{out_dir} was not touched; finished passes are cached, so "
+                              "running the same command again resumes"), \
+                Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                         console=err_console, disable=as_json) as prog:
+            if not as_json:
+                err_console.print(f"building {len(jobs)} targets {ex.describe()}",
+                                  highlight=False)
+            for row in failed:
+                prog.stop_task(prog.add_task(_fleet_line(row), total=1))
+            ids = {j.target: prog.add_task(f"{escape(j.target)}: queued", total=1)
+                   for j in jobs}
+
+            def done(row) -> None:
+                prog.update(ids[row["target"]], description=_fleet_line(row), completed=1)
+                prog.stop_task(ids[row["target"]])
+
+            doc = run_fleet(jobs, failed, out_dir, ex, force=force, on_done=done,
+                            order=[t.target for t in targets],
+                            meta={"checkpoint": str(checkpoint), "command": sys.argv})
+    code = exit_code(doc["targets"])
+    if as_json:
+        print_json(doc)
+    else:
+        headers, rows = fleet_table(doc)
+        keep = [i for i, h in enumerate(headers) if h != "error" or any(r[i] for r in rows)]
+        table = Table(*(headers[i] for i in keep), title=f"fleet: {len(rows)} targets")
+        for r in rows:
+            table.add_row(*(escape(r[i]) for i in keep))
+        console.print(table)
+        console.print(f"wrote {out_dir}/ (report.md, report.json, one folder per built target)",
+                      highlight=False)
+    if code:
+        bad = [r["target"] for r in doc["targets"] if not r["ok"]]
+        missed = [r["target"] for r in doc["targets"] if r["ok"] and not r["gates_passed"]]
+        what = "; ".join(p for p in (
+            f"{len(bad)} of {len(doc['targets'])} targets failed ({', '.join(bad)})" if bad
+            else "", f"missed a gate: {', '.join(missed)}" if missed else "") if p)
+        err_console.print(f"[bold red]error:[/] {escape(what)} (see {out_dir}/report.md)",
+                          highlight=False)
+        raise typer.Exit(code)
+
+
+def _fleet_line(row) -> str:
+    t = escape(str(row["target"]))
+    if not row["ok"]:
+        return f"[red]✗[/] {t}: {escape(str(row['error']))}"
+    ci = row["score_ci95"]
+    score = ("score –" if row["score"] is None else f"score {row['score']:.3f}"
+             + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+    mark = "[green]✓[/]" if row["gates_passed"] else "[yellow]![/]"
+    gate = "" if row["gates_passed"] else " (missed a gate)"
+    size = "–" if row["bytes"] is None else f"{row['bytes']:,}"
+    return f"{mark} {t}: {score}, {size} bytes, built in {row['build_s']:.1f} s{gate}"

@@ -14,6 +14,7 @@ from xcompile.errors import PlanError
 from xcompile.passes.base import Pass, all_passes
 
 INPUT_FORMAT = "fat-checkpoint"
+FAT_FORMATS = (INPUT_FORMAT, "fat-graph")     # a build's fat inputs: ours, and a foreign graph
 
 
 class Named(Protocol):
@@ -60,9 +61,11 @@ def validate_plan(plan: Sequence[Step],
     fmt = input_format
     for i, n in enumerate(names):
         cls = known[n]
-        if cls.input_format != fmt:
-            raise PlanError(_format_fix(n, cls.input_format, fmt, names, i, known))
-        fmt = cls.output_format
+        if fmt not in cls.takes():
+            msg = _format_fix(n, cls.input_format, fmt, names, i, known)
+            others = [f for f in cls.takes() if f != cls.input_format]
+            raise PlanError(msg + (f" ({n} also takes {' or '.join(others)})" if others else ""))
+        fmt = cls.output_for(fmt)
 
 
 def _format_fix(name: str, wants: str, gets: str, names: list[str], i: int,
@@ -70,7 +73,7 @@ def _format_fix(name: str, wants: str, gets: str, names: list[str], i: int,
     msg = f"{name} takes {wants} but gets {gets} here"
     if i == 0:
         msg = f"{name} takes {wants} but the build starts from a {gets}"
-    bridges = [p for p, c in known.items() if c.input_format == gets and c.output_format == wants]
+    bridges = [p for p, c in known.items() if gets in c.takes() and c.output_for(gets) == wants]
     later = [b for b in bridges if b in names[i + 1:]]
     if later:
         return f"{msg}: move {later[0]} before {name}"

@@ -19,6 +19,7 @@ from typing import Any
 
 from xcompile.artifact import Artifact
 from xcompile.errors import PlanError, ToolUnavailable, XCompileError
+from xcompile.frontends.measure import measure_any
 from xcompile.manager.cache import (
     Measure,
     cache_key,
@@ -28,10 +29,9 @@ from xcompile.manager.cache import (
     prepare_cache,
     target_fingerprint,
 )
-from xcompile.manager.plan import INPUT_FORMAT, validate_plan
+from xcompile.manager.plan import FAT_FORMATS, validate_plan
 from xcompile.manager.reproducer import write_reproducer
 from xcompile.manager.settings import LATENCY_N_BY_PROFILE, PROFILES, PlanStep
-from xcompile.measure import measure_artifact
 from xcompile.outdir import is_storage_error, remove_tree, storage_error, temp_dir
 from xcompile.passes.base import BuildContext, PassResult, get_pass
 from xcompile.targets import HardwareTarget, RobotTarget
@@ -92,7 +92,8 @@ def run_plan(inp: Artifact, robot: RobotTarget, hw: HardwareTarget, plan: Sequen
     """Run `plan` on `inp` for one robot.
 
     `measure(artifact, robot, episodes=, seed=, latency_n=) -> dict` defaults to
-    `xcompile.measure.measure_artifact`. `required`: passes that may not be skipped for a missing
+    `xcompile.frontends.measure.measure_any` (`xcompile.measure.measure_artifact`, and the row
+    of a foreign fat graph). `required`: passes that may not be skipped for a missing
     tool. Raises PlanError before running anything when the plan cannot run; PassError when a
     pass fails (with a reproducer folder at `reproducer`, when given, for a failure that is not
     the machine's).
@@ -100,7 +101,7 @@ def run_plan(inp: Artifact, robot: RobotTarget, hw: HardwareTarget, plan: Sequen
     validate_plan(list(plan), input_format=inp.format)
     if profile not in PROFILES:
         raise PlanError(f"unknown profile '{profile}': choose one of {', '.join(PROFILES)}")
-    measure = measure or measure_artifact
+    measure = measure or measure_any
     cache_dir = Path(cache_dir)
     prepare_cache(cache_dir)
     fingerprint = target_fingerprint(robot, hw)
@@ -112,7 +113,7 @@ def run_plan(inp: Artifact, robot: RobotTarget, hw: HardwareTarget, plan: Sequen
         return measure_cached(measure, art, robot, hw, episodes, seed, latency_n, cache_dir,
                               use_cache, notes)
 
-    first_name = "fat" if inp.format == INPUT_FORMAT else "input"
+    first_name = "fat" if inp.format in FAT_FORMATS else "input"
     fire.before_pass(first_name, 0, len(plan) + 1)
     t0 = time.perf_counter()
     first = StageRecord(first_name, inp.format, artifact=inp)
@@ -138,7 +139,7 @@ def run_plan(inp: Artifact, robot: RobotTarget, hw: HardwareTarget, plan: Sequen
             try:
                 loaded = _run_pass(step, current, context, cache_dir, key)
             except ToolUnavailable as e:
-                later_ok = all(get_pass(s.name).input_format == current.format
+                later_ok = all(current.format in get_pass(s.name).takes()
                                for s in plan[i + 1:i + 2])
                 if step.name in required or not later_ok:
                     # No reproducer: the input is fine, the machine lacks the tool.
@@ -193,7 +194,7 @@ def _run_pass(step: PlanStep, inp: Artifact, context: Callable[[Path], BuildCont
         ctx = context(workdir)
         p = step.pass_cls()
         result = p.run(inp, step.config, ctx)
-        _check_result(step, result, workdir)
+        _check_result(step, result, workdir, inp.format)
         checks = dict(p.check(inp, result, step.config, ctx) or {})
         return commit_entry(workdir, cache_dir / key, result, checks), checks
     except BaseException:       # a failure, Ctrl-C or SIGTERM: leave no partial work
@@ -212,11 +213,11 @@ class _Fire:
         return call
 
 
-def _check_result(step: PlanStep, result: Any, workdir: Path) -> None:
+def _check_result(step: PlanStep, result: Any, workdir: Path, fmt: str) -> None:
     cls = step.pass_cls
-    if not isinstance(result, PassResult) or result.artifact.format != cls.output_format:
+    if not isinstance(result, PassResult) or result.artifact.format != cls.output_for(fmt):
         raise RuntimeError(f"pass {step.name} returned {result!r}, not a PassResult with a "
-                           f"{cls.output_format} artifact")
+                           f"{cls.output_for(fmt)} artifact")
     for path in (result.artifact.path, *(result.artifact.path.parent / f for f in result.files)):
         if not path.resolve().is_relative_to(workdir.resolve()):
             raise RuntimeError(f"pass {step.name} wrote {path} outside its workdir {workdir}")

@@ -95,7 +95,8 @@ def check_contract(meta: Mapping[str, str], robot: RobotTarget, path: Path) -> N
     """Refuse a policy whose contract names another robot or another joint order."""
     compiled_for = meta.get("robot")
     if compiled_for is None:
-        raise ContractError(f"{path}: no 'robot' in the model metadata; not an xcompile policy")
+        raise ContractError(f"{path}: no 'robot' in the model metadata; not an xcompile policy "
+                            "(a foreign fat policy? give its --interface FILE.toml)")
     if compiled_for != robot.name:
         raise ContractError(
             f"{path} was compiled for robot '{compiled_for}', not '{robot.name}'. "

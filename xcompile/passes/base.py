@@ -1,8 +1,9 @@
 """The pass interface and its registry.
 
 A pass is a class with a kebab-case `name`, a `version` (part of every cache key: bump it when the
-pass's output changes for the same input), the artifact format it takes and the one it makes, a
-frozen pydantic `Config`, and three methods:
+pass's output changes for the same input), the artifact format it takes and the one it makes (a
+pass that takes several formats lists them in `input_formats`, the first its `input_format`, and
+says in `output_for` what it makes from each), a frozen pydantic `Config`, and three methods:
 
 - `run(art, cfg, ctx) -> PassResult`: the output artifact (written under `ctx.workdir`), the pass's
   own account of the run (`summary`, JSON-able) and the files beside the artifact that the build
@@ -68,12 +69,24 @@ class Pass(ABC):
     version: ClassVar[int] = 1
     input_format: ClassVar[str]
     output_format: ClassVar[str]
+    # Every format the pass takes, when more than `input_format` (which comes first).
+    input_formats: ClassVar[tuple[str, ...]] = ()
     Config: ClassVar[type[PassConfig]] = PassConfig
     summary: ClassVar[str] = ""
     # The Config field that --int8/--fp16/--fp32 set, for the one pass that has such a field.
     precision_option: ClassVar[str | None] = None
     # The value of `xcompile build --emit` that ends the plan with this pass (e.g. "c").
     emit_option: ClassVar[str | None] = None
+
+    @classmethod
+    def takes(cls) -> tuple[str, ...]:
+        """The artifact formats this pass takes."""
+        return cls.input_formats or (cls.input_format,)
+
+    @classmethod
+    def output_for(cls, fmt: str) -> str:
+        """The format the pass makes from an input of format `fmt` (one it takes)."""
+        return cls.output_format
 
     @abstractmethod
     def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult: ...

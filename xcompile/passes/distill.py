@@ -30,6 +30,9 @@ Budgets (`rounds`, `episodes_per_round`, `fit_epochs`, `final_fit_epochs`, `eval
 `heldout_episodes`, `auto`) come from `PROFILE_DEFAULTS[ctx.profile]` for fields the user did not
 set (`model_fields_set`, see `with_profile_defaults`).
 
+The teacher is a black box that labels observations: a torch policy, or an ONNX policy (a foreign
+fat policy pinned to ONNX), run in onnxruntime.
+
 Check: the folded student (reloaded) equals the unfolded one to 1e-5 on random observations and gives
 finite actions. Measurements: teacher and student score, action error on the held-out states after
 each round, parameters of both and the compression ratio.
@@ -61,7 +64,7 @@ from xcompile.passes.base import (
     seeded_torch,
 )
 from xcompile.passes.training import start_training
-from xcompile.policy import torch_act
+from xcompile.policy import onnx_act, torch_act
 from xcompile.seeds import episode_seed
 from xcompile.sim.env import obs_dim
 from xcompile.sim.observations import random_obs
@@ -142,12 +145,14 @@ class Distill(Pass):
     version = 3
     input_format = "torch"
     output_format = "torch"
+    input_formats = ("torch", "onnx")
     Config = DistillConfig
     summary = "DAgger into a small MLP over the flat observation (normalisation folded in)"
 
     def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
         cfg, teacher_spec, t0 = start_training(art, cfg, DistillConfig, ctx, PROFILE_DEFAULTS)
-        teacher = torch_act(load_torch_policy(art.path))
+        teacher = (onnx_act(art.path, robot=ctx.robot)[0] if art.format == "onnx"
+                   else torch_act(load_torch_policy(art.path)))
         robot = ctx.robot
         budget_us = float(ctx.hardware.latency_budget_us)
         with seeded_torch(ctx.seed):

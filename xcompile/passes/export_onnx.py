@@ -17,6 +17,12 @@ exporter's graph names are deterministic, and doc strings and per-node metadata 
 paths) are stripped.
 
 Check: onnxruntime against torch on random observations, at batch 1 and at batch 64.
+
+onnx -> onnx: an ONNX policy (what pin-embodiment makes of a foreign fat graph) is passed through:
+its contract must name this robot, its signature be `obs` -> `action` of the robot's widths; the
+file is copied with export-onnx added to its pass history, and the check compares it with its
+input the same way. So one plan text (pin-embodiment,export-onnx,quantize) serves both kinds of
+fat input.
 """
 
 from __future__ import annotations
@@ -34,9 +40,14 @@ from pydantic import Field
 from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError
 from xcompile.models.slim import MLPPolicy, load_torch_policy
-from xcompile.onnx.contract import deployment_contract
-from xcompile.onnx.model import save_onnx, set_metadata, strip_volatile
-from xcompile.onnx.session import ort_session
+from xcompile.onnx.contract import (
+    check_contract,
+    check_io_widths,
+    deployment_contract,
+    extend_contract,
+)
+from xcompile.onnx.model import get_metadata, save_onnx, set_metadata, strip_volatile
+from xcompile.onnx.session import ort_session, read_onnx
 from xcompile.passes.base import BuildContext, Pass, PassConfig, PassResult, register_pass
 from xcompile.sim.env import obs_dim
 from xcompile.sim.observations import random_obs
@@ -84,6 +95,7 @@ class ExportOnnx(Pass):
     version = 2     # 2: one dynamic-batch graph (no policy_b1.onnx)
     input_format = "torch"
     output_format = "onnx"
+    input_formats = ("torch", "onnx")
     Config = ExportConfig
     summary = "export to ONNX (dynamic batch) with the deployment contract"
 
@@ -91,6 +103,8 @@ class ExportOnnx(Pass):
         import onnx  # heavy: only when the pass runs
 
         assert isinstance(cfg, ExportConfig)
+        if art.format == "onnx":
+            return self._pass_through(art, ctx)
         module = load_torch_policy(art.path)
         if isinstance(module, MLPPolicy) and module.normalize:
             module = module.fold_normalization().eval()
@@ -109,14 +123,37 @@ class ExportOnnx(Pass):
             meta={"precision": "fp32", "opset": cfg.opset, "kind": art.meta.get("kind", "")},
             lineage=(*art.lineage, self.name)))
 
+    def _pass_through(self, art: Artifact, ctx: BuildContext) -> PassResult:
+        """An ONNX policy for this robot, copied with export-onnx added to its history."""
+        model = read_onnx(art.path)
+        meta = get_metadata(model)
+        check_contract(meta, ctx.robot, art.path)
+        ins = [i.name for i in model.graph.input
+               if i.name not in {t.name for t in model.graph.initializer}]
+        if ins != ["obs"] or [o.name for o in model.graph.output][:1] != ["action"]:
+            raise PassCheckError(f"export-onnx: {art.path.name} takes {ins} and returns "
+                                 f"{[o.name for o in model.graph.output]}; an ONNX policy "
+                                 "takes 'obs' and returns 'action'")
+        set_metadata(model, extend_contract(meta, self.name))
+        path = save_onnx(model, ctx.workdir / "policy.onnx")
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        return PassResult(Artifact.create(
+            "onnx", path, ctx.robot.name,
+            meta={"precision": "fp32", "opset": opset, "kind": art.meta.get("kind", "")},
+            lineage=(*art.lineage, self.name)))
+
     def check(self, inp: Artifact, result: PassResult, cfg: PassConfig,
               ctx: BuildContext) -> dict[str, Any]:
         out = result.artifact
         assert isinstance(cfg, ExportConfig)
-        module = load_torch_policy(inp.path)
         obs = random_obs(ctx.robot, cfg.n_check_obs, seed=ctx.seed + 1)
-        with torch.inference_mode():
-            want = module(torch.as_tensor(obs)).numpy()
+        if inp.format == "onnx":
+            want = ort_session(inp.path).run(None, {"obs": obs})[0]
+            check_io_widths(None, int(want.shape[1]), ctx.robot, inp.path)
+        else:
+            module = load_torch_policy(inp.path)
+            with torch.inference_mode():
+                want = module(torch.as_tensor(obs)).numpy()
         sess = ort_session(out.path)
         got_b1 = np.concatenate([sess.run(None, {"obs": obs[i:i + 1]})[0]
                                  for i in range(len(obs))])
@@ -129,4 +166,5 @@ class ExportOnnx(Pass):
             raise PassCheckError(
                 f"export-onnx: onnxruntime and torch disagree by {worst:.3g} (tolerance "
                 f"{cfg.tolerance:g}; {errs}); the export is wrong for this model")
-        return {**errs, "opset": cfg.opset, "bytes": out.n_bytes, "n_check_obs": cfg.n_check_obs}
+        return {**errs, "opset": out.meta.get("opset", cfg.opset), "bytes": out.n_bytes,
+                "n_check_obs": cfg.n_check_obs, "passed_through": inp.format == "onnx"}

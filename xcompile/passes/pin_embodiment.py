@@ -1,7 +1,10 @@
 """pin-embodiment: partial evaluation of the fat network on one robot body.
 
-fat-checkpoint -> torch (kind "pinned"). Cost: one pass of the descriptor encoder and a copy of the
-shared weights; seconds, no training.
+fat-checkpoint -> torch (kind "pinned"); fat-graph (a foreign fat policy, .onnx or .pt2) -> onnx,
+by binding the body's embodiment inputs and folding them with onnxscript's optimizer
+(`xcompile.frontends.pin`, which says how and what its check compares).
+
+Cost: one pass of the descriptor encoder and a copy of the shared weights; seconds, no training.
 
 Method: partial evaluation (constant folding). Everything that depends only on the body (the joint
 descriptor embeddings, the family embedding) is computed once and stored as constants; other task
@@ -25,6 +28,7 @@ from pydantic import Field
 from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError
 from xcompile.evaluate import score_policy
+from xcompile.frontends.pin import check_pinned, run_pinned
 from xcompile.measure import count_params_bytes
 from xcompile.models.fat import pin
 from xcompile.models.slim import load_torch_policy, save_torch_policy, spec_of
@@ -50,10 +54,17 @@ class PinEmbodiment(Pass):
     version = 1
     input_format = "fat-checkpoint"
     output_format = "torch"
+    input_formats = ("fat-checkpoint", "fat-graph")
     Config = PinConfig
     summary = "fold one body's descriptors into the fat network; drop what it does not use"
 
+    @classmethod
+    def output_for(cls, fmt: str) -> str:
+        return "onnx" if fmt == "fat-graph" else cls.output_format
+
     def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
+        if art.format == "fat-graph":
+            return run_pinned(art, ctx, (*art.lineage, self.name))
         ckpt = load_fat_checkpoint(art.path, ctx.robot)
         robot = ctx.robot
         desc, known = body_descriptors(ckpt, robot)
@@ -70,6 +81,9 @@ class PinEmbodiment(Pass):
               ctx: BuildContext) -> dict[str, Any]:
         out = result.artifact
         assert isinstance(cfg, PinConfig)
+        if inp.format == "fat-graph":
+            return check_pinned(inp, out, cfg.n_check_obs, cfg.check_episodes, cfg.tolerance,
+                                ctx, CHECK_STREAM)
         ckpt = load_fat_checkpoint(inp.path, ctx.robot)
         robot = ctx.robot
         desc, known = body_descriptors(ckpt, robot)

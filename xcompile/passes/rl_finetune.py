@@ -35,6 +35,9 @@ episodes that ended in it, with exploration noise; losses, KL, std). Network sur
 `trainable="last"` is `xcompile.models.tuning.split_for_tuning`.
 Check: the saved policy gives finite actions; measurements score_start, score_tuned, kept, env_steps,
 wall time.
+
+An ONNX input (a foreign fat policy pinned to an ONNX graph) is not differentiable torch: the pass
+is skipped with that reason (`ToolUnavailable`) and the plan goes on with the ONNX policy.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from pydantic import Field
 from torch import nn
 
 from xcompile.artifact import Artifact
-from xcompile.errors import PassCheckError
+from xcompile.errors import PassCheckError, ToolUnavailable
 from xcompile.evaluate import EvalResult, score_policy
 from xcompile.models.slim import load_torch_policy, save_torch_policy
 from xcompile.models.tuning import split_for_tuning
@@ -310,10 +313,19 @@ class RLFinetune(Pass):
     version = 2
     input_format = "torch"
     output_format = "torch"
+    input_formats = ("torch", "onnx")
     Config = RLFinetuneConfig
     summary = "PPO on the target's own task from the given policy, anchored to it; keeps the better"
 
+    @classmethod
+    def output_for(cls, fmt: str) -> str:
+        return fmt      # an ONNX input is skipped, and the plan goes on with it
+
     def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
+        if art.format != "torch":
+            raise ToolUnavailable(
+                f"rl-finetune trains a differentiable torch policy, and its input here is an "
+                f"{art.format} graph (a foreign fat policy pinned to ONNX); skipped")
         cfg, spec, t_start = start_training(art, cfg, RLFinetuneConfig, ctx, PROFILE_DEFAULTS)
         start = load_torch_policy(art.path)
         policy = load_torch_policy(art.path)
