@@ -103,12 +103,19 @@ def torch_model(model: Any) -> Any | None:
     return torch.nn.Sequential(*mods).eval()
 
 
-def time_all(calls: dict[str, Any], inputs: np.ndarray, n: int, rounds: int) -> dict[str, Any]:
-    """Interleaved rounds of batch-1 calls from Python; per-call ns pooled over rounds."""
+def time_all(calls: dict[str, Any], inputs: dict[str, Any], harness: dict[str, Any],
+             n: int, rounds: int) -> dict[str, Any]:
+    """Interleaved rounds: in each, n/rounds calls of every C harness build (`harness`: name ->
+    flags; timed in C) and of every Python-called runtime (`calls`); per-call µs pooled over
+    the rounds, so every runtime sees the same stretches of machine time."""
+    from xcompile.cgen import harness_samples, latency_stats
+
     clock = time.perf_counter_ns
-    times: dict[str, list[np.ndarray]] = {k: [] for k in calls}
+    times: dict[str, list[np.ndarray]] = {k: [] for k in (*harness, *calls)}
     per = max(1, n // rounds)
     for _ in range(rounds):
+        for name, (c_path, obs, flags) in harness.items():
+            times[name].append(harness_samples(c_path, obs, per, flags=flags))
         for name, call in calls.items():
             xs = inputs[name]
             for i in range(min(200, per)):
@@ -119,13 +126,8 @@ def time_all(calls: dict[str, Any], inputs: np.ndarray, n: int, rounds: int) -> 
                 t0 = clock()
                 call(x)
                 t[i] = clock() - t0
-            times[name].append(t)
-    out = {}
-    for name, ts in times.items():
-        t = np.concatenate(ts) / 1e3
-        out[name] = {"p50_us": float(np.percentile(t, 50)), "p99_us": float(np.percentile(t, 99)),
-                     "max_us": float(t.max()), "n": int(t.size)}
-    return out
+            times[name].append(t / 1e3)
+    return {name: latency_stats(np.concatenate(ts)) for name, ts in times.items()}
 
 
 def m4_sizes(c_path: Path) -> dict[str, Any] | None:
@@ -163,14 +165,7 @@ def m4_sizes(c_path: Path) -> dict[str, Any] | None:
 def bench_robot(args: Any, name: str) -> tuple[dict[str, Any], str, list[str]]:
     import torch
 
-    from xcompile.cgen import (
-        CPolicy,
-        compile_shared,
-        emit_c,
-        harness_latency,
-        object_sizes,
-        stack_usage,
-    )
+    from xcompile.cgen import CFLAGS, CPolicy, compile_shared, emit_c, object_sizes, stack_usage
 
     robot = load_robot(name)
     path, notes = policy_onnx(args, name)
@@ -206,8 +201,6 @@ def bench_robot(args: Any, name: str) -> tuple[dict[str, Any], str, list[str]]:
         c_res = evaluate(c, robot, episodes=args.episodes, seed=args.seed, stream="bench")
         diff, diff_ci = paired_diff_ci95(c_res.scores, ort_res.scores)
         # --- latency, one run
-        harness = harness_latency(c_path, obs[:256], n=args.calls, flags=NATIVE_FLAGS)
-        portable = harness_latency(c_path, obs[:256], n=args.calls)
         x1 = obs[:256]
         inputs = {"c_ctypes": [x1[i] for i in range(len(x1))],
                   "onnxruntime": [{sess.get_inputs()[0].name: x1[i:i + 1]}
@@ -218,10 +211,11 @@ def bench_robot(args: Any, name: str) -> tuple[dict[str, Any], str, list[str]]:
         if tm is None:
             del calls["torch"]
             notes.append(f"{name}: no torch row (the graph is more than dense layers)")
+        builds = {"c_harness": (c_path, x1, NATIVE_FLAGS),       # built for this CPU
+                  "c_harness_portable": (c_path, x1, CFLAGS)}    # baseline x86-64
         with torch_single_thread(), torch.inference_mode():
-            lat = time_all(calls, inputs, args.calls, args.rounds)
-        lat["c_harness"] = harness              # -O2 -march=native: built for this CPU
-        lat["c_harness_portable"] = portable    # -O2, baseline x86-64: runs on any of them
+            lat = time_all(calls, inputs, builds, args.calls, args.rounds)
+        harness, portable = lat["c_harness"], lat["c_harness_portable"]
         host = object_sizes(c_path)
         stack = stack_usage(c_path).get("xc_policy_step")
         m4 = m4_sizes(c_path) if not args.no_cross else None
@@ -283,11 +277,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes += n
     md = (common.md_table(HEADERS, rows) + "\n\nPolicies (int8 ONNX, sha256): " + ", ".join(
         f"{r['robot']} `{r['onnx_sha256'][:12]}`" for r in results) + ". Latency: "
-        f"{args.calls:,} batch-1 calls per runtime; the C harness compiled -O2 -march=native "
-        "(\"C portable\": -O2 for baseline x86-64); onnxruntime and torch on one thread, called "
-        f"from Python in {args.rounds} interleaved rounds. Scores: {args.episodes} episodes of "
-        "stream 'bench', the same for C and onnxruntime; C − ORT is the paired difference with "
-        "its bootstrap 95% interval.")
+        f"{args.calls:,} batch-1 calls per runtime in {args.rounds} interleaved rounds: the C "
+        "harness compiled -O2 -march=native (\"C portable\": -O2 for baseline x86-64), timed in "
+        "C; C through ctypes, onnxruntime and torch on one thread, called from Python. Scores: "
+        f"{args.episodes} episodes of stream 'bench', the same for C and onnxruntime; C − ORT "
+        "is the paired difference with its bootstrap 95% interval.")
     return common.finish(args, "c_backend", results, md, notes, started)
 
 

@@ -348,6 +348,19 @@ def test_second_run_is_cached_and_only_the_changed_pass_reruns(fat, tmp_path):
     assert RUNS == {"t-pin": 3, "t-export": 3, "t-quant": 4}
 
 
+def test_a_valid_entry_is_never_replaced_under_a_reader(fat, tmp_path):
+    """Another build of the same key (here: --no-cache) runs the pass but keeps the committed
+    entry: a build that is still reading its artifact never sees it vanish or change."""
+    first = build(fat, tmp_path, plan_of("t-pin", "t-export"))
+    art = first.stages[-1].artifact.path
+    inode = art.stat().st_ino
+    again = build(fat, tmp_path, plan_of("t-pin", "t-export"), use_cache=False)
+    assert RUNS["t-export"] == 2                          # it ran ...
+    assert art.stat().st_ino == inode                     # ... and the entry stayed as it was
+    assert again.final.id == first.final.id
+    assert not list((tmp_path / "cache" / "tmp").iterdir())   # its own work was cleaned up
+
+
 def test_damaged_cache_entry_runs_again(fat, tmp_path):
     res = build(fat, tmp_path, plan_of("t-pin", "t-export"))
     res.stages[1].artifact.path.write_bytes(b"corrupted")

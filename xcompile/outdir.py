@@ -113,6 +113,27 @@ def _inside(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
+def folder_entries(out: Path, flag: str, example: str) -> list[Path]:
+    """What the would-be output folder `out` holds ([] when it is missing or empty), refusing a
+    symbolic link, the current folder or one of its parents, and a file."""
+    out = Path(os.path.abspath(out))
+    if out.is_symlink():
+        raise OutputError(f"{flag} {out} is a symbolic link; give the folder it points to, or "
+                          "another path")
+    if _inside(Path(os.getcwd()).resolve(), out.resolve()):
+        raise OutputError(f"{flag} {out} is the current folder or one of its parents; xcompile "
+                          "replaces its output folder as a whole, so give a new sub-folder, "
+                          f"e.g. {example}")
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise OutputError(f"{flag} {out} exists and is not a folder; give another path")
+    try:
+        return list(out.iterdir())
+    except OSError as e:
+        raise storage_error(e, f"{out}") from None
+
+
 def check_replaceable(out: Path, *, force: bool = False, markers: tuple[str, ...] = (),
                       allowed: tuple[str, ...] = (), flag: str = "--out") -> None:
     """Raise OutputError unless `out` may be (re)written by xcompile; see the module docstring.
@@ -121,22 +142,7 @@ def check_replaceable(out: Path, *, force: bool = False, markers: tuple[str, ...
     marks the folder as xcompile's; such a folder may hold only the names in `allowed`.
     """
     out = Path(os.path.abspath(out))
-    cwd = Path(os.getcwd()).resolve()
-    if out.is_symlink():
-        raise OutputError(f"{flag} {out} is a symbolic link; give the folder it points to, or "
-                          "another path")
-    if _inside(cwd, out.resolve()):
-        raise OutputError(f"{flag} {out} is the current folder or one of its parents; xcompile "
-                          "replaces its output folder as a whole, so give a new sub-folder, "
-                          "e.g. build/<robot>")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise OutputError(f"{flag} {out} exists and is not a folder; give another path")
-    try:
-        entries = list(out.iterdir())
-    except OSError as e:
-        raise storage_error(e, f"{out}") from None
+    entries = folder_entries(out, flag, "build/<robot>")
     if not entries:
         return
     names = {p.name for p in entries}
@@ -224,14 +230,20 @@ def clean_orphans(parent: Path, prefix: str) -> list[Path]:
     return removed
 
 
-def write_folder(out: Path, write: Callable[[Path], None], *, force: bool = False) -> None:
+def write_folder(out: Path, write: Callable[[Path], None], *, force: bool = False,
+                 check: Callable[[Path], None] | None = None, what: str = "the output folder"
+                 ) -> None:
     """Build the folder `out` in a temporary folder beside it, then swap it in.
 
-    The old folder is replaced only when `check_replaceable` allows it (checked again here, since
-    the build took a while); it is renamed aside before the new one moves in, then removed.
+    The old folder is replaced only when `check(out)` allows it (default: `check_replaceable`;
+    checked before and again here, since the build took a while); it is renamed aside before the
+    new one moves in, then removed.
     """
     out = Path(os.path.abspath(out))
-    check_replaceable(out, force=force)
+    if check is None:
+        def check(folder: Path) -> None:
+            check_replaceable(folder, force=force)
+    check(out)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +251,7 @@ def write_folder(out: Path, write: Callable[[Path], None], *, force: bool = Fals
         clean_orphans(parent, f".{out.name}.old")
         tmp = temp_dir(parent, f".{out.name}.new")
     except OSError as e:
-        raise storage_error(e, f"the output folder {out}") from None
+        raise storage_error(e, f"{what} {out}") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)       # mkdtemp makes it private; an output folder is not
@@ -248,7 +260,7 @@ def write_folder(out: Path, write: Callable[[Path], None], *, force: bool = Fals
     except OSError as e:
         remove_tree(tmp)
         if is_storage_error(e):
-            raise storage_error(e, f"the output folder {out} (the previous one, if any, is "
+            raise storage_error(e, f"{what} {out} (the previous one, if any, is "
                                    "intact)") from None
         raise
     except BaseException:
@@ -256,7 +268,7 @@ def write_folder(out: Path, write: Callable[[Path], None], *, force: bool = Fals
         raise
     with signals_held():
         try:
-            check_replaceable(out, force=force)
+            check(out)
         except OutputError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

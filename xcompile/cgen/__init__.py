@@ -13,9 +13,12 @@ from xcompile.cgen.toolchain import (
     compile_shared,
     find_cc,
     harness_latency,
+    harness_samples,
+    latency_stats,
     object_sizes,
     stack_usage,
 )
 
 __all__ = ["CFLAGS", "EMITTER_VERSION", "CPolicy", "CSources", "compile_shared", "emit_c",
-           "find_cc", "harness_latency", "object_sizes", "stack_usage"]
+           "find_cc", "harness_latency", "harness_samples", "latency_stats", "object_sizes",
+           "stack_usage"]

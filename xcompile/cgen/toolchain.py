@@ -202,10 +202,10 @@ int main(int argc, char **argv)
 """
 
 
-def harness_latency(c_path: Path, obs: np.ndarray, n: int = 100_000, cc: str | None = None,
-                    flags: Sequence[str] = CFLAGS) -> dict[str, float]:
-    """Latency of one xc_policy_step call, timed call by call in a C harness cycling through the
-    observations `obs` (after a warm-up of max(1000, n/10) calls): p50, p99, max and mean in µs."""
+def harness_samples(c_path: Path, obs: np.ndarray, n: int = 100_000, cc: str | None = None,
+                    flags: Sequence[str] = CFLAGS) -> np.ndarray:
+    """Per-call latencies (µs) of `n` xc_policy_step calls, timed call by call in a C harness
+    cycling through the observations `obs` (after a warm-up of max(1000, n/10) calls)."""
     c_path = Path(c_path)
     x = np.ascontiguousarray(np.atleast_2d(obs), dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="xc-bench-") as tmp:
@@ -220,6 +220,17 @@ def harness_latency(c_path: Path, obs: np.ndarray, n: int = 100_000, cc: str | N
         ns = np.fromfile(out_file, dtype=np.int64)
     if len(ns) != n:
         raise XCompileError(f"the latency harness wrote {len(ns)} timings, not {n}")
-    us = ns.astype(np.float64) / 1000.0
+    return ns.astype(np.float64) / 1000.0
+
+
+def latency_stats(us: np.ndarray) -> dict[str, float]:
+    """p50, p99, max and mean (µs) and the count of per-call latencies."""
     return {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)),
-            "max_us": float(us.max()), "mean_us": float(us.mean()), "n": int(n)}
+            "max_us": float(us.max()), "mean_us": float(us.mean()), "n": int(len(us))}
+
+
+def harness_latency(c_path: Path, obs: np.ndarray, n: int = 100_000, cc: str | None = None,
+                    flags: Sequence[str] = CFLAGS) -> dict[str, float]:
+    """Latency of one xc_policy_step call in the C harness (`harness_samples`): p50, p99, max and
+    mean in µs."""
+    return latency_stats(harness_samples(c_path, obs, n, cc, flags))

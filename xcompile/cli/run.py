@@ -218,8 +218,9 @@ def build(
         min=1, max=10000, help="Score episodes per stage. Default by profile: fast 3, default 10, "
                     "thorough 30.")] = None,
     no_cache: Annotated[bool, typer.Option(
-        "--no-cache", help="Run every pass and measurement again (results still refresh the "
-                           "cache).")] = False,
+        "--no-cache", help="Run every pass and measurement again (measurements refresh the "
+                           "cache; a valid pass entry is kept: it is the same result)."
+    )] = False,
     cache_dir: Annotated[Path, typer.Option(help="Pass and measurement cache.")] = Path(
         ".xcompile/cache"),
     tensorrt: Annotated[bool, typer.Option(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,8 @@ from xcompile.outdir import (
     REPRO_NAMES,
     OutputError,
     check_replaceable,
-    clean_orphans,
-    remove_tree,
-    signals_held,
-    storage_error,
-    temp_dir,
+    folder_entries,
+    write_folder,
 )
 
 FLEET_MARKER = "fleet.json"
@@ -54,21 +50,7 @@ def _marker(folder: Path) -> dict[str, Any] | None:
 def check_fleet_dir(out: Path, *, force: bool = False, flag: str = "--out") -> None:
     """Raise OutputError unless the fleet folder `out` may be (re)written; see the module doc."""
     out = Path(os.path.abspath(out))
-    if out.is_symlink():
-        raise OutputError(f"{flag} {out} is a symbolic link; give the folder it points to, or "
-                          "another path")
-    cwd = Path(os.getcwd()).resolve()
-    if cwd == out.resolve() or out.resolve() in cwd.parents:
-        raise OutputError(f"{flag} {out} is the current folder or one of its parents; give a "
-                          "new sub-folder, e.g. build/fleet")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise OutputError(f"{flag} {out} exists and is not a folder; give another path")
-    try:
-        entries = list(out.iterdir())
-    except OSError as e:
-        raise storage_error(e, str(out)) from None
+    entries = folder_entries(out, flag, "build/fleet")
     if not entries:
         return
     doc = _marker(out)
@@ -96,42 +78,15 @@ def check_fleet_dir(out: Path, *, force: bool = False, flag: str = "--out") -> N
 
 
 def write_fleet_dir(out: Path, write: Callable[[Path], None], *, force: bool = False) -> None:
-    """Assemble the fleet folder in a temporary folder beside `out` and swap it in (the way
-    `xcompile.outdir.write_folder` does for one build), writing `fleet.json` last."""
-    out = Path(os.path.abspath(out))
-    check_fleet_dir(out, force=force)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        clean_orphans(out.parent, f".{out.name}.new")
-        clean_orphans(out.parent, f".{out.name}.old")
-        tmp = temp_dir(out.parent, f".{out.name}.new")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-    except OSError as e:
-        raise storage_error(e, f"the fleet folder {out}") from None
-    try:
+    """Assemble the fleet folder in a temporary folder beside `out` and swap it in
+    (`xcompile.outdir.write_folder`, with the fleet folder's own rule), `fleet.json` last."""
+
+    def write_marked(tmp: Path) -> None:
         write(tmp)
         names = sorted(p.name for p in tmp.iterdir())
         (tmp / FLEET_MARKER).write_text(json.dumps(
             {"kind": "xcompile-fleet", "fleet_version": FLEET_VERSION,
              "xcompile_version": __version__, "outputs": names}, indent=2) + "\n")
-    except BaseException:
-        remove_tree(tmp)
-        raise
-    with signals_held():
-        try:
-            check_fleet_dir(out, force=force)
-        except OutputError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        old = None
-        if out.exists():
-            old = temp_dir(out.parent, f".{out.name}.old")
-            os.rmdir(old)
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
-
+    write_folder(out, write_marked, check=lambda folder: check_fleet_dir(folder, force=force),
+                 what="the fleet folder")

@@ -134,38 +134,25 @@ def _check_pt2(path: Path) -> None:
 
 
 def _pt2_to_onnx(path: Path, action: str) -> bytes:
-    import contextlib
-    import logging
-    import warnings
-
     import torch
 
+    from xcompile.onnx.model import quiet_exporter
+
     _check_pt2(path)
-    sink = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch._export",
-                                              "torch.export")]
-    levels = [log.level for log in loggers]
-    for log in loggers:
-        log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), torch.no_grad():
-            warnings.simplefilter("ignore")
-            try:
-                ep = torch.export.load(str(path))
-            except Exception as e:  # noqa: BLE001 (a damaged archive fails in many ways)
-                raise CheckpointError(f"{path}: torch.export.load cannot read it "
-                                      f"({str(e).splitlines()[0][:200]})") from None
-            n_out = len(ep.graph_signature.user_outputs)
-            names = [action] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-            try:
-                prog = torch.onnx.export(ep, dynamo=True, output_names=names, opset_version=18,
-                                         external_data=False, verbose=False)
-            except Exception as e:  # noqa: BLE001 (the exporter raises its own types)
-                raise CheckpointError(f"{path}: the program cannot be converted to ONNX "
-                                      f"({str(e).splitlines()[0][:200]})") from None
-    finally:
-        for log, level in zip(loggers, levels):
-            log.setLevel(level)
+    with quiet_exporter("torch._export", "torch.export"):
+        try:
+            ep = torch.export.load(str(path))
+        except Exception as e:  # noqa: BLE001 (a damaged archive fails in many ways)
+            raise CheckpointError(f"{path}: torch.export.load cannot read it "
+                                  f"({str(e).splitlines()[0][:200]})") from None
+        n_out = len(ep.graph_signature.user_outputs)
+        names = [action] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+        try:
+            prog = torch.onnx.export(ep, dynamo=True, output_names=names, opset_version=18,
+                                     external_data=False, verbose=False)
+        except Exception as e:  # noqa: BLE001 (the exporter raises its own types)
+            raise CheckpointError(f"{path}: the program cannot be converted to ONNX "
+                                  f"({str(e).splitlines()[0][:200]})") from None
     assert prog is not None
     return prog.model_proto.SerializeToString()
 

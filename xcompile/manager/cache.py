@@ -193,7 +193,13 @@ def commit_entry(workdir: Path, entry: Path, result: PassResult, checks: dict[st
     doc = {"artifact": art_doc, "summary": dict(result.summary), "files": list(result.files),
            "checks": checks}
     (workdir / RESULT_FILE).write_text(json.dumps(integrity.sign(doc), indent=2, default=str))
-    if entry.exists():                  # --no-cache, or a discarded entry: replace it
+    existing = load_entry(entry) if entry.exists() else None
+    if existing is not None:
+        # A valid entry for the same key (the same input, pass, code and settings), committed
+        # by an earlier run or by another build running now, which may be reading it: keep it.
+        remove_tree(workdir)
+        return existing[0]
+    if entry.exists():                  # an entry that does not verify: replace it
         old = temp_dir(entry.parent / "tmp", f"old-{entry.name[:12]}")
         os.rmdir(old)
         os.rename(entry, old)

@@ -6,11 +6,36 @@ plain dict, in sorted key order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from xcompile.outdir import atomic_write
+
+
+@contextlib.contextmanager
+def quiet_exporter(*more_loggers: str) -> Iterator[None]:
+    """torch's ONNX exporter (and `more_loggers`) without its logs, prints and warnings, under
+    no_grad: it reports a lot (opset conversion notes, missing torchvision ops); a failure still
+    raises with its message."""
+    import torch  # heavy: only where a graph is exported
+
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", *more_loggers)]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                torch.no_grad():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def strip_volatile(model: Any) -> None:

@@ -27,10 +27,6 @@ fat input.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from typing import Any
 
 import numpy as np
@@ -46,7 +42,13 @@ from xcompile.onnx.contract import (
     deployment_contract,
     extend_contract,
 )
-from xcompile.onnx.model import get_metadata, save_onnx, set_metadata, strip_volatile
+from xcompile.onnx.model import (
+    get_metadata,
+    quiet_exporter,
+    save_onnx,
+    set_metadata,
+    strip_volatile,
+)
 from xcompile.onnx.session import ort_session, read_onnx
 from xcompile.passes.base import BuildContext, Pass, PassConfig, PassResult, register_pass
 from xcompile.sim.env import obs_dim
@@ -66,22 +68,10 @@ def _export(module: Any, n_obs: int, opset: int) -> Any:
 
     example = torch.zeros(2, n_obs)
     dynamic_shapes = {"obs": {0: torch.export.Dim("batch")}}
-    # The exporter logs and prints a lot (opset conversion notes, missing torchvision ops); a
-    # failure still raises with its message.
-    sink = io.StringIO()
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
-    levels = [log.level for log in loggers]
-    for log in loggers:
-        log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), torch.no_grad():
-            warnings.simplefilter("ignore")
-            prog = torch.onnx.export(module, (example,), dynamo=True, input_names=["obs"],
-                                     output_names=["action"], dynamic_shapes=dynamic_shapes,
-                                     opset_version=opset, external_data=False, verbose=False)
-    finally:
-        for log, level in zip(loggers, levels):
-            log.setLevel(level)
+    with quiet_exporter():
+        prog = torch.onnx.export(module, (example,), dynamo=True, input_names=["obs"],
+                                 output_names=["action"], dynamic_shapes=dynamic_shapes,
+                                 opset_version=opset, external_data=False, verbose=False)
     assert prog is not None
     model = prog.model_proto
     model = onnx.load_from_string(model.SerializeToString())
