@@ -33,6 +33,8 @@ SECTIONS = [  # script, title, command
      "python bench/latency_scaling.py"),
     ("fleet", "Fleet builds: serial vs process pool vs Ray, and evaluation throughput",
      "python bench/fleet.py"),
+    ("raptor", "RAPTOR (foundation-policy) converted to ONNX: bytes, latency, error per precision",
+     "python bench/raptor.py"),
     ("c_backend", "C back end: emitted C vs onnxruntime vs torch, the same int8 student",
      "python bench/c_backend.py --builds DIR   # DIR/<robot>/policy.onnx of default builds"),
 ]
@@ -54,6 +56,11 @@ stream's episodes, which no pass trains, checks or chooses on, with bootstrap 95
 score sections measured before them say so. The thin (50 episodes) and default (20 episodes)
 builds were re-run on 2026-11-26 partly at the same time (load about 2 in their machine lines):
 their scores are exact, their latencies noisier than a lone run's.
+
+Not re-run since 2026-11-26 15:00: distill's DAgger collection now draws its noise and teacher/student
+mixing per episode (pass version 4, so that it can run on an executor), which changes the students
+the default and fast builds make; the quality, default-build, robustness, inference, runtime-floor
+and latency-scaling sections were measured with the earlier students.
 """
 
 

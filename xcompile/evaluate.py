@@ -125,11 +125,13 @@ def _actions(policy: BatchPolicy, obs: np.ndarray, robot: RobotTarget) -> np.nda
 def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: int = 0,
              faults: Faults | None = None, parallel: int = 10, record_obs: bool = False,
              on_episode: Callable[[], None] | None = None, stream: str = "report",
-             first_episode: int = 0) -> EvalResult:
+             first_episode: int = 0,
+             on_rows: Callable[[list[int]], None] | None = None) -> EvalResult:
     """Closed-loop score of `policy` over `episodes` episodes; episode i (0-based) starts from
     `episode_seed(stream, seed, first_episode + i)`. Every caller names the stream of its use
     (`xcompile.seeds.STREAMS`); `first_episode` lets one use draw several disjoint batches from
-    its stream (distill's DAgger rounds)."""
+    its stream (distill's DAgger rounds). `on_rows(episodes)`, before each policy call, says which
+    episode (i above) each row of the batch belongs to (DAgger's per-episode randomness)."""
     seeds = [episode_seed(stream, seed, first_episode + i) for i in range(episodes)]
     res = EvalResult(robot=robot.name, seed=seed, scores=[0.0] * episodes,
                      returns=[0.0] * episodes, stream=stream)
@@ -147,6 +149,8 @@ def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: 
             while live:
                 if record_obs:
                     res.observations.append(obs[live].copy())
+                if on_rows:
+                    on_rows([batch[k] for k in live])
                 actions = _actions(policy, obs[live], robot)
                 finite = np.isfinite(actions).all(axis=1)
                 still = []

@@ -7,7 +7,10 @@ scoring episodes; with `auto` up to one such run per ladder rung.
 Method: DAgger (Ross, Gordon and Bagnell 2011). Round 0: the teacher acts, with Gaussian noise of
 `noise_std` action units on its actions (DART, Laskey et al. 2017) so the data covers a little more
 than its own path. Round i >= 1: the student acts, except that at each step and in each simulator
-the teacher acts with probability beta_i = `beta_decay`**i (β-mixing; 0 gives pure DAgger). In every
+the teacher acts with probability beta_i = `beta_decay`**i (β-mixing; 0 gives pure DAgger). The
+noise and the coin flips come from a generator per episode, so the rollouts can be split over the
+build's executor (`xcompile.passes.dagger_collect`: episode chunks on the process pool or Ray
+actors, teacher and student passed as files) with the same data whatever runs them. In every
 round the teacher labels every visited state, the data set grows, and the student is fitted on all
 of it (MSE, Adam, `fit_epochs`, warm-started from the previous round); a final longer fit
 (`final_fit_epochs`, cosine learning rate) follows the last round.
@@ -41,6 +44,7 @@ each round, parameters of both and the compression ratio.
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -52,6 +56,7 @@ from pydantic import Field
 from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError
 from xcompile.evaluate import BatchPolicy, score_policy, torch_single_thread
+from xcompile.executors.rollouts import PolicyRef
 from xcompile.measure import count_params_bytes
 from xcompile.models.slim import MLPPolicy, load_torch_policy, save_torch_policy
 from xcompile.models.tuning import normalized_mlp
@@ -63,9 +68,9 @@ from xcompile.passes.base import (
     register_pass,
     seeded_torch,
 )
+from xcompile.passes.dagger_collect import collect
 from xcompile.passes.training import start_training
 from xcompile.policy import onnx_act, torch_act
-from xcompile.seeds import episode_seed
 from xcompile.sim.env import obs_dim
 from xcompile.sim.observations import random_obs
 from xcompile.targets import RobotTarget
@@ -142,7 +147,7 @@ class _Data:
 @register_pass
 class Distill(Pass):
     name = "distill"
-    version = 3
+    version = 4
     input_format = "torch"
     output_format = "torch"
     input_formats = ("torch", "onnx")
@@ -153,10 +158,11 @@ class Distill(Pass):
         cfg, teacher_spec, t0 = start_training(art, cfg, DistillConfig, ctx, PROFILE_DEFAULTS)
         teacher = (onnx_act(art.path, robot=ctx.robot)[0] if art.format == "onnx"
                    else torch_act(load_torch_policy(art.path)))
+        teacher_ref = PolicyRef.of(art.path, ctx.robot)   # what rollout workers load
         robot = ctx.robot
         budget_us = float(ctx.hardware.latency_budget_us)
         with seeded_torch(ctx.seed):
-            heldout = _collect(teacher, None, 0.0, 0.0, ctx, cfg.heldout_episodes,
+            heldout = _collect(teacher_ref, None, 0.0, 0.0, ctx, cfg.heldout_episodes,
                                HELDOUT_STREAM)
             teacher_score = _score(teacher, cfg, ctx)
             data = _Data()
@@ -169,7 +175,7 @@ class Distill(Pass):
                     tried.append({"hidden": hidden, "latency_us": round(lat, 1),
                                   "over_budget": True})
                     break           # the ladder only grows: larger rungs are slower still
-                student, rec = _dagger(teacher, hidden, cfg, ctx, data, heldout,
+                student, rec = _dagger(teacher_ref, hidden, cfg, ctx, data, heldout,
                                        progress=(ci, len(candidates)))
                 rec.update(latency_us=round(lat, 1), over_budget=lat > budget_us)
                 tried.append(rec)
@@ -233,30 +239,19 @@ class Distill(Pass):
                 "student_latency_us": s["student_latency_us"], "wall_s": s["wall_s"]}
 
 
-def _collect(teacher: BatchPolicy, student: BatchPolicy | None, beta: float, noise_std: float,
+def _collect(teacher: PolicyRef, student: MLPPolicy | None, beta: float, noise_std: float,
              ctx: BuildContext, episodes: int, stream: str, first_episode: int = 0
              ) -> tuple[np.ndarray, np.ndarray, float]:
     """Roll out (student, teacher with probability beta, or the noisy teacher when student is
-    None) on episodes first_episode.. of `stream`; return the visited observations, the
-    teacher's labels and the mean score."""
-    rng = np.random.default_rng(episode_seed(stream, ctx.seed, first_episode))
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-
-    def act(obs: np.ndarray) -> np.ndarray:
-        label = teacher(obs)
-        xs.append(obs.copy())
-        ys.append(label)
-        if student is None:
-            return label + noise_std * rng.standard_normal(label.shape).astype(np.float32)
-        mine = student(obs)
-        use_teacher = rng.random(len(obs)) < beta
-        return np.where(use_teacher[:, None], label, mine)
-
-    res = score_policy(act, ctx.robot, episodes, ctx.seed, stream=stream,
-                       first_episode=first_episode)
-    return (np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32),
-            res.score)
+    None) on episodes first_episode.. of `stream`, on the build's executor; return the visited
+    observations and the teacher's labels (episode after episode) and the mean score. The
+    student goes to the workers as a temporary file in the work folder."""
+    if student is None:
+        return collect(teacher, None, beta, noise_std, ctx.seed, episodes, stream, first_episode)
+    with tempfile.TemporaryDirectory(dir=ctx.workdir, prefix="dagger-") as tmp:
+        path = save_torch_policy(f"{tmp}/student.pt", student, student.spec())
+        return collect(teacher, PolicyRef.of(path, ctx.robot), beta, noise_std, ctx.seed,
+                       episodes, stream, first_episode)
 
 
 def _score(policy: BatchPolicy, cfg: DistillConfig, ctx: BuildContext) -> float:
@@ -306,7 +301,7 @@ def _fit(student: Any, x: Any, y: Any, epochs: int, lr: float, batch: int, gen: 
     return loss_sum
 
 
-def _dagger(teacher: Any, hidden: list[int], cfg: DistillConfig, ctx: BuildContext, data: _Data,
+def _dagger(teacher: PolicyRef, hidden: list[int], cfg: DistillConfig, ctx: BuildContext, data: _Data,
             heldout: tuple[np.ndarray, np.ndarray, float],
             progress: tuple[int, int]) -> tuple[Any, dict[str, Any]]:
     """DAgger rounds for one student size; `data` (shared across sizes) grows in place."""
@@ -340,7 +335,7 @@ def _dagger(teacher: Any, hidden: list[int], cfg: DistillConfig, ctx: BuildConte
         else:
             if student is None:
                 student = fit(new_student())
-            x, y, sc = _collect(teacher, torch_act(student), cfg.beta_decay ** max(rnd, 1), 0.0,
+            x, y, sc = _collect(teacher, student, cfg.beta_decay ** max(rnd, 1), 0.0,
                                 ctx, cfg.episodes_per_round, DAGGER_STREAM, first)
         data.obs.append(x)
         data.act.append(y)

@@ -56,6 +56,8 @@ from torch import nn
 from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError, ToolUnavailable
 from xcompile.evaluate import EvalResult, score_policy
+from xcompile.executors.factory import current_executor
+from xcompile.executors.pools import default_workers
 from xcompile.models.slim import load_torch_policy, save_torch_policy
 from xcompile.models.tuning import split_for_tuning
 from xcompile.passes.base import (
@@ -71,6 +73,7 @@ from xcompile.passes.training import start_training
 from xcompile.policy import torch_act
 from xcompile.sim.env import obs_dim
 from xcompile.sim.observations import random_obs
+from xcompile.sim.procvec import ProcessVecEnvs
 from xcompile.sim.vec import LockstepEnvs
 from xcompile.targets import HardwareTarget
 
@@ -98,8 +101,8 @@ class RLFinetuneConfig(PassConfig):
     env_steps: int = Field(24_576, ge=0, description="simulator steps of the whole run, critic "
                            "warm-up included (profile default: fast 2048, default 24576, "
                            "thorough 200000)")
-    n_envs: int = Field(8, ge=1, description="simulators stepped in lock-step (one process, "
-                        "one batched forward pass per step)")
+    n_envs: int = Field(8, ge=1, description="simulators stepped in lock-step (one batched "
+                        "forward pass per step; in worker processes under a pool executor)")
     rollout_steps: int = Field(128, ge=1, description="steps per simulator per PPO iteration "
                                "(batch = n_envs * rollout_steps)")
     epochs: int = Field(4, ge=1, description="passes over each batch per PPO iteration")
@@ -172,7 +175,7 @@ def _ppo(policy: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> list[dict[str
         if not torch.allclose(tail(features(x)), policy(x), atol=1e-5):
             raise PassCheckError(f"rl-finetune: split {cfg.trainable!r} of "
                                  f"{type(policy).__name__} does not reproduce the policy")
-    envs = LockstepEnvs(robot, n, seed=ctx.seed, stream=TRAIN_STREAM)
+    envs = _vec_envs(robot, n, ctx.seed)
     try:
         next_obs = torch.as_tensor(envs.reset())
         for it in range(iters):
@@ -301,10 +304,20 @@ def _ppo(policy: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> list[dict[str
     return curve
 
 
+def _vec_envs(robot: Any, n: int, seed: int) -> LockstepEnvs | ProcessVecEnvs:
+    """The training envs: in this process, or, under a pool executor (`use_executor`, e.g.
+    `xcompile build --executor process`), sliced over up to one process per local core. The same
+    VecSteps either way (global episode seeds), so the same training run."""
+    ex = current_executor()
+    workers = 1 if isinstance(ex, str) else min(ex.workers, n, default_workers())
+    if workers > 1:
+        return ProcessVecEnvs(robot, n, seed, stream=TRAIN_STREAM, workers=workers)
+    return LockstepEnvs(robot, n, seed=seed, stream=TRAIN_STREAM)
+
+
 def _heldout(module: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> EvalResult:
     return score_policy(torch_act(module.eval()), ctx.robot, cfg.eval_episodes, ctx.seed,
                         stream=KEEP_STREAM)
-
 
 
 @register_pass

@@ -1,11 +1,13 @@
 """Several RobotEnvs stepped in lock-step, for training loops that need rewards step by step.
 
-One process, no subprocesses: on 2 cores async vector envs gain little (the policy's batched forward
-pass is where batching pays). An env whose episode ends is reset in the same step with the next
-unused seed (gymnasium's SAME_STEP autoreset), and its last observation is returned in `final_obs`
-so a learner can bootstrap a truncated episode. Episode k (counting over all envs, in the order they
-start) starts from `xcompile.seeds.episode_seed(stream, seed, k)`, so a run is reproducible and
-its episodes are none that another use (a check, the report) runs on.
+One process, no subprocesses (the policy's batched forward pass is where batching pays);
+`xcompile.sim.procvec.ProcessVecEnvs` is the same, VecStep for VecStep, with the envs in worker
+processes (what rl-finetune uses under a pool executor). An env whose episode ends is reset in
+the same step with the next unused seed (gymnasium's SAME_STEP autoreset), and its last
+observation is returned in `final_obs` so a learner can bootstrap a truncated episode. Episode k
+(counting over all envs, in the order they start) starts from
+`xcompile.seeds.episode_seed(stream, seed, k)`, so a run is reproducible and its episodes are
+none that another use (a check, the report) runs on.
 
 `xcompile.evaluate.evaluate` is the scoring loop; this is the training one.
 """
