@@ -66,7 +66,7 @@ def _ort_actions(sess: Any, obs: np.ndarray) -> np.ndarray:
 
 def quantized_activations(layers: tuple[Mapping[str, Any], ...]) -> bool:
     """Whether any layer fake-quantizes its activations (C may then differ by a rounding step)."""
-    return any(layer.get("act_quant") or layer.get("input_quant") for layer in layers)
+    return any(layer.get("op") == "fake_quant" for layer in layers)
 
 
 @register_pass
