@@ -159,14 +159,20 @@ def check_replaceable(out: Path, *, force: bool = False, markers: tuple[str, ...
             f"{MANIFEST}); xcompile will not replace a folder it did not write. Give another "
             f"{flag}, or empty that folder yourself")
     listed = set(manifest["outputs"]) | {MANIFEST}
-    extra = sorted(p.name + ("/" if p.is_dir() else "") for p in entries
-                   if p.name not in listed or not p.is_file() or p.is_symlink())
-    if extra and not force:
-        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-        raise OutputError(
-            f"{flag} {out} holds a previous build and also files that build did not write "
-            f"({shown}); replacing the folder would delete them. Move them away, give another "
-            f"{flag}, or pass --force to replace the folder with everything in it")
+    refuse_unlisted(out, [p for p in entries if p.name not in listed or not p.is_file()
+                          or p.is_symlink()], "a previous build", force, flag)
+
+
+def refuse_unlisted(out: Path, extra: list[Path], what: str, force: bool, flag: str) -> None:
+    """Refuse to replace `out` (holding `what`) when it also holds `extra`, unless `force`."""
+    if not extra or force:
+        return
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in extra)
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise OutputError(
+        f"{flag} {out} holds {what} and also files it did not write ({shown}); replacing the "
+        f"folder would delete them. Move them away, give another {flag}, or pass --force to "
+        "replace the folder with everything in it")
 
 
 def check_writable_parent(out: Path, flag: str = "--out") -> None:

@@ -25,6 +25,7 @@ from xcompile.outdir import (
     OutputError,
     check_replaceable,
     folder_entries,
+    refuse_unlisted,
     write_folder,
 )
 
@@ -61,14 +62,8 @@ def check_fleet_dir(out: Path, *, force: bool = False, flag: str = "--out") -> N
                           f"it did not write as a fleet. Give another {flag}, or empty that "
                           "folder yourself")
     listed = set(doc["outputs"]) | {FLEET_MARKER}
-    extra = sorted(p.name + ("/" if p.is_dir() else "") for p in entries
-                   if p.name not in listed or p.is_symlink())
-    if extra and not force:
-        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-        raise OutputError(
-            f"{flag} {out} holds a previous fleet build and also files it did not write "
-            f"({shown}); replacing the folder would delete them. Move them away, give another "
-            f"{flag}, or pass --force to replace the folder with everything in it")
+    refuse_unlisted(out, [p for p in entries if p.name not in listed or p.is_symlink()],
+                    "a previous fleet build", force, flag)
     for p in entries:
         if p.name in listed and p.is_dir() and not p.is_symlink():
             if ".repro" in p.name:

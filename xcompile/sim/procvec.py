@@ -146,29 +146,24 @@ class ProcessVecEnvs:
         return self.obs.copy()
 
     def step(self, actions: np.ndarray) -> VecStep:
-        n = self.n
-        reward = np.zeros(n)
-        term = np.zeros(n, dtype=bool)
-        trunc = np.zeros(n, dtype=bool)
-        score = np.full(n, np.nan)
-        ret = np.full(n, np.nan)
-        final = np.empty_like(self.obs)
+        v = VecStep.blank(self.obs)
         for conn, (a, b) in zip(self._conns, self.slices):
             conn.send(("step", actions[a:b]))
         ended: list[int] = []
         for w, (a, _) in enumerate(self.slices):
             for j, (o, r, te, tr, sc) in enumerate(self._recv(w)):
                 k = a + j
-                reward[k], term[k], trunc[k] = r, te, tr
+                v.reward[k], v.terminated[k], v.truncated[k] = r, te, tr
                 self._ret[k] += r
-                final[k] = o
+                v.final_obs[k] = o
                 self.obs[k] = o
                 if te or tr:
-                    score[k], ret[k] = sc, self._ret[k]
+                    v.score[k], v.ret[k] = sc, self._ret[k]
                     ended.append(k)
         if ended:
             self._reset_envs(ended)
-        return VecStep(self.obs.copy(), reward, term, trunc, final, score, ret)
+        v.obs = self.obs.copy()
+        return v
 
     def close(self) -> None:
         for conn in self._conns:

@@ -33,6 +33,13 @@ class VecStep:
     score: np.ndarray        # (n,) info["score"] of an episode that ended, else NaN
     ret: np.ndarray          # (n,) undiscounted return of an episode that ended, else NaN
 
+    @classmethod
+    def blank(cls, obs: np.ndarray) -> VecStep:
+        """A step of len(obs) envs to fill in: no reward, nothing ended (score, ret NaN)."""
+        n = len(obs)
+        return cls(obs, np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool),
+                   np.empty_like(obs), np.full(n, np.nan), np.full(n, np.nan))
+
 
 class LockstepEnvs:
     def __init__(self, robot: RobotTarget, n: int, seed: int, faults: Faults | None = None, *,
@@ -67,23 +74,18 @@ class LockstepEnvs:
         return self.obs.copy()
 
     def step(self, actions: np.ndarray) -> VecStep:
-        n = len(self.envs)
-        reward = np.zeros(n)
-        term = np.zeros(n, dtype=bool)
-        trunc = np.zeros(n, dtype=bool)
-        score = np.full(n, np.nan)
-        ret = np.full(n, np.nan)
-        final = np.empty_like(self.obs)
+        v = VecStep.blank(self.obs)
         for k, env in enumerate(self.envs):
             o, r, te, tr, info = env.step(actions[k])
-            reward[k], term[k], trunc[k] = r, te, tr
+            v.reward[k], v.terminated[k], v.truncated[k] = r, te, tr
             self._ret[k] += r
-            final[k] = o
+            v.final_obs[k] = o
             if te or tr:
-                score[k], ret[k] = float(info["score"]), self._ret[k]
+                v.score[k], v.ret[k] = float(info["score"]), self._ret[k]
                 o = self._reset_one(k)
             self.obs[k] = o
-        return VecStep(self.obs.copy(), reward, term, trunc, final, score, ret)
+        v.obs = self.obs.copy()
+        return v
 
     def close(self) -> None:
         for e in self.envs:
