@@ -57,10 +57,10 @@ score sections measured before them say so. The thin (50 episodes) and default (
 builds were re-run on 2026-11-26 partly at the same time (load about 2 in their machine lines):
 their scores are exact, their latencies noisier than a lone run's.
 
-Not re-run since 2026-11-26 15:00: distill's DAgger collection now draws its noise and teacher/student
-mixing per episode (pass version 4, so that it can run on an executor), which changes the students
-the default and fast builds make; the quality, default-build, robustness, inference, runtime-floor
-and latency-scaling sections were measured with the earlier students.
+On 2026-11-26 the worlds changed (measurement protocol 3): commands that change during 12 s
+episodes with pushes and randomised friction, mass and motor strength; reach goals every 2.5 s
+over a wide workspace; a continuous per-step score (README, "The tasks and their score"); and a
+sample fat policy retrained on them. A section measured before that says so in bold at its top.
 """
 
 
@@ -82,10 +82,14 @@ def section(script: str, title: str, command: str, results: Path) -> str:
     else:
         ckpt = (f"Checkpoint: `{doc['checkpoint']}` (not fingerprinted: measured before results "
                 "recorded the checkpoint's sha256)")
-    stale = ("" if doc.get("protocol", 1) >= 2 or script not in SCORED else
-             "**Not re-run since the seed streams (measurement protocol 2):** its scores are on "
-             "the old episodes `seed + i`, the ones the sample fat policy was selected on, and "
-             "carry no intervals; sizes and latencies are unaffected.\n\n")
+    protocol = doc.get("protocol", 1)
+    stale = ("" if protocol >= 3 else
+             "**Not re-run on the tasks of 2026-11-26 (measurement protocol 3):** it measured the "
+             "previous sample fat policy on the old worlds (forward-only commands, 3-4 s "
+             "episodes, a score clipped at \"made the distance\" or \"within 5 cm\")"
+             + ("; its scores are on the old episodes `seed + i` and carry no intervals"
+                if protocol < 2 and script in SCORED else "")
+             + ". Sizes and latencies were of that policy's builds.\n\n")
     return (f"## {title}\n\n{stale}Command: `{doc['command']}` (wall {doc['wall_s']} s)\n\n"
             f"Machine: {common.machine_line(doc['machine'])}\n\n{ckpt}\n\n{doc['markdown']}\n"
             + (f"\nNotes:\n\n{notes}" if notes else ""))

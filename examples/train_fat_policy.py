@@ -10,6 +10,10 @@ resolved-rate reaching for the arms). The recipe, top to bottom:
    (Ross et al. 2011). This fixes the states the policy drifts into and the expert never visits.
 4. SAVE — checkpoint with the registry of bodies (descriptors from their URDFs).
 
+Episodes come from the seed streams of `xcompile.seeds`: robot i's expert episodes are episodes
+100000 i, 100000 i + 1, ... of stream "expert-data", its DAgger round r episodes 100000 i + 1000 r, ...
+of stream "fat-dagger"; neither meets the episodes any build, report or benchmark scores on.
+
 Seeded and reproducible on CPU (torch ops on 2 threads are deterministic here; PyBullet has no RNG).
 
     python examples/train_fat_policy.py --out examples/fat_policy.pt      # ~1 h on 2 cores
@@ -28,6 +32,7 @@ from xcompile.models.checkpoint import save_checkpoint
 from xcompile.models.descriptors import joint_descriptors
 from xcompile.models.fat import FatConfig, FatPolicy, count_params
 from xcompile.policy import fat_act
+from xcompile.seeds import episode_seed
 from xcompile.sim.env import RobotEnv
 from xcompile.sim.experts import expert_action
 from xcompile.targets import list_robots, load_robot
@@ -92,11 +97,11 @@ def main() -> None:
     ap.add_argument("--out", default="examples/fat_policy.pt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--robots", nargs="*", default=list_robots())
-    ap.add_argument("--expert-episodes", type=int, default=60)
-    ap.add_argument("--dagger-rounds", type=int, default=2)
-    ap.add_argument("--dagger-episodes", type=int, default=20)
+    ap.add_argument("--expert-episodes", type=int, default=24)
+    ap.add_argument("--dagger-rounds", type=int, default=3)
+    ap.add_argument("--dagger-episodes", type=int, default=10)
     ap.add_argument("--steps", type=int, default=2000, help="fit steps for the first fit")
-    ap.add_argument("--dagger-steps", type=int, default=500, help="fit steps after each round")
+    ap.add_argument("--dagger-steps", type=int, default=400, help="fit steps after each round")
     ap.add_argument("--batch", type=int, default=64, help="per body per step")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--noise-rad", type=float, default=0.05, help="DART noise on expert actions")
@@ -120,7 +125,7 @@ def main() -> None:
     raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for i, (n, r) in enumerate(robots.items()):
         t = time.time()
-        raw[n] = collect(r, a.expert_episodes, seed=10_000 * (i + 1) + a.seed,
+        raw[n] = collect(r, a.expert_episodes, seed=episode_seed("expert-data", a.seed, 100_000 * i),
                          noise_rad=a.noise_rad)
         print(f"expert data {n}: {raw[n][0].shape[0]} samples ({time.time() - t:.0f}s)",
               flush=True)
@@ -148,7 +153,8 @@ def main() -> None:
     for rnd in range(a.dagger_rounds):
         for i, (n, r) in enumerate(robots.items()):
             pol = fat_act(model, bodies[n]["desc"].numpy(), r.family)
-            x, y = collect(r, a.dagger_episodes, seed=50_000 + 1000 * rnd + 10 * i + a.seed,
+            x, y = collect(r, a.dagger_episodes,
+                           seed=episode_seed("fat-dagger", a.seed, 100_000 * i + 1000 * rnd),
                            noise_rad=0.0, policy=pol)
             raw[n] = (np.concatenate([raw[n][0], x]), np.concatenate([raw[n][1], y]))
         print(f"dagger round {rnd}: {sum(v[0].shape[0] for v in raw.values())} samples", flush=True)

@@ -40,16 +40,17 @@ def test_eval_same_seed_same_score(competent_fat_ckpt, tmp_path):
     assert a["scores"] == b["scores"] and a["episodes"] == 4 and a["known_body"] is True
     assert a["score"] > 0.5, a["scores"]
     # The report's episodes of a build seeded 5, with the score's 95% interval and what the
-    # robot did (a1 walks: distance made good and speed).
+    # robot did (a1 walks: velocity and yaw-rate tracking errors, cost of transport).
     assert a["stream"] == "report" and a["seed"] == 5
     lo, hi = a["score_ci95"]
     assert lo <= a["score"] <= hi
-    assert {"distance_made_good_m", "forward_speed_mps", "returns"} <= set(a)
-    # Another stream is other episodes: other scores, other distances; an unknown one is refused
+    assert {"vel_error_mps", "yaw_rate_error_rps", "cost_of_transport", "falls",
+            "returns"} <= set(a)
+    # Another stream is other episodes: other scores, other errors; an unknown one is refused
     # by name.
     c = json.loads(runner.invoke(app, [*args, "--stream", "bench"]).stdout)
     assert c["stream"] == "bench" and c["score"] > 0.5
-    assert c["scores"] != a["scores"] and c["distance_made_good_m"] != a["distance_made_good_m"]
+    assert c["scores"] != a["scores"] and c["vel_error_mps"] != a["vel_error_mps"]
     r = runner.invoke(app, [*args, "--stream", "nope"])
     assert r.exit_code == 2 and "unknown --stream 'nope'" in " ".join(r.output.split())
     # The same checkpoint with its actions x 0.7 scores lower on the same episodes, by far more

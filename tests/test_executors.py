@@ -28,7 +28,7 @@ def panda():
 
 
 def _fields(res):
-    return (res.scores, res.returns, res.falls, res.steps, res.reach_errors_m)
+    return (res.scores, res.returns, res.falls, res.steps, res.metrics)
 
 
 def test_chunks_give_the_same_episodes_on_every_executor(tiny_fat_ckpt, panda, tmp_path):

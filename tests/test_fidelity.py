@@ -1,25 +1,21 @@
 """Fidelity on a policy that does its task: each stage scores what the one before it scores, and
 each of these comparisons fails against a sabotaged copy of the stage.
 
-The competent fixture (tests/fixtures/competent_fat.pt) scores about 1.0 on a1 and panda, so a
-stage that breaks the policy loses score; on the tiny random fixture every stage scores 0 and the
-same comparisons could not fail. Every score is taken on episodes 0..3 of the "report" seed stream
-(`xcompile.measure.score`, what `xcompile eval --episodes 4` scores). Every comparison is run twice:
-once on the real stage (it must hold) and once on the stage sabotaged the way a compiler bug would
-break it (tests/sabotage.py: actions x 0.7, joint 1's action zeroed, the joints permuted); the
-sabotaged twin must fail the very same comparison.
+The competent fixture (tests/fixtures/competent_fat.pt) does its tasks on a1 and panda (scores
+well above its damaged copies, below its experts), so a stage that breaks the policy loses score;
+on the tiny random fixture every stage scores about 0 and the same comparisons could not fail.
+Every score is taken on episodes 0..3 of the "report" seed stream (`xcompile.measure.score`, what
+`xcompile eval --episodes 4` scores). Every comparison is run twice: once on the real stage (it
+must hold) and once on the stage sabotaged the way a compiler bug would break it
+(tests/sabotage.py: actions x 0.7, joint 1's action zeroed, the joints permuted); the sabotaged
+twin must fail the very same comparison.
 
 What is compared:
-- exact stages (fat -> pinned -> ONNX): per episode, score to 1e-3 and what the robot did to a few
-  mm (a1: distance made good; panda: final distance of the hand to the goal). Pinning and export
-  are exact to float rounding, and a rollout amplifies rounding only a little in 4 s.
+- exact stages (fat -> pinned -> ONNX): per episode, score to 1e-3 and what the robot did (a1: its
+  mean velocity-tracking error, to 5 mm/s; panda: the hand's mean distance to each goal at its
+  end, to 5 mm). Pinning and export are exact to float rounding, and a rollout amplifies rounding
+  only a little.
 - int8 (quantize, weight-only on the cpu target) against its float ONNX: the mean score to 0.05.
-
-Panda is a redundant 7-joint arm whose score asks only that the hand end within 5 cm of the goal:
-the competent policy still reaches every goal with its joints in reverse order (score 1.0, the hand
-off by 1-2.4 cm instead of 0.7-1 cm), and with any one of joints 1, 3, 5, 6, 7 held at 0. Its score cannot see
-those faults, so for panda the permutation twin of the score-only int8 comparison is a cyclic shift
-of the joints, and the reversed twin is caught by the exact comparisons' reach errors.
 """
 
 from __future__ import annotations
@@ -40,16 +36,23 @@ from xcompile.targets import load_hardware, load_robot
 ROBOTS = ("a1", "panda")
 EPISODES = 4             # episodes 0..3 of the "report" stream
 EXACT_SCORE = 1e-3       # per episode, fat vs pinned and pinned vs ONNX
-EXACT_PHYSICS_M = 5e-3   # per episode: distance made good (a1) or reach error (panda), metres
+EXACT_PHYSICS_M = 5e-3   # per episode: velocity error (a1, m/s) or reach error (panda, m)
 INT8_SCORE = 0.05        # mean score, int8 vs float ONNX
+# What "does its task" means for the fixture (on these 4 episodes it scores 0.62 on a1, 0.26 on
+# panda; its scripted experts about 0.58 and 0.49; holding every joint at its default pose scores
+# about 0.2 on a1, which the stand-still commands reward, and 0.00 on panda).
+COMPETENT = {"a1": 0.5, "panda": 0.2}
 # The sabotaged twins each comparison must catch (see the module docstring for panda).
 EXACT_TWINS = {"a1": ("scaled", "zeroed", "reversed"),
                "panda": ("scaled", "zeroed", "reversed", "rolled")}
-SCORE_TWINS = {"a1": ("scaled", "zeroed", "reversed"), "panda": ("scaled", "zeroed", "rolled")}
+SCORE_TWINS = {"a1": ("scaled", "zeroed", "reversed"),
+               "panda": ("scaled", "zeroed", "reversed", "rolled")}
 
 
 def physics(res: EvalResult) -> list[float]:
-    return res.reach_errors_m or res.distances_m
+    key = "reach_error_mm" if "reach_error_mm" in res.metrics[0] else "vel_error_mps"
+    scale = 1e-3 if key == "reach_error_mm" else 1.0
+    return [scale * m[key] for m in res.metrics]
 
 
 def exact_gap(a: EvalResult, b: EvalResult) -> tuple[float, float]:
@@ -112,15 +115,17 @@ def onnx_twin(art: Artifact, robot, how: str, tmp: Path) -> EvalResult:
 def test_fixture_does_its_task(name, stages):
     robot, arts, _ = stages(name)
     res = score(arts["fat"], robot)
-    assert res.score >= 0.9, res.scores
+    assert res.score >= COMPETENT[name], res.scores
     assert res.nonfinite_action_episodes == 0 and res.falls == 0
+    still = score_policy(lambda o: np.zeros((len(o), robot.n_joints)), robot, EPISODES, 0)
+    assert res.score > still.score + 0.2, (res.scores, still.scores)
 
 
 @pytest.mark.parametrize("name", ROBOTS)
 def test_pinned_scores_as_fat(name, stages):
     robot, arts, _ = stages(name)
     fat, pinned = score(arts["fat"], robot), score(arts["pinned"], robot)
-    assert pinned.score > 0.9
+    assert pinned.score >= COMPETENT[name]
     assert same_exactly(fat, pinned), exact_gap(fat, pinned)
     act = load_policy(arts["pinned"].path, robot).act
     for how in EXACT_TWINS[name]:
@@ -132,7 +137,7 @@ def test_pinned_scores_as_fat(name, stages):
 def test_onnx_scores_as_pinned(name, stages):
     robot, arts, tmp = stages(name)
     pinned, onnx = score(arts["pinned"], robot), score(arts["onnx"], robot)
-    assert onnx.score > 0.9
+    assert onnx.score >= COMPETENT[name]
     assert same_exactly(pinned, onnx), exact_gap(pinned, onnx)
     for how in EXACT_TWINS[name]:
         twin = onnx_twin(arts["onnx"], robot, how, tmp)
@@ -143,7 +148,7 @@ def test_onnx_scores_as_pinned(name, stages):
 def test_int8_scores_close_to_float(name, stages):
     robot, arts, tmp = stages(name)
     onnx, int8 = score(arts["onnx"], robot), score(arts["int8"], robot)
-    assert int8.score > 0.9
+    assert int8.score >= COMPETENT[name] - INT8_SCORE
     assert close_in_score(onnx, int8), (onnx.scores, int8.scores)
     for how in SCORE_TWINS[name]:
         twin = onnx_twin(arts["int8"], robot, how, tmp)

@@ -10,9 +10,10 @@ something was tuned on. `score_policy` is `evaluate` with torch on one thread, t
 and measurement scores a policy.
 
 `EvalResult.as_dict()` carries the score with its bootstrap 95% interval over episodes
-(`xcompile.stats.mean_ci95`), the per-episode scores, and what the episodes did physically: the
-end effector's final distance to the goal (reach) or the distance made good along the command and
-its speed (locomotion).
+(`xcompile.stats.mean_ci95`), the per-episode scores, and what the episodes did physically
+(`RobotEnv.episode_metrics`): falls, velocity and yaw-rate tracking errors and the cost of
+transport (locomotion); the distance to each goal at its end in mm and the time to within 1 cm
+(reach).
 """
 
 from __future__ import annotations
@@ -48,14 +49,8 @@ class EvalResult:
     nonfinite_action_episodes: int = 0   # episodes in which the policy emitted a NaN/Inf action
     observations: list[np.ndarray] = field(default_factory=list, repr=False)
     stream: str | None = None            # the seed stream the episodes came from (xcompile.seeds)
-    # What each episode did physically, taken from the env when it ended (empty where the family
-    # does not apply). reach: the end effector's final distance to the goal. locomotion: distance
-    # made good along the command (+x; a fall stops it where it fell), the episode's duration and
-    # its commanded speed.
-    reach_errors_m: list[float] = field(default_factory=list)
-    distances_m: list[float] = field(default_factory=list)
-    durations_s: list[float] = field(default_factory=list)
-    commanded_mps: list[float] = field(default_factory=list)
+    # What each episode did physically (`RobotEnv.episode_metrics()` when it ended).
+    metrics: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def score(self) -> float:
@@ -68,7 +63,17 @@ class EvalResult:
 
     @property
     def success_rate(self) -> float:
-        return float(np.mean([s >= 1.0 - 1e-9 for s in self.scores]))
+        """Reach: the share of goals reached within the task's tolerance at their end.
+        Locomotion: the share of episodes without a fall."""
+        goals = sum(m.get("goals", 0) for m in self.metrics)
+        if goals:
+            return sum(m["goals_within_tolerance"] for m in self.metrics) / goals
+        return 1.0 - self.falls / len(self.scores) if self.scores else 0.0
+
+    def metric_mean(self, key: str) -> float | None:
+        """The mean of a physical figure over the episodes that have it (None: none has)."""
+        vals = [m[key] for m in self.metrics if m.get(key) is not None]
+        return float(np.mean(vals)) if vals else None
 
     def as_dict(self) -> dict:
         d = {
@@ -83,24 +88,21 @@ class EvalResult:
         if self.returns:
             d["return_mean"] = round(float(np.mean(self.returns)), 4)
             d["returns"] = [round(r, 4) for r in self.returns]
-        if self.reach_errors_m:
-            d["reach_error_mm"] = round(1000 * float(np.mean(self.reach_errors_m)), 2)
-            d["reach_errors_mm"] = [round(1000 * e, 2) for e in self.reach_errors_m]
-        if self.distances_m:
-            speeds = [x / t if t > 0 else 0.0 for x, t in zip(self.distances_m, self.durations_s)]
-            d["distance_made_good_m"] = round(float(np.mean(self.distances_m)), 4)
-            d["forward_speed_mps"] = round(float(np.mean(speeds)), 4)
-            d["commanded_speed_mps"] = round(float(np.mean(self.commanded_mps)), 4)
+        for key in ("vel_error_mps", "yaw_rate_error_rps", "energy_per_m_j", "cost_of_transport",
+                    "reach_error_mm", "time_to_1cm_s"):
+            mean = self.metric_mean(key)
+            if mean is not None:
+                d[key] = round(mean, 4)
+        if any("reach_error_mm" in m for m in self.metrics):
+            d["reach_errors_mm"] = [round(m["reach_error_mm"], 2) for m in self.metrics]
+            goals = sum(m["goals"] for m in self.metrics)
+            d["goals"] = goals
+            d["goals_within_1cm"] = sum(m["goals_within_1cm"] for m in self.metrics)
         return d
 
     def record_physics(self, i: int, env: RobotEnv) -> None:
         """Record episode `i`'s physical figures from `env`, whose episode has just ended."""
-        if env.family == "reach":
-            self.reach_errors_m[i] = float(np.linalg.norm(env._ee_pos() - env.goal))
-        else:
-            self.distances_m[i] = float(env._base()[0][0] - env.start_xy[0])
-            self.durations_s[i] = float(env.t * env.dt)
-            self.commanded_mps[i] = float(env.cmd_vx)
+        self.metrics[i] = env.episode_metrics()
 
     def nonfinite_message(self) -> str | None:
         """A sentence for the user when the policy emitted NaN/Inf actions, else None."""
@@ -135,10 +137,7 @@ def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: 
     seeds = [episode_seed(stream, seed, first_episode + i) for i in range(episodes)]
     res = EvalResult(robot=robot.name, seed=seed, scores=[0.0] * episodes,
                      returns=[0.0] * episodes, stream=stream)
-    if robot.family == "reach":
-        res.reach_errors_m = [0.0] * episodes
-    else:
-        res.distances_m, res.durations_s, res.commanded_mps = ([0.0] * episodes for _ in range(3))
+    res.metrics = [{} for _ in range(episodes)]
     nonfinite: set[int] = set()
     envs = [RobotEnv(robot, faults=faults) for _ in range(min(parallel, episodes))]
     try:

@@ -61,7 +61,9 @@ from xcompile.targets import RobotTarget
 # What a measurement means, for caches that outlive this process (the manager's measurement cache
 # keys on the artifact id, which the seed streams do not change): bump it when the same artifact
 # would measure differently. 2: scores on the "report" seed stream, rows with score_ci95 and scores.
-MEASURE_VERSION = 2
+# 3: the tasks of 2026-11-26 (changing commands, randomised worlds, several goals) and their
+# continuous per-step score.
+MEASURE_VERSION = 3
 
 _CACHE: dict[tuple[str, Any], Any] = {}
 

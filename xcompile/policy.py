@@ -48,6 +48,16 @@ def load_fat_checkpoint(path: str | Path, robot: RobotTarget) -> FatCheckpoint:
             f"robot {robot.name!r} does {robot.family!r}, a task family the fat policy "
             f"{Path(path).name} does not serve (it serves {ckpt.config.families}); pick a target "
             "of one of those families or a fat policy trained for it")
+    from xcompile.sim.env import GLOBAL_DIMS
+
+    have, want = ckpt.config.global_dims[robot.family], GLOBAL_DIMS.get(robot.family)
+    if want is not None and have != want:
+        raise TargetError(
+            f"the fat policy {Path(path).name} reads a {robot.family} observation whose task part "
+            f"has {have} values; this xcompile's {robot.family} world gives {want} (the "
+            f"observation layout changed: `xcompile targets` and the README's contract say what "
+            "it is now). Retrain the policy on the current worlds, e.g. "
+            "examples/train_fat_policy.py")
     return ckpt
 
 

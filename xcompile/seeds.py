@@ -20,6 +20,8 @@ from xcompile.errors import XCompileError
 STREAMS: dict[str, int] = {
     # training data and training episodes
     "expert-data": 1,          # the sample fat policy's expert demonstrations
+    "expert-tuning": 14,       # examples/tune_gaits.py's search over the experts' gait shapes
+    "fat-dagger": 15,          # the sample fat policy's own DAgger rounds (and the test fixture's)
     "finetune-train": 2,       # rl-finetune's PPO episodes
     "dagger": 3,               # distill's DAgger rounds
     "calibration": 4,          # quantize's int8 calibration episodes

@@ -420,14 +420,17 @@ def test_pybullet_data_urdfs_with_meshes_are_parsed_not_loaded(no_pybullet):
     ("physics_hz = 500", "physics_hz = 25", "whole multiple of control_hz"),
     ("physics_hz = 500", "physics_hz = 1e7", "physics_hz"),
     ("control_hz = 50", "control_hz = 1", "at most 100 physics steps per control step"),
-    ("episode_s = 4.0", "episode_s = 0", "task.locomotion.episode_s"),
-    ("episode_s = 4.0", "episode_s = 1e6", "task.locomotion.episode_s"),
-    ("episode_s = 4.0", "episode_s = inf", "task.locomotion.episode_s"),
-    ("episode_s = 4.0", "episode_s = 0.001", "shorter than one control step"),
-    ("command_vx_mps = [0.3, 0.6]", "command_vx_mps = [0.6, 0.3]", "lo <= hi"),
-    ("command_vx_mps = [0.3, 0.6]", "command_vx_mps = [0.0, 0.6]", "command_vx_mps.0"),
-    ("command_vx_mps = [0.3, 0.6]", "command_vx_mps = [0.3, nan]", "command_vx_mps.1"),
-    ("command_vx_mps = [0.3, 0.6]", "command_vx_mps = [0.3, 0.6, 0.9]", "command_vx_mps"),
+    ("episode_s = 12.0", "episode_s = 0", "task.locomotion.episode_s"),
+    ("episode_s = 12.0", "episode_s = 1e6", "task.locomotion.episode_s"),
+    ("episode_s = 12.0", "episode_s = inf", "task.locomotion.episode_s"),
+    ("episode_s = 12.0", "episode_s = 0.001", "shorter than one control step"),
+    ("command_vx_mps = [-0.5, 0.8]", "command_vx_mps = [0.6, 0.3]", "lo <= hi"),
+    ("command_vx_mps = [-0.5, 0.8]", "command_vx_mps = [-20.0, 0.6]", "command_vx_mps.0"),
+    ("command_vx_mps = [-0.5, 0.8]", "command_vx_mps = [0.3, nan]", "command_vx_mps.1"),
+    ("command_vx_mps = [-0.5, 0.8]", "command_vx_mps = [0.3, 0.6, 0.9]", "command_vx_mps"),
+    ("command_yaw_rps = [-1.0, 1.0]", "command_yaw_rps = [1.0, -1.0]", "command_yaw_rps"),
+    ("command_vy_mps = [-0.3, 0.3]", "command_vy_mps = [-0.3, inf]", "command_vy_mps.1"),
+    ("command_period_s = 4.0", "command_period_s = 0", "command_period_s"),
     ("gait_hz = 2.0", "gait_hz = nan", "gait_hz"),
     ("gait_hz = 2.0", "gait_hz = 1e9", "gait_hz"),
     ("spawn_height_m = 0.30", "spawn_height_m = -0.3", "spawn_height_m"),
@@ -445,9 +448,9 @@ def test_bad_numbers_name_the_field(tmp_path, old, new, field):
     ("tolerance_m = 0.05", "tolerance_m = 0", "task.reach.tolerance_m"),
     ("tolerance_m = 0.05", "tolerance_m = 100.0", "task.reach.tolerance_m"),
     ("tolerance_m = 0.05", "tolerance_m = nan", "task.reach.tolerance_m"),
-    ("goal_joint_range = 0.6", "goal_joint_range = 50.0", "task.reach.goal_joint_range"),
-    ("goal_joint_range = 0.6", "goal_joint_range = -inf", "task.reach.goal_joint_range"),
-    ("episode_s = 3.0", "episode_s = 121", "task.reach.episode_s"),
+    ("goal_joint_range = 3.14159", "goal_joint_range = 50.0", "task.reach.goal_joint_range"),
+    ("goal_joint_range = 3.14159", "goal_joint_range = -inf", "task.reach.goal_joint_range"),
+    ("episode_s = 10.0", "episode_s = 121", "task.reach.episode_s"),
 ])
 def test_bad_reach_numbers_name_the_field(tmp_path, old, new, field):
     with pytest.raises(TargetError) as e:
@@ -456,7 +459,7 @@ def test_bad_reach_numbers_name_the_field(tmp_path, old, new, field):
 
 
 def test_episode_physics_steps_are_bounded(tmp_path):
-    toml = _edit(_edit(A1_TOML, "episode_s = 4.0", "episode_s = 120.0"),
+    toml = _edit(_edit(A1_TOML, "episode_s = 12.0", "episode_s = 120.0"),
                  "physics_hz = 500", "physics_hz = 5000")
     with pytest.raises(TargetError, match="600,000 physics steps per episode; at most 240,000"):
         load_robot(_write(tmp_path / "bad.toml", toml))
@@ -465,7 +468,7 @@ def test_episode_physics_steps_are_bounded(tmp_path):
 def test_limits_are_named(tmp_path):
     cases = [("control_hz = 50", "control_hz = 5000", "1000"),
              ("kp = [40.0,", "kp = [-1.0,", "greater than or equal to 0"),
-             ("episode_s = 4.0", "episode_s = 500", "120")]
+             ("episode_s = 12.0", "episode_s = 500", "120")]
     for old, new, limit in cases:
         with pytest.raises(TargetError, match=limit):
             load_robot(_write(tmp_path / "bad.toml", _edit(A1_TOML, old, new)))
@@ -526,7 +529,7 @@ def test_slowest_valid_episode_is_bounded(tmp_path):
     """The longest episode the loader allows is a bounded number of physics steps."""
     from xcompile.sim.env import RobotEnv
 
-    toml = _edit(_edit(A1_TOML, "episode_s = 4.0", "episode_s = 120.0"),
+    toml = _edit(_edit(A1_TOML, "episode_s = 12.0", "episode_s = 120.0"),
                  "physics_hz = 500", "physics_hz = 2000")
     robot = load_robot(_write(tmp_path / "slow.toml", toml))
     env = RobotEnv(robot)

@@ -104,10 +104,7 @@ def merge_results(parts: list[EvalResult], robot: str, seed: int, stream: str) -
         res.steps += p.steps
         res.nonfinite_action_episodes += p.nonfinite_action_episodes
         res.observations += p.observations
-        res.reach_errors_m += p.reach_errors_m
-        res.distances_m += p.distances_m
-        res.durations_s += p.durations_s
-        res.commanded_mps += p.commanded_mps
+        res.metrics += p.metrics
     return res
 
 

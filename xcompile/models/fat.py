@@ -97,7 +97,7 @@ class FatConfig(BaseModel):
     desc_dim: int = Field(DESC_DIM, gt=0, le=MAX_FEATURE_DIM,
                           description="length of a joint descriptor")
     global_dims: dict[str, Annotated[int, Field(gt=0, le=MAX_GLOBAL_DIM)]] = Field(
-        default_factory=lambda: {"locomotion": 12, "reach": 9}, max_length=MAX_FAMILIES,
+        default_factory=lambda: {"locomotion": 14, "reach": 9}, max_length=MAX_FAMILIES,
         description="task family -> length of its global observation",
     )
 

@@ -87,18 +87,20 @@ MIN_OBS_STD = 0.05
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     # fast: 3 rounds x 3 episodes left the arm students at 0.25-0.52 (xarm6, panda, kuka_iiwa);
     # 5 x 8 with 300 final epochs gives xarm6 1.0 for 19 s of distillation.
-    "fast": {"rounds": 5, "episodes_per_round": 8, "fit_epochs": 40, "final_fit_epochs": 300,
-             "eval_episodes": 2, "heldout_episodes": 1},
+    # (The episode counts were cut to a third when episodes grew from 3-4 s to 10-12 s with the
+    # tasks of 2026-11-26: the same seconds of data.)
+    "fast": {"rounds": 5, "episodes_per_round": 3, "fit_epochs": 40, "final_fit_epochs": 300,
+             "eval_episodes": 1, "heldout_episodes": 1},
     # default: 6 x 8 episodes, 60/300 epochs was enough for the 1.1M sample's teachers; the 4.6M
     # sample's xarm6 teacher then gave a student at 0.876 (seeds 0-9; action error 0.0082), a
     # slow drift off the goal. 8 x 12 episodes, 100/600 epochs: 1.0 (seeds 0-9), 0.97 (seeds
     # 10-29), action error 0.0048; distillation then took 100-265 s per robot in
     # `bench/quality.py --profile default` (quadrupeds the longest). (Measured before the seed
     # streams of xcompile.seeds: "seeds 0-9" are the episodes seeded 0..9, in no stream.)
-    "default": {"rounds": 8, "episodes_per_round": 12, "fit_epochs": 100, "final_fit_epochs": 600,
-                "eval_episodes": 6, "heldout_episodes": 2},
-    "thorough": {"rounds": 10, "episodes_per_round": 12, "fit_epochs": 80,
-                 "final_fit_epochs": 500, "eval_episodes": 20, "heldout_episodes": 4,
+    "default": {"rounds": 8, "episodes_per_round": 4, "fit_epochs": 100, "final_fit_epochs": 600,
+                "eval_episodes": 2, "heldout_episodes": 1},
+    "thorough": {"rounds": 10, "episodes_per_round": 4, "fit_epochs": 80,
+                 "final_fit_epochs": 500, "eval_episodes": 8, "heldout_episodes": 2,
                  "auto": True},
 }
 

@@ -69,7 +69,7 @@ CHOICE_STREAM = "quantize-choice"    # episodes of the closed-loop "auto" choice
 
 class QuantizeConfig(PassConfig):
     precision: Literal["int8", "fp16"] = Field("int8", description="target precision")
-    calibration_episodes: int = Field(4, ge=1, description="closed-loop episodes of the float "
+    calibration_episodes: int = Field(2, ge=1, description="closed-loop episodes of the float "
                                       "policy whose observations calibrate int8 ranges")
     calibration_samples: int = Field(2048, ge=16, description="most observations used for "
                                      "calibration (a random subset if more were recorded)")

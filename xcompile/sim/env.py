@@ -1,4 +1,4 @@
-"""Gymnasium environments for a robot target: velocity-commanded locomotion and reaching.
+"""Gymnasium environments for a robot target: velocity-tracking locomotion and multi-goal reaching.
 
 Both tasks share one body model: actions are joint position targets around the default pose
 (`q* = q0 + action_scale * clip(a)`), tracked by a PD law with torque limits computed by us at the
@@ -6,13 +6,30 @@ physics rate (PyBullet's own velocity motors are switched off). The flat observa
 
     [global (task-specific) | q - q0 (n) | 0.1 * qdot (n) | last action (n)]
 
-locomotion global (12): gravity in base frame (3), base linear velocity in base frame (3),
-    0.25 * base angular velocity (3), commanded forward speed (1), sin/cos of the gait clock (2);
+locomotion global (14): gravity in base frame (3), base linear velocity in base frame (3),
+    0.25 * base angular velocity (3), the command (vx, vy, yaw rate) (3), sin/cos of the gait
+    clock (2);
 reach global (9): goal - end effector (3), end effector (3) and goal (3), both in base frame.
 
-Every episode ends with `info["score"]` in [0, 1]: locomotion scores distance made good along the
-command over commanded distance (0 after a fall); reach scores 1 within tolerance at the end, else
-half of the fraction of the initial distance that was closed.
+The tasks (in the spirit of legged_gym's velocity tasks):
+
+* locomotion: every `task.command_period_s` a new command (vx, vy, yaw rate) is drawn from the
+  robot's ranges (one in ten: stand still). The world varies what a deployment varies
+  (`Randomization`): ground friction, base mass (payload), motor strength, and pushes (a kick of
+  the base velocity at random times).
+* reach: a new goal every `task.goal_period_s`, the end effector at a pose drawn over the joint
+  limits; motor strength varies.
+
+The score is continuous, in [0, 1], the mean over the episode's steps of a per-step score, so it
+rewards being fast and precise and is not clipped at "good enough":
+
+* locomotion: `(2 exp(-(e_v / 0.15 m/s)^2) + exp(-(e_yaw / 0.3 rad/s)^2)) / 3`, where e_v is the
+  error of the base's planar velocity (heading frame, averaged over 0.2 s) against the command and
+  e_yaw that of its yaw rate; a fall ends the episode and its remaining steps count 0.
+* reach: `exp(-d / 2 cm)`, d the distance of the end effector to the current goal.
+
+`episode_metrics()` gives the physical figures behind it (velocity errors, cost of transport,
+reach error in mm, time to within 1 cm).
 
 Determinism: a fresh env reset with the same seed and given the same actions gives the same
 trajectory (PyBullet has no RNG of its own; all randomness comes from `self.np_random`).
@@ -33,7 +50,15 @@ from xcompile.sim.world import link_index, load_body
 from xcompile.targets import RobotTarget, load_robot
 from xcompile.targets.loader import MAX_EPISODE_PHYSICS_STEPS, MAX_SUBSTEPS
 
-GLOBAL_DIMS = {"locomotion": 12, "reach": 9}
+GLOBAL_DIMS = {"locomotion": 14, "reach": 9}
+
+# Score scales (see the module docstring).
+VEL_SCALE_MPS = 0.15
+YAW_SCALE_RPS = 0.3
+REACH_SCALE_M = 0.02
+VEL_AVERAGE_S = 0.2          # the base velocity scored is averaged (exponentially) over this
+STAND_PROBABILITY = 0.1      # share of commands that are "stand still"
+WITHIN_M = 0.01              # reach: "time to within 1 cm"
 
 
 def obs_dim(robot: RobotTarget) -> int:
@@ -44,8 +69,8 @@ def obs_layout(robot: RobotTarget) -> list[tuple[str, int]]:
     """Named slices of the flat observation, in order (recorded in the deployment contract)."""
     n = robot.n_joints
     if robot.family == "locomotion":
-        head = [("gravity_b", 3), ("lin_vel_b", 3), ("ang_vel_b_x0.25", 3), ("cmd_vx", 1),
-                ("gait_sin_cos", 2)]
+        head = [("gravity_b", 3), ("lin_vel_b", 3), ("ang_vel_b_x0.25", 3),
+                ("cmd_vx_vy_yaw", 3), ("gait_sin_cos", 2)]
     else:
         head = [("goal_minus_ee_b", 3), ("ee_b", 3), ("goal_b", 3)]
     return head + [("q_minus_default", n), ("qdot_x0.1", n), ("last_action", n)]
@@ -60,7 +85,8 @@ def _check_numbers(robot: RobotTarget, faults: Faults) -> None:
               "joints.torque_limit": j.torque_limit, "joints.action_scale": [j.action_scale],
               "joints.action_clip": [j.action_clip], "task.episode_s": [task.episode_s],
               "faults": [faults.torque_scale, faults.payload_kg, faults.obs_noise_std]}
-    for field in ("command_vx_mps", "gait_hz", "spawn_height_m", "fall_height_m", "tolerance_m",
+    for field in ("command_vx_mps", "command_vy_mps", "command_yaw_rps", "command_period_s",
+                  "goal_period_s", "gait_hz", "spawn_height_m", "fall_height_m", "tolerance_m",
                   "goal_joint_range"):
         if hasattr(task, field):
             v = getattr(task, field)
@@ -74,6 +100,25 @@ def _check_numbers(robot: RobotTarget, faults: Faults) -> None:
             len(v) == robot.n_joints for v in (j.kp, j.kd, j.torque_limit)):
         raise TargetError(f"{robot.name}: joints.default, kp, kd and torque_limit need one value "
                           "per joint")
+
+
+@dataclass(frozen=True)
+class Randomization:
+    """What varies from episode to episode, as on a deployed robot (ranges are uniform).
+
+    Locomotion gets all of it; reach (a fixed arm) only motor strength. `Randomization.off()` is
+    the nominal world (tests of the plumbing use it)."""
+
+    friction: tuple[float, float] = (0.5, 1.25)        # ground lateral friction
+    base_mass_scale: tuple[float, float] = (0.9, 1.25)  # base mass x this (payload)
+    motor_strength: tuple[float, float] = (0.85, 1.05)  # torque limits x this
+    push_every_s: tuple[float, float] = (3.0, 5.0)      # time between pushes
+    push_mps: tuple[float, float] = (0.2, 0.5)          # horizontal kick of the base velocity
+    enabled: bool = True
+
+    @classmethod
+    def off(cls) -> Randomization:
+        return cls(enabled=False)
 
 
 @dataclass(frozen=True)
@@ -91,11 +136,12 @@ class RobotEnv(gym.Env):
     metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": 25}
 
     def __init__(self, robot: RobotTarget | str, faults: Faults | None = None,
-                 render_mode: str | None = None):
+                 render_mode: str | None = None, randomization: Randomization | None = None):
         import pybullet as p
 
         self.robot = robot if isinstance(robot, RobotTarget) else load_robot(robot)
         self.faults = faults or Faults()
+        self.randomization = randomization or Randomization()
         self.render_mode = render_mode
         r = self.robot
         _check_numbers(r, self.faults)
@@ -114,7 +160,8 @@ class RobotEnv(gym.Env):
         self.q0 = np.asarray(j.default, dtype=np.float64)
         self.kp = np.asarray(j.kp, dtype=np.float64)
         self.kd = np.asarray(j.kd, dtype=np.float64)
-        self.tau_max = np.asarray(j.torque_limit, dtype=np.float64) * self.faults.torque_scale
+        self.tau_nominal = np.asarray(j.torque_limit, dtype=np.float64) * self.faults.torque_scale
+        self.tau_max = self.tau_nominal.copy()
 
         self.p = p
         self.cid = p.connect(p.DIRECT)
@@ -138,9 +185,9 @@ class RobotEnv(gym.Env):
                                     physicsClientId=self.cid)
         p.setGravity(0, 0, -9.81, physicsClientId=self.cid)
         if r.family == "locomotion":
-            plane = p.loadURDF(pybullet_data.getDataPath() + "/plane.urdf",
-                               physicsClientId=self.cid)
-            p.changeDynamics(plane, -1, lateralFriction=1.0, physicsClientId=self.cid)
+            self.plane = p.loadURDF(pybullet_data.getDataPath() + "/plane.urdf",
+                                    physicsClientId=self.cid)
+            p.changeDynamics(self.plane, -1, lateralFriction=1.0, physicsClientId=self.cid)
         self.body, self.jids = load_body(self.cid, r)
         for link in range(-1, p.getNumJoints(self.body, physicsClientId=self.cid)):
             p.changeDynamics(self.body, link, linearDamping=0, angularDamping=0,
@@ -164,6 +211,13 @@ class RobotEnv(gym.Env):
             movable = sorted(self.jids + self.other_jids)
             self.n_movable = len(movable)
             self.driven_pos = [movable.index(j) for j in self.jids]
+            lim = [p.getJointInfo(self.body, j, physicsClientId=self.cid)[8:10] for j in self.jids]
+            lo = np.array([a if a < b else q - math.pi for (a, b), q in zip(lim, self.q0)])
+            hi = np.array([b if a < b else q + math.pi for (a, b), q in zip(lim, self.q0)])
+            self.goal_lo, self.goal_hi = lo + 0.05 * (hi - lo), hi - 0.05 * (hi - lo)
+        self.total_mass = sum(
+            p.getDynamicsInfo(self.body, link, physicsClientId=self.cid)[0]
+            for link in range(-1, p.getNumJoints(self.body, physicsClientId=self.cid)))
 
 
     # ---------------------------------------------------------------- state
@@ -188,7 +242,7 @@ class RobotEnv(gym.Env):
         if self.family == "locomotion":
             ph = 2 * math.pi * self.robot.task.gait_hz * self.t * self.dt
             head = np.concatenate([rot.T @ np.array([0, 0, -1.0]), rot.T @ lin, 0.25 * (rot.T @ ang),
-                                   [self.cmd_vx], [math.sin(ph), math.cos(ph)]])
+                                   self.cmd, [math.sin(ph), math.cos(ph)]])
         else:
             ee = rot.T @ (self._ee_pos() - pos)
             goal = rot.T @ (self.goal - pos)
@@ -202,43 +256,92 @@ class RobotEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         p, c, rng = self.p, self.cid, self.np_random
-        r = self.robot
+        r, rand = self.robot, self.randomization
         self.t = 0
         self.last_action = np.zeros(self.n)
         self._pending = []
         self._build_world()
+        self.tau_max = self.tau_nominal.copy()
+        if rand.enabled:
+            self.tau_max *= rng.uniform(*rand.motor_strength)
         q_init = self.q0 + rng.uniform(-0.05, 0.05, self.n)
         for jid, q in zip(self.jids, q_init):
             p.resetJointState(self.body, jid, q, 0.0, physicsClientId=c)
+        self.score_sum = 0.0
+        self.energy_j = 0.0
         if self.family == "locomotion":
+            if rand.enabled:
+                p.changeDynamics(self.plane, -1, lateralFriction=rng.uniform(*rand.friction),
+                                 physicsClientId=c)
+                mass = p.getDynamicsInfo(self.body, -1, physicsClientId=c)[0]
+                p.changeDynamics(self.body, -1, mass=mass * rng.uniform(*rand.base_mass_scale),
+                                 physicsClientId=c)
             p.resetBasePositionAndOrientation(self.body, [0, 0, r.task.spawn_height_m],
                                               [0, 0, 0, 1], physicsClientId=c)
             p.resetBaseVelocity(self.body, [0, 0, 0], [0, 0, 0], physicsClientId=c)
-            lo, hi = r.task.command_vx_mps
-            self.cmd_vx = float(rng.uniform(lo, hi))
+            self.cmd = self._sample_command(rng)
+            self.cmd_steps = max(1, round(r.task.command_period_s * r.control_hz))
+            self.next_push = self._next_push(rng, 0)
             # Let the body settle onto its feet under PD before the clock starts.
             for _ in range(int(0.3 / self.dt)):
                 self._apply_pd(self.q0)
-            self.start_xy = self._base()[0][:2].copy()
+            self.energy_j = 0.0
+            self.v_avg = np.zeros(2)
+            self.yaw_rate_avg = 0.0
+            self.vel_err_sum = self.yaw_err_sum = self.path_m = 0.0
+            self.last_xy = self._base()[0][:2].copy()
         else:
             for jid in self.other_jids:
                 p.resetJointState(self.body, jid, 0.0, 0.0, physicsClientId=c)
+            self.goal_steps = max(1, round(r.task.goal_period_s * r.control_hz))
             self.goal = self._sample_goal(rng)
-            self.start_dist = float(np.linalg.norm(self._ee_pos() - self.goal))
+            self.goal_errors_m: list[float] = []
+            self.goal_times_s: list[float | None] = []
+            self.goal_within_at: float | None = None
         self.fell = False
         return self._obs(), {}
 
-    def _sample_goal(self, rng: np.random.Generator) -> np.ndarray:
-        """A goal that is the end effector's position at a random nearby pose: always reachable."""
+    def _sample_command(self, rng: np.random.Generator) -> np.ndarray:
+        task = self.robot.task
+        cmd = np.array([rng.uniform(*task.command_vx_mps), rng.uniform(*task.command_vy_mps),
+                        rng.uniform(*task.command_yaw_rps)])
+        return np.zeros(3) if rng.uniform() < STAND_PROBABILITY else cmd
+
+    def _next_push(self, rng: np.random.Generator, now: int) -> int | None:
+        if not self.randomization.enabled:
+            return None
+        return now + max(1, round(rng.uniform(*self.randomization.push_every_s) / self.dt))
+
+    def _push(self, rng: np.random.Generator) -> None:
         p, c = self.p, self.cid
-        q, _ = self._joint_state()
+        lin, ang = p.getBaseVelocity(self.body, physicsClientId=c)
+        angle = rng.uniform(0, 2 * math.pi)
+        kick = rng.uniform(*self.randomization.push_mps)
+        p.resetBaseVelocity(self.body, [lin[0] + kick * math.cos(angle),
+                                        lin[1] + kick * math.sin(angle), lin[2]], ang,
+                            physicsClientId=c)
+
+    def _sample_goal(self, rng: np.random.Generator) -> np.ndarray:
+        """The end effector's position at a random pose within default +- goal_joint_range and
+        inside 90% of the joint limits, above the floor and away from the base: always
+        reachable."""
+        p, c = self.p, self.cid
+        q, qd = self._joint_state()
         span = self.robot.task.goal_joint_range
-        q_goal = self.q0 + rng.uniform(-span, span, self.n)
-        for jid, qg in zip(self.jids, q_goal):
-            p.resetJointState(self.body, jid, qg, 0.0, physicsClientId=c)
-        goal = self._ee_pos()
-        for jid, qi in zip(self.jids, q):
-            p.resetJointState(self.body, jid, qi, 0.0, physicsClientId=c)
+        lo = np.maximum(self.goal_lo, self.q0 - span)
+        hi = np.minimum(self.goal_hi, self.q0 + span)
+        lo, hi = np.minimum(lo, self.q0), np.maximum(hi, self.q0)
+        base = np.array(p.getBasePositionAndOrientation(self.body, physicsClientId=c)[0])
+        for _ in range(20):
+            q_goal = rng.uniform(lo, hi)
+            for jid, qg in zip(self.jids, q_goal):
+                p.resetJointState(self.body, jid, qg, 0.0, physicsClientId=c)
+            goal = self._ee_pos()
+            rel = goal - base
+            if rel[2] > 0.1 and math.hypot(rel[0], rel[1]) > 0.15:
+                break
+        for jid, qi, qdi in zip(self.jids, q, qd):
+            p.resetJointState(self.body, jid, qi, qdi, physicsClientId=c)
         return goal
 
     def _apply_pd(self, q_target: np.ndarray) -> None:
@@ -253,6 +356,7 @@ class RobotEnv(gym.Env):
                 # A seized joint: held at its current angle by a stiff motor, whatever we command.
                 k = self.faults.locked_joint
                 tau[k] = 20 * self.kp[k] * (self.q0[k] - q[k]) - 5 * self.kd[k] * qd[k]
+            self.energy_j += float(np.sum(np.abs(tau * qd))) * self.dt / self.substeps
             p.setJointMotorControlArray(self.body, self.jids, p.TORQUE_CONTROL, forces=tau,
                                         physicsClientId=c)
             if self.family == "reach" and self.other_jids:
@@ -277,53 +381,93 @@ class RobotEnv(gym.Env):
         info: dict[str, Any] = {}
         if not np.all(np.isfinite(a)):
             # A policy that emits NaN/Inf ends its episode; the fault is reported, not propagated.
-            info.update(score=0.0, invalid_action=True)
+            info.update(score=self.score(), invalid_action=True)
             return self._obs(), -10.0, True, False, info
         applied = a
         if self.faults.action_delay_steps:
             self._pending.append(a)
             applied = (self._pending.pop(0) if len(self._pending) > self.faults.action_delay_steps
                        else np.zeros(self.n))
+        if self.family == "locomotion" and self.next_push is not None and self.t >= self.next_push:
+            self._push(self.np_random)
+            self.next_push = self._next_push(self.np_random, self.t)
         self._apply_pd(self.q0 + self.robot.joints.action_scale * applied)
         prev_action = self.last_action
         self.last_action = a
         self.t += 1
+        terminated, step_score = self._step_score()
+        self.score_sum += step_score
+        smooth = 0.01 * float(np.sum((a - prev_action) ** 2))
+        reward = -2.0 if terminated else step_score - smooth
+        self._advance_task()
         obs = self._obs()
-        terminated, reward = self._reward_and_done(a, prev_action)
         truncated = self.t >= self.max_steps and not terminated
         if terminated or truncated:
             info["score"] = self.score()
         return obs, reward, terminated, truncated, info
 
-    def _reward_and_done(self, a: np.ndarray, prev: np.ndarray) -> tuple[bool, float]:
-        smooth = 0.01 * float(np.sum((a - prev) ** 2))
+    def _step_score(self) -> tuple[bool, float]:
+        """(fell, this step's score in [0, 1])."""
         if self.family == "locomotion":
             pos, rot, lin, ang = self._base()
-            up = rot[2, 2]  # z of body up axis in world: cos of tilt
-            if pos[2] < self.robot.task.fall_height_m or up < 0.5:
+            if pos[2] < self.robot.task.fall_height_m or rot[2, 2] < 0.5:
                 self.fell = True
-                return True, -2.0
-            vx = lin[0]
-            track = math.exp(-((vx - self.cmd_vx) ** 2) / 0.05)
-            return False, track + 0.2 - 0.5 * lin[1] ** 2 - 0.05 * ang[2] ** 2 - smooth
+                return True, 0.0
+            yaw = math.atan2(rot[1, 0], rot[0, 0])
+            c, s = math.cos(yaw), math.sin(yaw)
+            v_heading = np.array([c * lin[0] + s * lin[1], -s * lin[0] + c * lin[1]])
+            alpha = min(1.0, self.dt / VEL_AVERAGE_S)
+            self.v_avg += alpha * (v_heading - self.v_avg)
+            self.yaw_rate_avg += alpha * (ang[2] - self.yaw_rate_avg)
+            e_v = float(np.linalg.norm(self.v_avg - self.cmd[:2]))
+            e_yaw = abs(float(self.yaw_rate_avg - self.cmd[2]))
+            self.vel_err_sum += e_v
+            self.yaw_err_sum += e_yaw
+            self.path_m += float(np.linalg.norm(pos[:2] - self.last_xy))
+            self.last_xy = pos[:2].copy()
+            return False, (2 * math.exp(-(e_v / VEL_SCALE_MPS) ** 2)
+                           + math.exp(-(e_yaw / YAW_SCALE_RPS) ** 2)) / 3
         d = float(np.linalg.norm(self._ee_pos() - self.goal))
-        return False, -d + (0.5 if d < self.robot.task.tolerance_m else 0.0) - smooth
+        if d < WITHIN_M and self.goal_within_at is None:
+            self.goal_within_at = ((self.t - 1) % self.goal_steps + 1) * self.dt
+        if self.t % self.goal_steps == 0 or self.t >= self.max_steps:
+            self.goal_errors_m.append(d)
+            self.goal_times_s.append(self.goal_within_at)
+        return False, math.exp(-d / REACH_SCALE_M)
+
+    def _advance_task(self) -> None:
+        """A new command or goal where its period ends (after this step's score)."""
+        if self.t >= self.max_steps:
+            return
+        if self.family == "locomotion" and self.t % self.cmd_steps == 0:
+            self.cmd = self._sample_command(self.np_random)
+        elif self.family == "reach" and self.t % self.goal_steps == 0:
+            self.goal = self._sample_goal(self.np_random)
+            self.goal_within_at = None
 
     def score(self) -> float:
-        """Normalised task score of the episode so far, in [0, 1]."""
+        """Normalised task score of the episode so far, in [0, 1]: the sum of per-step scores over
+        the episode's full length (so the steps after a fall count 0)."""
+        return float(np.clip(self.score_sum / self.max_steps, 0.0, 1.0))
+
+    def episode_metrics(self) -> dict[str, float | None]:
+        """The physical figures of the episode so far (the score's components)."""
+        steps = max(self.t, 1)
         if self.family == "locomotion":
-            if self.fell:
-                return 0.0
-            pos, *_ = self._base()
-            made_good = float(pos[0] - self.start_xy[0])
-            commanded = self.cmd_vx * self.robot.task.episode_s
-            if not commanded > 0:  # the loader requires a positive command; never divide by 0
-                return 0.0
-            return float(np.clip(made_good / commanded, 0.0, 1.0))
-        d = float(np.linalg.norm(self._ee_pos() - self.goal))
-        if d <= self.robot.task.tolerance_m:
-            return 1.0
-        return float(0.5 * np.clip(1.0 - d / max(self.start_dist, 1e-6), 0.0, 1.0))
+            cot = (self.energy_j / (self.total_mass * 9.81 * self.path_m)
+                   if self.path_m > 0.1 else None)
+            return {"vel_error_mps": self.vel_err_sum / steps,
+                    "yaw_rate_error_rps": self.yaw_err_sum / steps,
+                    "energy_per_m_j": self.energy_j / self.path_m if self.path_m > 0.1 else None,
+                    "cost_of_transport": cot, "duration_s": self.t * self.dt}
+        errors = self.goal_errors_m or [float(np.linalg.norm(self._ee_pos() - self.goal))]
+        times = [t for t in self.goal_times_s if t is not None]
+        return {"reach_error_mm": 1000 * float(np.mean(errors)),
+                "goals": len(self.goal_errors_m),
+                "goals_within_tolerance": sum(e <= self.robot.task.tolerance_m
+                                              for e in self.goal_errors_m),
+                "goals_within_1cm": len(times),
+                "time_to_1cm_s": float(np.mean(times)) if times else None}
 
     def render(self):
 

@@ -31,43 +31,90 @@ class Gait:
     k_roll: float = 0.3        # rad of abduction per unit of lateral gravity
     k_pitch: float = 0.3       # rad of hip flexion per unit of longitudinal gravity
     duty_shift: float = 0.0    # phase lead of knee fold relative to hip swing, rad
+    k_yaw: float = 0.2         # rad of differential (left/right) hip swing per rad/s of yaw rate
+    k_lat: float = 0.3         # rad of abduction swing per m/s of sideways command
+    k_vy: float = 0.2          # rad of abduction offset per m/s of sideways speed error
+    k_wz: float = 0.1          # rad of differential hip offset per rad/s of yaw-rate error
+    max_dv: float = 10.0       # the gait follows the command at most this far (m/s, rad/s) from
+                               # the measured velocity: a smooth start and stop, not a lurch
+    lift_still: float = 1.0    # share of the lift kept when the command is 0 (full lift from
+                               # 0.3 m/s): stepping in place with a high lift rolls some bodies over
+    splay: float = 0.0         # rad of static abduction outwards (a wider stance)
+    k_droll: float = 0.0       # rad of abduction per rad/s of roll rate
+    k_rollz: float = 0.0       # rad of knee fold per unit of lateral gravity, opposite per side
+                               # (the legs on the low side extend)
 
 
-GAITS: dict[str, Gait] = {  # from examples/tune_gaits.py (seed 0)
-    "a1": Gait(thigh_sign=1.0, knee_sign=1.0, stride=0.6, lift=0.5, k_speed=0.3, k_roll=0.3,
-               k_pitch=0.3, duty_shift=0.0),
-    "aliengo": Gait(thigh_sign=1.0, knee_sign=1.0, stride=0.206, lift=0.601, k_speed=0.457,
-                    k_roll=0.399, k_pitch=0.906, duty_shift=0.662),
-    "laikago": Gait(thigh_sign=1.0, knee_sign=1.0, stride=0.1, lift=0.5, k_speed=0.326,
-                    k_roll=0.109, k_pitch=0.571, duty_shift=0.493),
-    "mini_cheetah": Gait(thigh_sign=1.0, knee_sign=1.0, stride=1.2, lift=0.814, k_speed=-0.017,
-                         k_roll=0.181, k_pitch=-0.993, duty_shift=0.122),
-    "spot": Gait(thigh_sign=1.0, knee_sign=1.0, stride=0.243, lift=0.225, k_speed=0.66,
-                 k_roll=0.049, k_pitch=-0.611, duty_shift=-0.51),
+GAITS: dict[str, Gait] = {  # from examples/tune_gaits.py (seed 0, 8 iterations of 16, 3 episodes)
+    "a1": Gait(thigh_sign=-1.0, knee_sign=-1.0, stride=0.611, lift=0.968, k_speed=-0.032,
+               k_roll=0.369, k_pitch=-0.179, duty_shift=-0.191, k_yaw=-0.017, k_lat=0.47,
+               k_vy=-0.543, k_wz=-0.146),
+    "aliengo": Gait(thigh_sign=1.0, knee_sign=-1.0, stride=0.1, lift=1.0, k_speed=-0.039,
+                    k_roll=0.773, k_pitch=0.572, duty_shift=-0.23, k_yaw=-0.164, k_lat=0.283,
+                    k_vy=-0.843, k_wz=0.5),
 }
 
-# Trot: diagonal legs together. Legs in policy order are FR/FL/RR/RL-like groups of 3; the phase
-# offset of leg k is 0 for legs 0 and 3, pi for legs 1 and 2.
+# Trot: diagonal legs together. Legs in policy order are groups of 3 (abduction, hip, knee); legs 0
+# and 3 are one diagonal and legs 1 and 2 the other in every built-in (FR/FL/RR/RL, FL/FR/HL/HR).
 TROT_OFFSETS = np.array([0.0, np.pi, np.pi, 0.0])
 
 
+def leg_sides(env: RobotEnv) -> tuple[np.ndarray, np.ndarray]:
+    """(side, abduction sign) per leg. side: +1 for a leg on the robot's left (+y in the base frame
+    at the default pose), -1 on its right, read from where each leg's first joint sits.
+    abduction sign: +1 where the leg's first joint turns about the base's +x axis, -1 where its
+    URDF mirrors it (laikago's right legs turn about -x). No joint-naming convention is assumed."""
+    cached = getattr(env, "_leg_sides", None)
+    if cached is not None:
+        return cached
+    p, c = env.p, env.cid
+    pos, orn = p.getBasePositionAndOrientation(env.body, physicsClientId=c)
+    inv = p.invertTransform(pos, orn)
+    sides, signs = [], []
+    for k in range(env.n // 3):
+        state = p.getLinkState(env.body, env.jids[3 * k], physicsClientId=c)
+        y = p.multiplyTransforms(*inv, state[4], [0, 0, 0, 1])[0][1]
+        sides.append(1.0 if y > 0 else -1.0)
+        axis = p.getJointInfo(env.body, env.jids[3 * k], physicsClientId=c)[13]
+        local_orn = p.multiplyTransforms(*inv, state[4], state[5])[1]
+        rot = np.array(p.getMatrixFromQuaternion(local_orn)).reshape(3, 3)
+        signs.append(1.0 if (rot @ np.asarray(axis))[0] >= 0 else -1.0)
+    env._leg_sides = (np.array(sides), np.array(signs))
+    return env._leg_sides
+
+
 def locomotion_action(env: RobotEnv, obs: np.ndarray, gait: Gait) -> np.ndarray:
+    """A trot whose hip swing follows the forward command and, differentially between the left
+    and right legs, the yaw-rate command; abduction swings with the sideways command. Feedback:
+    speed errors (forward, sideways, yaw rate) shift the swing's centre, the body's tilt the
+    abduction and hip flexion (a balance reflex)."""
     r = env.robot
-    g_b, v_b, cmd = obs[0:3], obs[3:6], obs[9]
-    phase = np.arctan2(obs[10], obs[11])
+    g_b, v_b, w_b, cmd = obs[0:3], obs[3:6], 4.0 * obs[6:9], obs[9:12]
+    phase = np.arctan2(obs[12], obs[13])
+    sides, ab_signs = leg_sides(env)
+    measured = np.array([v_b[0], v_b[1], w_b[2]])
+    cmd = measured + np.clip(cmd - measured, -gait.max_dv, gait.max_dv)
+    pace = min(1.0, (np.hypot(cmd[0], cmd[1]) + 0.25 * abs(cmd[2])) / 0.3)
+    lift = gait.lift * (gait.lift_still + (1.0 - gait.lift_still) * pace)
     target = np.zeros(env.n)
     for k in range(env.n // 3):
         ph = phase + TROT_OFFSETS[k % 4]
-        # The hip swings forward while cos(ph) > 0; the foot is lifted during that half.
-        hip = gait.stride * cmd * np.sin(ph) + gait.k_speed * (cmd - v_b[0]) + gait.k_pitch * g_b[0]
-        knee = gait.lift * max(0.0, np.cos(ph + gait.duty_shift))
-        target[3 * k: 3 * k + 3] = [gait.k_roll * g_b[1], gait.thigh_sign * hip,
-                                    gait.knee_sign * knee]
+        side = sides[k]
+        swing = cmd[0] - side * gait.k_yaw * cmd[2]
+        hip = (gait.stride * swing * np.sin(ph) + gait.k_speed * (cmd[0] - v_b[0])
+               - side * gait.k_wz * (cmd[2] - w_b[2]) + gait.k_pitch * g_b[0])
+        ab = (gait.k_lat * cmd[1] * np.sin(ph) + gait.k_vy * (cmd[1] - v_b[1])
+              + gait.k_roll * g_b[1] + gait.k_droll * w_b[0] + side * gait.splay)
+        knee = lift * max(0.0, np.cos(ph + gait.duty_shift)) + side * gait.k_rollz * g_b[1]
+        target[3 * k: 3 * k + 3] = [ab_signs[k] * ab, gait.thigh_sign * hip, gait.knee_sign * knee]
     return np.clip(target / r.joints.action_scale, -r.joints.action_clip, r.joints.action_clip)
 
 
-def reach_action(env: RobotEnv, gain: float = 0.5, max_step: float = 0.15,
-                 damping: float = 0.05) -> np.ndarray:
+def reach_action(env: RobotEnv, gain: float = 1.0, max_step: float = 0.2,
+                 damping: float = 0.05, k_null: float = 0.1) -> np.ndarray:
+    """Resolved-rate reaching: a bounded step along the damped least-squares inverse of the
+    hand's Jacobian towards the goal, plus (for redundant arms) a pull towards the default pose in
+    the Jacobian's null space, so that the arm's posture is a function of where the hand is."""
     p, c = env.p, env.cid
     q, _ = env._joint_state()
     full = np.zeros(env.n_movable)
@@ -81,7 +128,8 @@ def reach_action(env: RobotEnv, gain: float = 0.5, max_step: float = 0.15,
                                    physicsClientId=c)
     J = np.asarray(jac_t)[:, env.driven_pos]
     err = env.goal - np.asarray(ee_state[4])
-    dq = J.T @ np.linalg.solve(J @ J.T + damping**2 * np.eye(3), gain * err)
+    J_pinv = J.T @ np.linalg.inv(J @ J.T + damping**2 * np.eye(3))
+    dq = J_pinv @ (gain * err) + k_null * (np.eye(env.n) - J_pinv @ J) @ (env.q0 - q)
     dq = np.clip(dq, -max_step, max_step)
     target = q + dq - env.q0
     r = env.robot
@@ -109,6 +157,7 @@ def evaluate_expert(robot, episodes: int = 20, seed: int = 0, stream: str = "rep
                     break
             res.scores.append(float(info["score"]))
             res.falls += int(env.fell)
+            res.metrics.append(env.episode_metrics())
     finally:
         env.close()
     return res

@@ -12,10 +12,10 @@ from xcompile.sim.env import obs_layout
 from xcompile.targets import RobotTarget
 
 # Spread and offset of each observation slice, by its name in obs_layout (others: spread 0.5).
-_OBS_SCALE = {"gravity_b": 0.3, "lin_vel_b": 0.4, "ang_vel_b_x0.25": 0.3, "cmd_vx": 0.1,
+_OBS_SCALE = {"gravity_b": 0.3, "lin_vel_b": 0.4, "ang_vel_b_x0.25": 0.3, "cmd_vx_vy_yaw": 0.4,
               "gait_sin_cos": 0.7, "goal_minus_ee_b": 0.2, "ee_b": 0.4, "goal_b": 0.4,
               "q_minus_default": 0.3, "qdot_x0.1": 0.3, "last_action": 1.0}
-_OBS_OFFSET = {"gravity_b": (0.0, 0.0, -1.0), "cmd_vx": (0.45,)}
+_OBS_OFFSET = {"gravity_b": (0.0, 0.0, -1.0)}
 
 
 def random_obs(robot: RobotTarget, n: int, seed: int = 0) -> np.ndarray:

@@ -46,10 +46,11 @@ MAX_EPISODE_S = 120.0            # built-ins: 3-4 s
 # ~80 us a PD-controlled physics step takes here. Built-ins: 1,500-2,000.
 MAX_EPISODE_PHYSICS_STEPS = 240_000
 MAX_GAIT_HZ = 50.0               # built-ins: 2
-MAX_SPEED_MPS = 10.0             # commanded forward speed (built-ins: 0.3-0.6)
+MAX_SPEED_MPS = 10.0             # commanded speed, each way (built-ins: up to 1.0)
+MAX_YAW_RATE = 10.0              # commanded yaw rate, rad/s, each way (built-ins: up to 1.0)
 MAX_HEIGHT_M = 10.0              # spawn height (built-ins: 0.30-0.54)
 MAX_TOLERANCE_M = 1.0            # reach success radius (built-ins: 0.05)
-MAX_GOAL_RANGE = math.pi         # rad (built-ins: 0.6)
+MAX_GOAL_RANGE = math.pi         # rad (built-ins: pi, i.e. the joint limits)
 MAX_LATENCY_US = 1e7             # 10 s (built-ins: 200, 500)
 MAX_MEMORY_MB = 1e6              # 1 TB (built-ins: 512, 1024)
 
@@ -122,11 +123,25 @@ class Joints(_Strict):
         return self
 
 
+def _range(lo_min: float, hi_max: float):
+    return tuple[_num(ge=lo_min, le=hi_max), _num(ge=lo_min, le=hi_max)]
+
+
 class LocomotionTask(_Strict):
+    """Velocity tracking: every `command_period_s` a new command (vx, vy, yaw rate) is drawn from
+    the ranges (one in ten is "stand still"); the episode is scored per step on how well the base
+    follows it (`xcompile.sim.env`)."""
+
     family: Literal["locomotion"]
     episode_s: _num(gt=0, le=MAX_EPISODE_S) = Field(description="episode length, s")
-    command_vx_mps: tuple[_num(gt=0, le=MAX_SPEED_MPS), _num(gt=0, le=MAX_SPEED_MPS)] = Field(
-        description="range (lo, hi) of commanded forward speed")
+    command_vx_mps: _range(-MAX_SPEED_MPS, MAX_SPEED_MPS) = Field(
+        description="range (lo, hi) of commanded forward speed, m/s (negative: backward)")
+    command_vy_mps: _range(-MAX_SPEED_MPS, MAX_SPEED_MPS) = Field(
+        default=(-0.2, 0.2), description="range (lo, hi) of commanded sideways speed, m/s")
+    command_yaw_rps: _range(-MAX_YAW_RATE, MAX_YAW_RATE) = Field(
+        default=(-0.6, 0.6), description="range (lo, hi) of commanded yaw rate, rad/s")
+    command_period_s: _num(gt=0, le=MAX_EPISODE_S) = Field(
+        default=4.0, description="a new command is drawn every this many seconds")
     gait_hz: _num(gt=0, le=MAX_GAIT_HZ) = Field(
         description="gait clock frequency given to the policy")
     spawn_height_m: _num(gt=0, le=MAX_HEIGHT_M) = Field(description="base height at reset")
@@ -135,10 +150,11 @@ class LocomotionTask(_Strict):
 
     @model_validator(mode="after")
     def _order(self) -> LocomotionTask:
-        lo, hi = self.command_vx_mps
-        if lo > hi:
-            raise ValueError(f"task.command_vx_mps is a range [lo, hi] with lo <= hi; got "
-                             f"[{lo:g}, {hi:g}]")
+        for field in ("command_vx_mps", "command_vy_mps", "command_yaw_rps"):
+            lo, hi = getattr(self, field)
+            if lo > hi:
+                raise ValueError(f"task.{field} is a range [lo, hi] with lo <= hi; got "
+                                 f"[{lo:g}, {hi:g}]")
         if self.fall_height_m >= self.spawn_height_m:
             raise ValueError(f"task.fall_height_m ({self.fall_height_m:g}) must be below "
                              f"task.spawn_height_m ({self.spawn_height_m:g}), or every episode "
@@ -147,13 +163,19 @@ class LocomotionTask(_Strict):
 
 
 class ReachTask(_Strict):
+    """Several goals per episode, one every `goal_period_s`, scored per step on the distance of
+    the end effector to the current goal."""
+
     family: Literal["reach"]
     episode_s: _num(gt=0, le=MAX_EPISODE_S)
     ee_link: Ident = Field(description="URDF link whose origin must reach the goal")
-    tolerance_m: _num(gt=0, le=MAX_TOLERANCE_M) = Field(description="success radius")
+    tolerance_m: _num(gt=0, le=MAX_TOLERANCE_M) = Field(
+        description="a goal counts as reached (success rate) within this distance at its end")
     goal_joint_range: _num(gt=0, le=MAX_GOAL_RANGE) = Field(
-        description="goals are FK of default pose +- this (rad), so always reachable"
-    )
+        description="goals are the end effector at a pose drawn within default +- this (rad), "
+                    "inside 90% of each joint's limits: always reachable")
+    goal_period_s: _num(gt=0, le=MAX_EPISODE_S) = Field(
+        default=2.5, description="a new goal every this many seconds")
 
 
 class RobotTarget(_Strict):
