@@ -4,8 +4,8 @@ Signs first (which way each joint folds is a property of the URDF) or the gait t
 previous task, then the cross-entropy method over the continuous gait shape and feedback gains on
 the task's score, then a calibration of the three feed-forward gains (stride, sideways swing,
 differential stride) so that a held command gives that velocity in the nominal world; a
-calibration is kept only where the task's score does not drop. Prints a `Gait(...)` line per robot to paste into
-xcompile/sim/experts.py. Seeded: the same command gives the same gaits.
+calibration is kept only where the task's score does not drop. Prints a `Gait(...)` line per
+robot to paste into xcompile/sim/experts.py. Seeded: the same command gives the same gaits.
 
     python examples/tune_gaits.py a1 aliengo --iters 8
 """
@@ -29,9 +29,10 @@ HIGH = np.array([1.2, 1.0, 1.0, 1.0, 1.0, 1.0, 0.6, 1.0, 1.0, 0.5, 1.5, 1.0, 0.3
 # Starting points: the gaits tuned for the forward-only task of format v2 (signs and shape), the
 # new terms off. A robot not here starts from a search over the signs.
 WARM = {
-    "aliengo": Gait(thigh_sign=1.0, knee_sign=1.0, stride=0.206, lift=0.601, k_speed=0.457,
-                    k_roll=0.399, k_pitch=0.906, duty_shift=0.662, k_yaw=0.0, k_lat=0.0,
-                    k_vy=0.0, k_wz=0.0, max_dv=0.5, lift_still=0.3),
+    # aliengo from a1's tuned trot (the same maker's geometry): its own v2 gait barely moved.
+    "aliengo": Gait(thigh_sign=-1.0, knee_sign=-1.0, stride=0.4, lift=0.7, k_speed=-0.032,
+                    k_roll=0.369, k_pitch=-0.179, duty_shift=-0.191, k_yaw=-0.017, k_lat=0.47,
+                    k_vy=-0.543, k_wz=-0.146, max_dv=0.3, lift_still=0.3),
     "laikago": Gait(thigh_sign=1.0, knee_sign=1.0, stride=0.1, lift=0.5, k_speed=0.326,
                     k_roll=0.109, k_pitch=0.571, duty_shift=0.493, k_yaw=0.0, k_lat=0.0,
                     k_vy=0.0, k_wz=0.0, max_dv=0.5, lift_still=0.3),

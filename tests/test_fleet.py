@@ -101,7 +101,7 @@ def test_a_failing_target_is_reported_and_the_others_finish(light_config, tmp_pa
     from xcompile.targets import load_robot
 
     torch.manual_seed(0)        # a fat policy that serves locomotion only: panda (reach) fails
-    model = FatPolicy(FatConfig(**{**TINY.model_dump(), "global_dims": {"locomotion": 12}}))
+    model = FatPolicy(FatConfig(**{**TINY.model_dump(), "global_dims": {"locomotion": 14}}))
     a1 = load_robot("a1")
     ckpt = tmp_path / "loco.pt"
     save_checkpoint(ckpt, model, [{"name": "a1", "family": "locomotion", "urdf": a1.urdf,

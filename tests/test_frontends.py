@@ -161,7 +161,7 @@ def test_thin_build_pins_exports_and_quantizes(models, tmp_path, arch, fmt):
     meta = sess.get_modelmeta().custom_metadata_map
     assert meta["robot"] == "a1" and json.loads(meta["pass_history"])[:2] == [
         "pin-embodiment", "export-onnx"] and meta["precision"] == "int8"
-    x = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((64, obs_dim(load_robot("a1")))).astype(np.float32)
     body = torch.tensor([1]) if arch == "hpt" else torch.tensor([0.0, 1.0])
     with torch.inference_mode():
         want = torch_model(torch.as_tensor(x), body).numpy()
@@ -179,7 +179,7 @@ def test_pinned_equals_fat_for_spot_and_eval_runs(models, tmp_path):
     spot = load_robot("spot")
     fg = fat_graph(onnx_path, read_interface(models["folder"] / "hpt.toml"), spot)
     sess = ort_session(pin_graph(fg).SerializeToString())
-    x = np.random.default_rng(1).standard_normal((256, 48)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((256, obs_dim(spot))).astype(np.float32)
     with torch.inference_mode():
         want = hpt(torch.as_tensor(x), torch.tensor([0])).numpy()
     assert np.abs(sess.run(None, {"obs": x})[0] - want).max() <= 1e-5
@@ -268,7 +268,7 @@ def test_mismatched_models_and_targets(models, tmp_path):
     onnx_path, pt2_path = _export(wrong, "body_id", torch.tensor([1]), 40, tmp_path, "narrow")
     for p in (onnx_path, pt2_path):
         cases.append(([], p, folder / "hpt.toml", "observation: graph input 'obs' has width 40, "
-                      "but target 'a1' (locomotion) gives 48"))
+                      "but target 'a1' (locomotion) gives 50"))
     junk = tmp_path / "junk.pt2"
     junk.write_bytes(b"not a zip at all")
     cases.append(([], junk, folder / "hpt.toml", "not a .pt2 archive"))

@@ -69,7 +69,7 @@ def a1_onnx(tiny_fat_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mlp_onnx(tmp_path_factory):
-    """An exported 48 -> 256 -> 256 -> 12 MLP for a1 (weights dominate its file size), with an
+    """An exported 50 -> 256 -> 256 -> 12 MLP for a1 (weights dominate its file size), with an
     observation normalisation that export folds into its first layer."""
     robot = load_robot("a1")
     tmp = tmp_path_factory.mktemp("mlp")
@@ -144,7 +144,7 @@ def test_pin_equals_fat(name, tiny_fat_ckpt, tmp_path):
 
 def test_pin_refuses_unserved_family(tmp_path):
     model = FatPolicy(FatConfig(d_model=16, n_layers=1, n_heads=2, d_ff=16, desc_hidden=16,
-                                desc_layers=1, global_dims={"locomotion": 12}))
+                                desc_layers=1, global_dims={"locomotion": 14}))
     path = save_checkpoint(tmp_path / "loco.pt", model, [])
     panda = load_robot("panda")
     with pytest.raises(TargetError, match="reach"):

@@ -202,7 +202,7 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def test_robot_of_a_task_the_policy_cannot_serve(tmp_path):
-    model = FatPolicy(SMALL.model_copy(update={"global_dims": {"locomotion": 12}}))
+    model = FatPolicy(SMALL.model_copy(update={"global_dims": {"locomotion": 14}}))
     path = save_checkpoint(tmp_path / "loco_only.pt", model, _registry("a1"))
     for cmd in (["eval", str(path), "--target", "panda", "--episodes", "1"],
                 ["build", str(path), "--target", "panda", "--out", str(tmp_path / "o"),

@@ -73,12 +73,13 @@ def test_profile_budgets_fill_only_unset_fields():
 
 def test_rl_finetune_never_lowers_heldout_score(pinned_panda):
     robot, pinned, tmp = pinned_panda
-    # 2 iterations of 4 x 80 steps: a critic warm-up and one PPO update; every env ends an episode.
-    out, m = run_pass("rl-finetune", pinned, robot, tmp / "rl", env_steps=640, n_envs=4,
-                      rollout_steps=80, epochs=2, minibatch=64, critic_warmup_iters=1,
+    # 2 iterations of 2 x 520 steps: a critic warm-up and one PPO update; every env ends an
+    # episode (500 steps) in each.
+    out, m = run_pass("rl-finetune", pinned, robot, tmp / "rl", env_steps=2080, n_envs=2,
+                      rollout_steps=520, epochs=2, minibatch=64, critic_warmup_iters=1,
                       eval_episodes=2, lr=3e-4)
     assert m["kept"] in ("tuned", "start")
-    assert m["env_steps"] == 640
+    assert m["env_steps"] == 2080
     assert max(m["score_start"], m["score_tuned"]) == pytest.approx(
         m["score_tuned"] if m["kept"] == "tuned" else m["score_start"])
     # The kept policy scores what the check says on the pass's held-out episodes (its own seed
@@ -96,8 +97,8 @@ def test_rl_finetune_never_lowers_heldout_score(pinned_panda):
     losses = [r[k] for r in doc["curve"] for k in ("pg_loss", "v_loss", "anchor_loss")
               if r[k] is not None]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
-    last = doc["curve"][-1]            # 160 steps per env: each ends one 150-step episode
-    assert last["episodes"] == 4 and 0 <= last["score"] <= 1 and last["return"] is not None
+    last = doc["curve"][-1]            # 520 steps per env: each ends one 500-step episode
+    assert last["episodes"] == 2 and 0 <= last["score"] <= 1 and last["return"] is not None
 
 
 def test_split_for_tuning_is_exact(pinned_panda):
@@ -119,7 +120,7 @@ def test_split_for_tuning_is_exact(pinned_panda):
 def distilled(pinned_panda):
     robot, pinned, tmp = pinned_panda
     out, m = run_pass("distill", pinned, robot, tmp / "distill", hidden=[32, 32], rounds=3,
-                      episodes_per_round=2, fit_epochs=15, final_fit_epochs=15,
+                      episodes_per_round=1, fit_epochs=15, final_fit_epochs=15,
                       eval_episodes=1, heldout_episodes=1)
     return robot, pinned, out, m, tmp
 
@@ -130,7 +131,7 @@ def test_dagger_action_error_falls_round_over_round(distilled):
     assert len(err) == 3
     assert all(b < a for a, b in zip(err, err[1:])), err
     assert m["action_error_final"] <= err[-1] * 1.05
-    assert m["samples"] == 3 * 2 * 150                       # panda: 150 steps per episode
+    assert m["samples"] == 3 * 1 * 500                       # panda: 500 steps per episode
     assert m["params_student"] == read_params(out) and m["compression"] > 0
     assert m["hidden"] == [32, 32]
     assert read_torch_policy(out.path)["spec"]["kind"] == "mlp"

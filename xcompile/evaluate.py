@@ -75,6 +75,19 @@ class EvalResult:
         vals = [m[key] for m in self.metrics if m.get(key) is not None]
         return float(np.mean(vals)) if vals else None
 
+    def physical_line(self) -> str:
+        """What the episodes did, in a few words for the terminal."""
+        n = len(self.scores)
+        if any("reach_error_mm" in m for m in self.metrics):
+            t = self.metric_mean("time_to_1cm_s")
+            return (f"hand {self.metric_mean('reach_error_mm'):.1f} mm from the goal at its end, "
+                    f"{100 * self.success_rate:.0f}% of goals within tolerance, "
+                    + (f"{t:.2f} s to within 1 cm" if t is not None else "never within 1 cm"))
+        if any("vel_error_mps" in m for m in self.metrics):
+            return (f"falls {self.falls}/{n}, velocity off by {self.metric_mean('vel_error_mps'):.2f}"
+                    f" m/s, yaw rate by {self.metric_mean('yaw_rate_error_rps'):.2f} rad/s")
+        return f"falls {self.falls}/{n}"
+
     def as_dict(self) -> dict:
         d = {
             "robot": self.robot, "seed": self.seed, "stream": self.stream,

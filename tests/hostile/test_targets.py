@@ -448,8 +448,8 @@ def test_bad_numbers_name_the_field(tmp_path, old, new, field):
     ("tolerance_m = 0.05", "tolerance_m = 0", "task.reach.tolerance_m"),
     ("tolerance_m = 0.05", "tolerance_m = 100.0", "task.reach.tolerance_m"),
     ("tolerance_m = 0.05", "tolerance_m = nan", "task.reach.tolerance_m"),
-    ("goal_joint_range = 3.14159", "goal_joint_range = 50.0", "task.reach.goal_joint_range"),
-    ("goal_joint_range = 3.14159", "goal_joint_range = -inf", "task.reach.goal_joint_range"),
+    ("goal_joint_range = 1.2", "goal_joint_range = 50.0", "task.reach.goal_joint_range"),
+    ("goal_joint_range = 1.2", "goal_joint_range = -inf", "task.reach.goal_joint_range"),
     ("episode_s = 10.0", "episode_s = 121", "task.reach.episode_s"),
 ])
 def test_bad_reach_numbers_name_the_field(tmp_path, old, new, field):

@@ -144,7 +144,7 @@ def _nan(state: dict) -> torch.Tensor:
     return t
 
 
-W = "net.0.weight"   # (16, 48) in the MLP
+W = "net.0.weight"   # (16, 50) in the MLP
 
 CASES: list[tuple[str, str, Callable[[dict], Any], tuple[str, ...]]] = [
     # a pinned spec: its own fields
@@ -187,7 +187,7 @@ CASES: list[tuple[str, str, Callable[[dict], Any], tuple[str, ...]]] = [
     ("hidden_bool", "mlp", _spec(hidden=[True, 16]), ("hidden.0 = True",)),
     ("hidden_self_referential", "mlp", _spec(hidden=_cycle()), ("hidden.0",)),
     ("n_actions_huge", "mlp", _spec(n_actions=10**6), ("n_actions = 1000000", "MAX_JOINTS")),
-    ("obs_dim_float", "mlp", _spec(obs_dim=48.0), ("obs_dim = 48.0", "valid integer")),
+    ("obs_dim_float", "mlp", _spec(obs_dim=50.0), ("obs_dim = 50.0", "valid integer")),
     ("activation_unknown", "mlp", _spec(activation="evil"), ("activation = 'evil'",)),
     ("activation_not_string", "mlp", _spec(activation=5), ("activation = 5",)),
     ("normalize_string", "mlp", _spec(normalize="yes"), ("normalize = 'yes'",)),
@@ -205,17 +205,17 @@ CASES: list[tuple[str, str, Callable[[dict], Any], tuple[str, ...]]] = [
     # the stored tensors
     ("tensor_huge_view", "mlp", _tensor(W, lambda s: torch.zeros(1).expand(*HUGE)),
      ("net.0.weight", "has shape (1000000, 1000000)")),
-    ("tensor_stride_0", "mlp", _tensor(W, lambda s: torch.zeros(1).expand(16, 48)),
+    ("tensor_stride_0", "mlp", _tensor(W, lambda s: torch.zeros(1).expand(16, 50)),
      ("net.0.weight", "strides (0, 0)")),
-    ("tensor_transposed", "mlp", _tensor(W, lambda s: torch.zeros(48, 16).t()),
+    ("tensor_transposed", "mlp", _tensor(W, lambda s: torch.zeros(50, 16).t()),
      ("net.0.weight", "strides")),
-    ("tensor_wrong_shape", "mlp", _tensor(W, lambda s: torch.zeros(16, 47)),
-     ("net.0.weight", "has shape (16, 47)", "(16, 48)")),
-    ("tensor_int", "mlp", _tensor(W, lambda s: torch.zeros(16, 48, dtype=torch.int64)),
+    ("tensor_wrong_shape", "mlp", _tensor(W, lambda s: torch.zeros(16, 49)),
+     ("net.0.weight", "has shape (16, 49)", "(16, 50)")),
+    ("tensor_int", "mlp", _tensor(W, lambda s: torch.zeros(16, 50, dtype=torch.int64)),
      ("net.0.weight", "dtype int64")),
-    ("tensor_not_tensor", "mlp", _tensor(W, lambda s: [[0.0] * 48] * 16),
+    ("tensor_not_tensor", "mlp", _tensor(W, lambda s: [[0.0] * 50] * 16),
      ("net.0.weight", "is a list, not a tensor")),
-    ("tensor_sparse", "mlp", _tensor(W, lambda s: torch.zeros(16, 48).to_sparse()),
+    ("tensor_sparse", "mlp", _tensor(W, lambda s: torch.zeros(16, 50).to_sparse()),
      ("net.0.weight", "sparse")),
     ("tensor_nan", "pinned", _tensor("head.weight", _nan), ("NaN or Inf", "head.weight")),
     ("tensor_missing", "mlp", _drop(W, "state_dict"), ("do not fit", "missing")),

@@ -113,8 +113,8 @@ def eval_(
     extra = "" if loaded.info.get("known_body", True) else " (zero-shot: body not in checkpoint)"
     lo, hi = res.score_ci95 or (res.score, res.score)
     console.print(f"{robot.name}{extra}: score [bold]{res.score:.3f}[/] [{lo:.3f}, {hi:.3f}] "
-                  f"(95% CI) over {episodes} episodes ({stream} stream, seed {seed}), falls "
-                  f"{res.falls}, success {100 * res.success_rate:.0f}%")
+                  f"(95% CI) over {episodes} episodes ({stream} stream, seed {seed}); "
+                  f"{res.physical_line()}")
     if res.nonfinite_message():
         err_console.print(f"[yellow]warning:[/] {escape(res.nonfinite_message() or '')}",
                           highlight=False)

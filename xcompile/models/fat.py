@@ -66,7 +66,7 @@ MAX_EXTRA_DEPTH = 32           # nesting of those values
 MAX_EXTRA_TEXT = 16 << 20      # characters of all their strings together
 # A one-robot torch policy file (slim.py): a pinned policy is bounded by the config limits above
 # and MAX_JOINTS; a distilled MLP (built-ins: 2 hidden layers of 64-256) by these and MAX_PARAMS.
-MAX_OBS_DIM = MAX_GLOBAL_DIM + JOINT_STATE_DIM * MAX_JOINTS   # an MLP's input width (built-ins: <= 48)
+MAX_OBS_DIM = MAX_GLOBAL_DIM + JOINT_STATE_DIM * MAX_JOINTS   # an MLP's input width (built-ins: <= 50)
 MAX_MLP_WIDTH = 65536          # one hidden layer of an MLP
 MAX_MLP_LAYERS = 64            # hidden layers of an MLP
 

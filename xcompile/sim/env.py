@@ -11,25 +11,7 @@ locomotion global (14): gravity in base frame (3), base linear velocity in base 
     clock (2);
 reach global (9): goal - end effector (3), end effector (3) and goal (3), both in base frame.
 
-The tasks (in the spirit of legged_gym's velocity tasks):
-
-* locomotion: every `task.command_period_s` a new command (vx, vy, yaw rate) is drawn from the
-  robot's ranges (one in ten: stand still). The world varies what a deployment varies
-  (`Randomization`): ground friction, base mass (payload), motor strength, and pushes (a kick of
-  the base velocity at random times).
-* reach: a new goal every `task.goal_period_s`, the end effector at a pose drawn over the joint
-  limits; motor strength varies.
-
-The score is continuous, in [0, 1], the mean over the episode's steps of a per-step score, so it
-rewards being fast and precise and is not clipped at "good enough":
-
-* locomotion: `(2 exp(-(e_v / 0.15 m/s)^2) + exp(-(e_yaw / 0.3 rad/s)^2)) / 3`, where e_v is the
-  error of the base's planar velocity (heading frame, averaged over 0.2 s) against the command and
-  e_yaw that of its yaw rate; a fall ends the episode and its remaining steps count 0.
-* reach: `exp(-d / 2 cm)`, d the distance of the end effector to the current goal.
-
-`episode_metrics()` gives the physical figures behind it (velocity errors, cost of transport,
-reach error in mm, time to within 1 cm).
+The tasks and their score are `xcompile.sim.tasks`'s.
 
 Determinism: a fresh env reset with the same seed and given the same actions gives the same
 trajectory (PyBullet has no RNG of its own; all randomness comes from `self.np_random`).
@@ -38,7 +20,6 @@ trajectory (PyBullet has no RNG of its own; all randomness comes from `self.np_r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -46,90 +27,23 @@ import numpy as np
 
 from xcompile.errors import TargetError
 from xcompile.sim.render import frame
+from xcompile.sim.tasks import (  # noqa: F401  (obs_dim, obs_layout, Faults: re-exported)
+    GLOBAL_DIMS,
+    REACH_SCALE_M,
+    VEL_AVERAGE_S,
+    WITHIN_M,
+    Faults,
+    Randomization,
+    check_numbers,
+    locomotion_step_score,
+    obs_dim,
+    obs_layout,
+    reach_step_score,
+    sample_command,
+)
 from xcompile.sim.world import link_index, load_body
 from xcompile.targets import RobotTarget, load_robot
 from xcompile.targets.loader import MAX_EPISODE_PHYSICS_STEPS, MAX_SUBSTEPS
-
-GLOBAL_DIMS = {"locomotion": 14, "reach": 9}
-
-# Score scales (see the module docstring).
-VEL_SCALE_MPS = 0.15
-YAW_SCALE_RPS = 0.3
-REACH_SCALE_M = 0.02
-VEL_AVERAGE_S = 0.2          # the base velocity scored is averaged (exponentially) over this
-STAND_PROBABILITY = 0.1      # share of commands that are "stand still"
-WITHIN_M = 0.01              # reach: "time to within 1 cm"
-
-
-def obs_dim(robot: RobotTarget) -> int:
-    return GLOBAL_DIMS[robot.family] + 3 * robot.n_joints
-
-
-def obs_layout(robot: RobotTarget) -> list[tuple[str, int]]:
-    """Named slices of the flat observation, in order (recorded in the deployment contract)."""
-    n = robot.n_joints
-    if robot.family == "locomotion":
-        head = [("gravity_b", 3), ("lin_vel_b", 3), ("ang_vel_b_x0.25", 3),
-                ("cmd_vx_vy_yaw", 3), ("gait_sin_cos", 2)]
-    else:
-        head = [("goal_minus_ee_b", 3), ("ee_b", 3), ("goal_b", 3)]
-    return head + [("q_minus_default", n), ("qdot_x0.1", n), ("last_action", n)]
-
-
-def _check_numbers(robot: RobotTarget, faults: Faults) -> None:
-    """Every number the simulation uses is finite (the loader checks ranges; this also covers a
-    RobotTarget built or copied without validation): NaN in PyBullet silently scores 0."""
-    j, task = robot.joints, robot.task
-    values = {"control_hz": [robot.control_hz], "physics_hz": [robot.physics_hz],
-              "joints.default": j.default, "joints.kp": j.kp, "joints.kd": j.kd,
-              "joints.torque_limit": j.torque_limit, "joints.action_scale": [j.action_scale],
-              "joints.action_clip": [j.action_clip], "task.episode_s": [task.episode_s],
-              "faults": [faults.torque_scale, faults.payload_kg, faults.obs_noise_std]}
-    for field in ("command_vx_mps", "command_vy_mps", "command_yaw_rps", "command_period_s",
-                  "goal_period_s", "gait_hz", "spawn_height_m", "fall_height_m", "tolerance_m",
-                  "goal_joint_range"):
-        if hasattr(task, field):
-            v = getattr(task, field)
-            values[f"task.{field}"] = list(v) if isinstance(v, tuple) else [v]
-    for field, vs in values.items():
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vs):
-            raise TargetError(f"{robot.name}: {field} has a value that is not a finite number")
-    if robot.control_hz <= 0 or robot.physics_hz <= 0 or task.episode_s <= 0:
-        raise TargetError(f"{robot.name}: control_hz, physics_hz and task.episode_s must be > 0")
-    if len(j.default) != robot.n_joints or not all(
-            len(v) == robot.n_joints for v in (j.kp, j.kd, j.torque_limit)):
-        raise TargetError(f"{robot.name}: joints.default, kp, kd and torque_limit need one value "
-                          "per joint")
-
-
-@dataclass(frozen=True)
-class Randomization:
-    """What varies from episode to episode, as on a deployed robot (ranges are uniform).
-
-    Locomotion gets all of it; reach (a fixed arm) only motor strength. `Randomization.off()` is
-    the nominal world (tests of the plumbing use it)."""
-
-    friction: tuple[float, float] = (0.5, 1.25)        # ground lateral friction
-    base_mass_scale: tuple[float, float] = (0.9, 1.25)  # base mass x this (payload)
-    motor_strength: tuple[float, float] = (0.85, 1.05)  # torque limits x this
-    push_every_s: tuple[float, float] = (3.0, 5.0)      # time between pushes
-    push_mps: tuple[float, float] = (0.2, 0.5)          # horizontal kick of the base velocity
-    enabled: bool = True
-
-    @classmethod
-    def off(cls) -> Randomization:
-        return cls(enabled=False)
-
-
-@dataclass(frozen=True)
-class Faults:
-    """Perturbations a deployed robot meets (used by robustness benchmarks)."""
-
-    torque_scale: float = 1.0
-    locked_joint: int | None = None
-    payload_kg: float = 0.0
-    action_delay_steps: int = 0
-    obs_noise_std: float = 0.0
 
 
 class RobotEnv(gym.Env):
@@ -144,7 +58,7 @@ class RobotEnv(gym.Env):
         self.randomization = randomization or Randomization()
         self.render_mode = render_mode
         r = self.robot
-        _check_numbers(r, self.faults)
+        check_numbers(r, self.faults)
         self.n = r.n_joints
         self.family = r.family
         self.substeps = max(1, round(r.physics_hz / r.control_hz))
@@ -302,10 +216,7 @@ class RobotEnv(gym.Env):
         return self._obs(), {}
 
     def _sample_command(self, rng: np.random.Generator) -> np.ndarray:
-        task = self.robot.task
-        cmd = np.array([rng.uniform(*task.command_vx_mps), rng.uniform(*task.command_vy_mps),
-                        rng.uniform(*task.command_yaw_rps)])
-        return np.zeros(3) if rng.uniform() < STAND_PROBABILITY else cmd
+        return sample_command(rng, self.robot.task)
 
     def _next_push(self, rng: np.random.Generator, now: int) -> int | None:
         if not self.randomization.enabled:
@@ -425,15 +336,14 @@ class RobotEnv(gym.Env):
             self.yaw_err_sum += e_yaw
             self.path_m += float(np.linalg.norm(pos[:2] - self.last_xy))
             self.last_xy = pos[:2].copy()
-            return False, (2 * math.exp(-(e_v / VEL_SCALE_MPS) ** 2)
-                           + math.exp(-(e_yaw / YAW_SCALE_RPS) ** 2)) / 3
+            return False, locomotion_step_score(e_v, e_yaw)
         d = float(np.linalg.norm(self._ee_pos() - self.goal))
         if d < WITHIN_M and self.goal_within_at is None:
             self.goal_within_at = ((self.t - 1) % self.goal_steps + 1) * self.dt
         if self.t % self.goal_steps == 0 or self.t >= self.max_steps:
             self.goal_errors_m.append(d)
             self.goal_times_s.append(self.goal_within_at)
-        return False, math.exp(-d / REACH_SCALE_M)
+        return False, reach_step_score(d)
 
     def _advance_task(self) -> None:
         """A new command or goal where its period ends (after this step's score)."""

@@ -45,13 +45,29 @@ class Gait:
                                # (the legs on the low side extend)
 
 
-GAITS: dict[str, Gait] = {  # from examples/tune_gaits.py (seed 0, 8 iterations of 16, 3 episodes)
+# From examples/tune_gaits.py, seed 0: a1 `a1 --iters 8 --pop 16 --episodes 3` (sign search, before
+# the balance terms existed; they are 0 for it), the others `NAME --iters 6 --pop 12 --episodes 3`
+# from the WARM starts written there (aliengo: 4 iterations).
+GAITS: dict[str, Gait] = {
     "a1": Gait(thigh_sign=-1.0, knee_sign=-1.0, stride=0.611, lift=0.968, k_speed=-0.032,
                k_roll=0.369, k_pitch=-0.179, duty_shift=-0.191, k_yaw=-0.017, k_lat=0.47,
                k_vy=-0.543, k_wz=-0.146),
-    "aliengo": Gait(thigh_sign=1.0, knee_sign=-1.0, stride=0.1, lift=1.0, k_speed=-0.039,
-                    k_roll=0.773, k_pitch=0.572, duty_shift=-0.23, k_yaw=-0.164, k_lat=0.283,
-                    k_vy=-0.843, k_wz=0.5),
+    "aliengo": Gait(thigh_sign=-1.0, knee_sign=-1.0, stride=0.297, lift=0.552, k_speed=0.297,
+                    k_roll=0.816, k_pitch=-0.8, duty_shift=-0.084, k_yaw=0.6, k_lat=1.0,
+                    k_vy=-0.426, k_wz=-0.059, max_dv=0.192, lift_still=0.527, splay=-0.109,
+                    k_droll=-0.018, k_rollz=-0.279),
+    "laikago": Gait(thigh_sign=1.0, knee_sign=1.0, stride=0.05, lift=0.298, k_speed=0.543,
+                    k_roll=0.491, k_pitch=-0.237, duty_shift=0.412, k_yaw=0.111, k_lat=-0.395,
+                    k_vy=-0.107, k_wz=-0.024, max_dv=0.183, lift_still=0.391, splay=0.069,
+                    k_droll=0.031, k_rollz=0.089),
+    "mini_cheetah": Gait(thigh_sign=1.0, knee_sign=1.0, stride=1.141, lift=0.829, k_speed=-0.171,
+                         k_roll=0.302, k_pitch=-0.782, duty_shift=0.103, k_yaw=-0.321, k_lat=0.011,
+                         k_vy=0.478, k_wz=-0.024, max_dv=0.1, lift_still=0.33, splay=0.214,
+                         k_droll=-0.004, k_rollz=-0.006),
+    "spot": Gait(thigh_sign=1.0, knee_sign=1.0, stride=0.144, lift=0.226, k_speed=0.736,
+                 k_roll=0.137, k_pitch=-0.98, duty_shift=-0.93, k_yaw=-0.078, k_lat=-0.263,
+                 k_vy=0.091, k_wz=0.07, max_dv=0.156, lift_still=0.125, splay=0.124,
+                 k_droll=0.0, k_rollz=0.401),
 }
 
 # Trot: diagonal legs together. Legs in policy order are groups of 3 (abduction, hip, knee); legs 0
@@ -161,3 +177,4 @@ def evaluate_expert(robot, episodes: int = 20, seed: int = 0, stream: str = "rep
     finally:
         env.close()
     return res
+
