@@ -65,6 +65,7 @@ sample fat policy retrained on them. A section measured before that says so in b
 
 
 SCORED = ("quality", "quality-thin", "quality-default", "robustness")   # sections with scores
+WORLD_FREE = ("raptor",)     # sections that use neither the sample fat policy nor the worlds
 
 
 def section(script: str, title: str, command: str, results: Path) -> str:
@@ -83,7 +84,7 @@ def section(script: str, title: str, command: str, results: Path) -> str:
         ckpt = (f"Checkpoint: `{doc['checkpoint']}` (not fingerprinted: measured before results "
                 "recorded the checkpoint's sha256)")
     protocol = doc.get("protocol", 1)
-    stale = ("" if protocol >= 3 else
+    stale = ("" if protocol >= 3 or script in WORLD_FREE else
              "**Not re-run on the tasks of 2026-11-26 (measurement protocol 3):** it measured the "
              "previous sample fat policy on the old worlds (forward-only commands, 3-4 s "
              "episodes, a score clipped at \"made the distance\" or \"within 5 cm\")"
