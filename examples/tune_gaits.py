@@ -100,7 +100,7 @@ def calibrate(name: str, gait: Gait, env: RobotEnv, seeds: range, score: float
         print(f"{name} calibrate {field}: {getattr(gait, field):.3f} -> {getattr(g, field):.3f}, "
               f"score {score:.3f} -> {new_score:.3f}", flush=True)
         if new_score >= score - 0.01:
-            gait, score = g, max(score, new_score) if new_score >= score else new_score
+            gait, score = g, new_score
     nominal.close()
     return gait, score
 

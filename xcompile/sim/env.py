@@ -76,10 +76,15 @@ class RobotEnv(gym.Env):
         self.kd = np.asarray(j.kd, dtype=np.float64)
         self.tau_nominal = np.asarray(j.torque_limit, dtype=np.float64) * self.faults.torque_scale
         self.tau_max = self.tau_nominal.copy()
+        self.energy_j = 0.0            # |torque x joint speed| summed by _apply_pd, J
 
         self.p = p
         self.cid = p.connect(p.DIRECT)
         self._build_world()
+        # The body's nominal mass with any payload fault (the cost of transport's divisor).
+        self.total_mass = sum(
+            p.getDynamicsInfo(self.body, link, physicsClientId=self.cid)[0]
+            for link in range(-1, p.getNumJoints(self.body, physicsClientId=self.cid)))
 
         od = obs_dim(r)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (od,), np.float32)
@@ -129,9 +134,6 @@ class RobotEnv(gym.Env):
             lo = np.array([a if a < b else q - math.pi for (a, b), q in zip(lim, self.q0)])
             hi = np.array([b if a < b else q + math.pi for (a, b), q in zip(lim, self.q0)])
             self.goal_lo, self.goal_hi = lo + 0.05 * (hi - lo), hi - 0.05 * (hi - lo)
-        self.total_mass = sum(
-            p.getDynamicsInfo(self.body, link, physicsClientId=self.cid)[0]
-            for link in range(-1, p.getNumJoints(self.body, physicsClientId=self.cid)))
 
 
     # ---------------------------------------------------------------- state
@@ -182,7 +184,6 @@ class RobotEnv(gym.Env):
         for jid, q in zip(self.jids, q_init):
             p.resetJointState(self.body, jid, q, 0.0, physicsClientId=c)
         self.score_sum = 0.0
-        self.energy_j = 0.0
         if self.family == "locomotion":
             if rand.enabled:
                 p.changeDynamics(self.plane, -1, lateralFriction=rng.uniform(*rand.friction),
@@ -193,13 +194,12 @@ class RobotEnv(gym.Env):
             p.resetBasePositionAndOrientation(self.body, [0, 0, r.task.spawn_height_m],
                                               [0, 0, 0, 1], physicsClientId=c)
             p.resetBaseVelocity(self.body, [0, 0, 0], [0, 0, 0], physicsClientId=c)
-            self.cmd = self._sample_command(rng)
+            self.cmd = sample_command(rng, r.task)
             self.cmd_steps = max(1, round(r.task.command_period_s * r.control_hz))
             self.next_push = self._next_push(rng, 0)
             # Let the body settle onto its feet under PD before the clock starts.
             for _ in range(int(0.3 / self.dt)):
                 self._apply_pd(self.q0)
-            self.energy_j = 0.0
             self.v_avg = np.zeros(2)
             self.yaw_rate_avg = 0.0
             self.vel_err_sum = self.yaw_err_sum = self.path_m = 0.0
@@ -212,11 +212,9 @@ class RobotEnv(gym.Env):
             self.goal_errors_m: list[float] = []
             self.goal_times_s: list[float | None] = []
             self.goal_within_at: float | None = None
+        self.energy_j = 0.0            # from here: the settling above does not count
         self.fell = False
         return self._obs(), {}
-
-    def _sample_command(self, rng: np.random.Generator) -> np.ndarray:
-        return sample_command(rng, self.robot.task)
 
     def _next_push(self, rng: np.random.Generator, now: int) -> int | None:
         if not self.randomization.enabled:
@@ -350,7 +348,7 @@ class RobotEnv(gym.Env):
         if self.t >= self.max_steps:
             return
         if self.family == "locomotion" and self.t % self.cmd_steps == 0:
-            self.cmd = self._sample_command(self.np_random)
+            self.cmd = sample_command(self.np_random, self.robot.task)
         elif self.family == "reach" and self.t % self.goal_steps == 0:
             self.goal = self._sample_goal(self.np_random)
             self.goal_within_at = None
@@ -364,12 +362,12 @@ class RobotEnv(gym.Env):
         """The physical figures of the episode so far (the score's components)."""
         steps = max(self.t, 1)
         if self.family == "locomotion":
-            cot = (self.energy_j / (self.total_mass * 9.81 * self.path_m)
-                   if self.path_m > 0.1 else None)
+            per_m = self.energy_j / self.path_m if self.path_m > 0.1 else None
             return {"vel_error_mps": self.vel_err_sum / steps,
                     "yaw_rate_error_rps": self.yaw_err_sum / steps,
-                    "energy_per_m_j": self.energy_j / self.path_m if self.path_m > 0.1 else None,
-                    "cost_of_transport": cot, "duration_s": self.t * self.dt}
+                    "energy_per_m_j": per_m,
+                    "cost_of_transport": None if per_m is None else per_m / (self.total_mass * 9.81),
+                    "duration_s": self.t * self.dt}
         errors = self.goal_errors_m or [float(np.linalg.norm(self._ee_pos() - self.goal))]
         times = [t for t in self.goal_times_s if t is not None]
         return {"reach_error_mm": 1000 * float(np.mean(errors)),
