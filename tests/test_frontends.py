@@ -321,3 +321,84 @@ def test_plans_validate_for_a_foreign_input():
     with pytest.raises(PlanError, match="export-onnx takes torch but the build starts from a "
                                         "fat-graph"):
         validate_plan(["export-onnx"], input_format="fat-graph")
+
+
+def test_inspect_foreign_shows_what_each_body_keeps(models, tmp_path):
+    torch_model, onnx_path, pt2_path = models["hpt"]
+    toml = models["folder"] / "hpt.toml"
+    total = sum(p.numel() for p in torch_model.parameters())
+    for src in (onnx_path, pt2_path):
+        res = runner.invoke(app, ["inspect", str(src), "--interface", str(toml), "--json"])
+        assert res.exit_code == 0, _out(res)
+        info = json.loads(res.stdout)
+        assert info["params_total"] == total and info["family"] == "locomotion"
+        assert [i["name"] for i in info["inputs"]] == ["obs", "body_id"]
+        bodies = {b["name"]: b for b in info["bodies"]}
+        assert set(bodies) == {"a1", "spot"}
+        for b in bodies.values():       # pinned for one body: exactly one stem, trunk, head
+            assert b["params_used"] == torch_model.one_body_params() and b["n_joints"] == 12
+            assert 0 < b["fraction_used"] < 1
+    res = runner.invoke(app, ["inspect", str(onnx_path)])        # no interface: the graph's I/O
+    assert res.exit_code == 0 and "body_id" in res.output and "--interface" in res.output
+    res = runner.invoke(app, ["inspect", "examples/fat_policy.pt", "--interface", str(toml)])
+    assert res.exit_code != 0 and "foreign" in _out(res) and "Traceback" not in _out(res)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(HPT_TOML.replace('observation = "obs"', 'observation = "state"'))
+    res = runner.invoke(app, ["inspect", str(onnx_path), "--interface", str(bad)])
+    assert res.exit_code != 0 and "'state' does not exist" in _out(res)
+
+
+class JointTokens(nn.Module):
+    """Reference (b): a transformer over joint tokens whose body comes in as a per-joint
+    descriptor input `joint_desc` [n_joints, k] (MetaMorph/URMA-like), in a layout unlike
+    xcompile's own: a descriptor encoder adds an embedding to each joint's state token, a
+    separate global token carries the body's state, and a shared head reads each joint."""
+
+    def __init__(self, n_global: int, n_joints: int, k: int = 8, d: int = 16):
+        super().__init__()
+        torch.manual_seed(2)
+        self.n_global, self.n = n_global, n_joints
+        self.desc_enc = nn.Sequential(nn.Linear(k, 64), nn.ELU(), nn.Linear(64, 64), nn.ELU(),
+                                      nn.Linear(64, d))
+        self.joint_in = nn.Linear(3, d)
+        self.global_in = nn.Linear(n_global, d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.ELU(), nn.Linear(2 * d, d))
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, obs: torch.Tensor, joint_desc: torch.Tensor) -> torch.Tensor:
+        g, n = self.n_global, self.n
+        state = torch.stack([obs[:, g:g + n], obs[:, g + n:g + 2 * n],
+                             obs[:, g + 2 * n:g + 3 * n]], dim=-1)          # [B, n, 3]
+        tokens = self.joint_in(state) + self.desc_enc(joint_desc)           # [B, n, d]
+        x = torch.cat([self.global_in(obs[:, :g]).unsqueeze(1), tokens], dim=1)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = x + self.mlp(x)
+        return torch.tanh(self.head(x[:, 1:]).squeeze(-1))
+
+    def desc_params(self) -> int:
+        return sum(p.numel() for p in self.desc_enc.parameters())
+
+
+def test_joint_token_transformer_with_descriptor_inputs(tmp_path):
+    """Pinning folds the descriptor encoder into one constant per body: the pinned graph equals
+    the fat one (checked by the pass to 1e-5) and holds fewer weights."""
+    a1 = load_robot("a1")
+    n_obs, n = obs_dim(a1), a1.n_joints
+    model = JointTokens(n_obs - 3 * n, n)
+    desc = np.random.default_rng(3).standard_normal((2, n, 8)).round(3)
+    onnx_path, pt2_path = _export(model, "joint_desc", torch.as_tensor(desc[1], dtype=torch.float32),
+                                  n_obs, tmp_path, "tokens")
+    toml = tmp_path / "tokens.toml"
+    toml.write_text('format = "xcompile-interface/1"\nobservation = "obs"\naction = "action"\n'
+                    f'family = "locomotion"\n[bodies.a1]\njoint_desc = {desc[1].tolist()}\n'
+                    f'[bodies.spot]\njoint_desc = {desc[0].tolist()}\n')
+    total = sum(p.numel() for p in model.parameters())
+    for src in (onnx_path, pt2_path):
+        res, out = _build(src, toml, tmp_path / src.suffix[1:])
+        assert res.exit_code == 0, _out(res)
+        checks = json.loads(res.stdout)["stages"][1]["checks"]
+        assert checks["max_abs_err"] <= 1e-5
+        # the encoder's weights are gone; one [n, d] embedding (per body) is left in their place
+        assert checks["params_pinned"] <= total - model.desc_params() + n * 16
+        assert checks["params_removed"] >= model.desc_params() - n * 16

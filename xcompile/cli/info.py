@@ -52,32 +52,59 @@ def targets(as_json: JsonOpt = False) -> None:
 
 @app.command()
 def inspect(
-    checkpoint: Annotated[Path, typer.Argument(help="Fat checkpoint (.pt or .safetensors).")],
+    checkpoint: Annotated[Path, typer.Argument(
+        help="Fat policy: an xcompile checkpoint (.pt or .safetensors), or a foreign one (.onnx "
+             "or torch.export .pt2).")],
+    interface: Annotated[Path | None, typer.Option(
+        "--interface", help="Interface description of a foreign fat policy (TOML): with it, each "
+                            "body's share is measured by pinning the graph for it.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show what a fat checkpoint holds: bodies, parameters, bytes, what each body uses.
+    """Show what a fat policy holds: bodies, parameters, bytes, what each body uses.
 
-    Like `lipo -info` for a fat binary. Example: xcompile inspect examples/fat_policy.pt
+    Like `lipo -info` for a fat binary. Examples: xcompile inspect examples/fat_policy.pt;
+    xcompile inspect hpt.onnx --interface fat.toml
     """
-    from xcompile.models.checkpoint import inspect_checkpoint, load_checkpoint
+    from xcompile.errors import CheckpointError
+    from xcompile.frontends import FOREIGN_SUFFIXES
 
+    foreign = checkpoint.suffix in FOREIGN_SUFFIXES
     with user_errors():
-        info = inspect_checkpoint(load_checkpoint(checkpoint))
+        if interface is not None and not foreign:
+            raise CheckpointError(f"{checkpoint}: --interface describes a foreign fat policy "
+                                  "(.onnx or .pt2); an xcompile checkpoint describes itself")
+        if foreign:
+            from xcompile.frontends.measure import inspect_graph
+
+            info = inspect_graph(checkpoint, interface)
+        else:
+            from xcompile.models.checkpoint import inspect_checkpoint, load_checkpoint
+
+            info = inspect_checkpoint(load_checkpoint(checkpoint))
     if as_json:
         print_json(info)
         return
-    console.print(f"[bold]{checkpoint}[/]: {info['format']} v{info['version']}, "
-                  f"{info['params_total']:,} parameters, {info['bytes']:,} bytes, "
-                  f"sha256 {info['sha256'][:12]}")
-    cfg = info["config"]
-    console.print(f"architecture: transformer d_model={cfg['d_model']} layers={cfg['n_layers']} "
-                  f"heads={cfg['n_heads']} families={sorted(cfg['global_dims'])}")
+    head = info["format"] if foreign else f"{info['format']} v{info['version']}"
+    console.print(f"[bold]{checkpoint}[/]: {head}, {info['params_total']:,} parameters, "
+                  f"{info['bytes']:,} bytes, sha256 {info['sha256'][:12]}")
+    if foreign:
+        for kind in ("inputs", "outputs"):
+            console.print(f"{kind}: " + ", ".join(f"{g['name']} {g['dtype']}{g['shape']}"
+                                                   for g in info[kind]), highlight=False)
+        if interface is None:
+            console.print("(give --interface to see what each body keeps after pinning)")
+            return
+    else:
+        cfg = info["config"]
+        console.print(f"architecture: transformer d_model={cfg['d_model']} "
+                      f"layers={cfg['n_layers']} heads={cfg['n_heads']} "
+                      f"families={sorted(cfg['global_dims'])}")
     t = Table(title=f"{len(info['bodies'])} bodies")
     for c in ("body", "task", "joints", "params used", "share of network"):
         t.add_column(c)
     for b in info["bodies"]:
-        t.add_row(b["name"], b["family"], str(b["n_joints"]), f"{b['params_used']:,}",
-                  f"{100 * b['fraction_used']:.1f}%")
+        t.add_row(b["name"], b["family"], "?" if b["n_joints"] is None else str(b["n_joints"]),
+                  f"{b['params_used']:,}", f"{100 * b['fraction_used']:.1f}%")
     console.print(t)
 
 

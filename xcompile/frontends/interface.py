@@ -153,14 +153,7 @@ def check_interface(iface: Interface, inputs: Sequence[GraphInput], outputs: Seq
         raise InterfaceError(f"{where}: family: the fat policy serves {iface.family!r}, but "
                              f"target {robot.name!r} does {robot.family!r}; pick a "
                              f"{iface.family} target")
-    ins = {i.name: i for i in inputs}
-    outs = {o.name: o for o in outputs}
-    if iface.observation not in ins:
-        raise InterfaceError(f"{where}: observation: graph input {iface.observation!r} does not "
-                             f"exist; the graph's inputs are {', '.join(ins) or 'none'}")
-    if iface.action not in outs:
-        raise InterfaceError(f"{where}: action: graph output {iface.action!r} does not exist; the "
-                             f"graph's outputs are {', '.join(outs) or 'none'}")
+    ins, outs = _named_io(iface, inputs, outputs, where)
     obs = ins[iface.observation]
     if obs.dtype != np.float32 or len(obs.shape) != 2:
         raise InterfaceError(f"{where}: observation: graph input {obs.name!r} is "
@@ -187,6 +180,28 @@ def check_interface(iface: Interface, inputs: Sequence[GraphInput], outputs: Seq
                              f"targets or add a table for {robot.name}")
     return _body_values(iface.bodies[robot.name], ins, iface.observation,
                         f"{where}: bodies.{robot.name}")
+
+
+def _named_io(iface: Interface, inputs: Sequence[GraphInput], outputs: Sequence[GraphInput],
+              where: str) -> tuple[dict[str, GraphInput], dict[str, GraphInput]]:
+    """The graph's inputs and outputs by name, with the interface's observation and action."""
+    ins = {i.name: i for i in inputs}
+    outs = {o.name: o for o in outputs}
+    if iface.observation not in ins:
+        raise InterfaceError(f"{where}: observation: graph input {iface.observation!r} does not "
+                             f"exist; the graph's inputs are {', '.join(ins) or 'none'}")
+    if iface.action not in outs:
+        raise InterfaceError(f"{where}: action: graph output {iface.action!r} does not exist; the "
+                             f"graph's outputs are {', '.join(outs) or 'none'}")
+    return ins, outs
+
+
+def check_body_table(iface: Interface, inputs: Sequence[GraphInput],
+                     outputs: Sequence[GraphInput], body: str, where: str
+                     ) -> dict[str, np.ndarray]:
+    """{input: value} of one body's table, checked against the graph's inputs (not a target)."""
+    ins, _ = _named_io(iface, inputs, outputs, where)
+    return _body_values(iface.bodies[body], ins, iface.observation, f"{where}: bodies.{body}")
 
 
 def _body_values(table: Mapping[str, Any], ins: Mapping[str, GraphInput], obs_name: str,

@@ -96,3 +96,40 @@ def measure_any(art: Artifact, robot: RobotTarget, episodes: int, seed: int = 0,
     if art.format == FAT_GRAPH:
         return measure_fat_graph(art, robot, episodes, seed, latency_n)
     return measure_artifact(art, robot, episodes, seed, latency_n)
+
+
+def inspect_graph(path: str | Path, interface: str | Path | None = None) -> dict[str, Any]:
+    """What `xcompile inspect` prints for a foreign fat policy (.onnx or .pt2): its inputs and
+    outputs, stored weights and bytes and, with an interface, what each body it serves keeps
+    after pin-embodiment (the graph pinned for that body and its weights counted)."""
+    from xcompile.artifact import file_sha256
+    from xcompile.frontends.graph import FatGraph, graph_io, load_graph
+    from xcompile.frontends.interface import check_body_table, read_interface
+    from xcompile.frontends.pin import pin_graph
+    from xcompile.targets import list_robots, load_robot
+
+    path = Path(path)
+    iface = read_interface(interface) if interface is not None else None
+    model = load_graph(path, iface.action if iface else "action")
+    ins, outs = graph_io(model)
+    total = graph_params(model)
+
+    def io(g: Any) -> dict[str, Any]:
+        return {"name": g.name, "dtype": np.dtype(g.dtype).name, "shape": list(g.shape)}
+
+    info: dict[str, Any] = {
+        "format": f"foreign ({path.suffix[1:]})", "path": str(path), "bytes": path.stat().st_size,
+        "sha256": file_sha256(path), "params_total": total, "inputs": [io(g) for g in ins],
+        "outputs": [io(g) for g in outs], "interface": None if interface is None else str(interface),
+        "family": iface.family if iface else None, "bodies": []}
+    if iface is None:
+        return info
+    known = set(list_robots())
+    for body, table in iface.bodies.items():
+        values = check_body_table(iface, ins, outs, body, str(interface))
+        used = graph_params(pin_graph(FatGraph(model, iface, ins, outs, values)))
+        info["bodies"].append({
+            "name": body, "family": iface.family,
+            "n_joints": load_robot(body).n_joints if body in known else None,
+            "params_used": used, "fraction_used": used / total if total else 0.0})
+    return info
