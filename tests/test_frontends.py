@@ -70,15 +70,24 @@ class OneHotMLP(nn.Module):
 def _export(model: nn.Module, body_input: str, body_example: torch.Tensor, n_obs: int,
             folder: Path, stem: str) -> tuple[Path, Path]:
     """`model` saved as folder/stem.onnx and folder/stem.pt2, dynamic batch."""
+    return _export_io(model, {"obs": torch.zeros(2, n_obs), body_input: body_example}, {"obs"},
+                      ["action"], folder, stem)
+
+
+def _export_io(model: nn.Module, inputs: dict[str, torch.Tensor], batched: set[str],
+               outputs: list[str], folder: Path, stem: str) -> tuple[Path, Path]:
+    """`model` (its forward's arguments named as `inputs`) saved as folder/stem.onnx and
+    folder/stem.pt2; the inputs in `batched` share a dynamic batch dimension."""
     model.eval()
-    args = (torch.zeros(2, n_obs), body_example)
-    dyn = {"obs": {0: torch.export.Dim("batch")}, body_input: None}
+    args = tuple(inputs.values())
+    batch = torch.export.Dim("batch")
+    dyn = {k: ({0: batch} if k in batched else None) for k in inputs}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = torch.export.export(model, args, dynamic_shapes=dyn)
         torch.export.save(ep, folder / f"{stem}.pt2")
-        prog = torch.onnx.export(model, args, dynamo=True, input_names=["obs", body_input],
-                                 output_names=["action"], dynamic_shapes=dyn, opset_version=18,
+        prog = torch.onnx.export(model, args, dynamo=True, input_names=list(inputs),
+                                 output_names=outputs, dynamic_shapes=dyn, opset_version=18,
                                  verbose=False)
     prog.save(str(folder / f"{stem}.onnx"))
     return folder / f"{stem}.onnx", folder / f"{stem}.pt2"
@@ -402,3 +411,375 @@ def test_joint_token_transformer_with_descriptor_inputs(tmp_path):
         # the encoder's weights are gone; one [n, d] embedding (per body) is left in their place
         assert checks["params_pinned"] <= total - model.desc_params() + n * 16
         assert checks["params_removed"] >= model.desc_params() - n * 16
+
+
+# ------------------------------------------------------------------------------ recurrent (d)
+
+
+class GRUPolicy(nn.Module):
+    """Reference (d): a recurrent policy with no body input, which (like RAPTOR) has to infer its
+    body from its own history: Linear -> ELU -> GRU cell (hidden D) -> Linear -> tanh, the state
+    explicit: (obs, h_in) -> (action, h_out)."""
+
+    def __init__(self, n_obs: int, n_act: int, d: int = D):
+        super().__init__()
+        torch.manual_seed(5)
+        self.inp = nn.Linear(n_obs, d)
+        self.cell = nn.GRUCell(d, d)
+        self.out = nn.Linear(d, n_act)
+        with torch.no_grad():
+            self.cell.weight_hh.mul_(3.0)         # a long memory: the state matters
+            self.out.weight.mul_(3.0)
+
+    def forward(self, obs: torch.Tensor, h_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.cell(nn.functional.elu(self.inp(obs)), h_in)
+        return torch.tanh(self.out(h)), h
+
+
+class HPTGRU(nn.Module):
+    """A recurrent policy with a body input: per-body stems (gathered by `body_id`) into a shared
+    GRU cell and head."""
+
+    def __init__(self, n_obs: int, n_act: int, n_bodies: int, d: int = D):
+        super().__init__()
+        g = torch.Generator().manual_seed(6)
+        self.stem_w = nn.Parameter(torch.randn(n_bodies, n_obs, d, generator=g) * 0.2)
+        self.stem_b = nn.Parameter(torch.randn(n_bodies, d, generator=g) * 0.1)
+        torch.manual_seed(6)
+        self.cell = nn.GRUCell(d, d)
+        self.head = nn.Linear(d, n_act)
+
+    def forward(self, obs: torch.Tensor, body_id: torch.Tensor, h_in: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        i = body_id[0]
+        h = self.cell(torch.tanh(obs @ self.stem_w[i] + self.stem_b[i]), h_in)
+        return torch.tanh(self.head(h)), h
+
+    def one_body_params(self) -> int:
+        return (self.stem_w[0].numel() + self.stem_b[0].numel()
+                + sum(p.numel() for p in [*self.cell.parameters(), *self.head.parameters()]))
+
+
+REC_TOML = """format = "xcompile-interface/1"
+observation = "obs"
+action = "action"
+family = "locomotion"        # no [bodies.*]: no embodiment input, so any locomotion target
+
+[recurrent]
+[[recurrent.state]]
+input = "h_in"               # graph input that takes the state (batch, 16)
+output = "h_out"             # graph output that gives the next state
+shape = [16]
+dtype = "float32"
+reset = "zeros"
+"""
+
+HPTGRU_TOML = REC_TOML.replace("[recurrent]", "[bodies.a1]\nbody_id = [1]\n[bodies.spot]\n"
+                               "body_id = [0]\n\n[recurrent]")
+
+
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("recurrent")
+    a1 = load_robot("a1")
+    n_obs, n_act = obs_dim(a1), a1.n_joints
+    gru, hgru = GRUPolicy(n_obs, n_act), HPTGRU(n_obs, n_act, 2)
+    out = {"gru": (gru, *_export_io(gru, {"obs": torch.zeros(2, n_obs),
+                                          "h_in": torch.zeros(2, D)}, {"obs", "h_in"},
+                                    ["action", "h_out"], folder, "gru")),
+           "hgru": (hgru, *_export_io(hgru, {"obs": torch.zeros(2, n_obs),
+                                             "body_id": torch.tensor([1]),
+                                             "h_in": torch.zeros(2, D)}, {"obs", "h_in"},
+                                      ["action", "h_out"], folder, "hgru")),
+           "folder": folder}
+    (folder / "rec.toml").write_text(REC_TOML)
+    (folder / "hgru.toml").write_text(HPTGRU_TOML)
+    return out
+
+
+def _torch_steps(model: nn.Module, xs: np.ndarray, *extra: torch.Tensor,
+                 h0: np.ndarray | None = None) -> np.ndarray:
+    """The torch model over a sequence xs [T, B, n_obs], its state carried from `h0` (zeros)."""
+    h = torch.zeros(xs.shape[1], D) if h0 is None else torch.as_tensor(h0).expand(xs.shape[1], D)
+    acts = []
+    with torch.inference_mode():
+        for x in xs:
+            a, h = model(torch.as_tensor(x), *extra, h)
+            acts.append(a.numpy())
+    return np.stack(acts)
+
+
+def _episodes_in_lock_step(policy, xs: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
+    """Drive a stateful policy as `evaluate` does: episodes of different lengths in lock-step,
+    rows dropping out as episodes end; returns each episode's actions [T_i, n_act]."""
+    policy.reset_states()
+    acts: list[list[np.ndarray]] = [[] for _ in lengths]
+    for t in range(max(lengths)):
+        live = [e for e, n in enumerate(lengths) if t < n]
+        policy.set_rows(live)
+        for e, a in zip(live, policy(xs[t, live])):
+            acts[e].append(a)
+    return [np.stack(a) for a in acts]
+
+
+@pytest.mark.parametrize("fmt, precision", [("onnx", "int8"), ("pt2", "int8"), ("onnx", "fp16")])
+def test_recurrent_thin_build_pins_exports_and_quantizes(rec, tmp_path, fmt, precision):
+    gru, onnx_path, pt2_path = rec["gru"]
+    res, out = _build(onnx_path if fmt == "onnx" else pt2_path, rec["folder"] / "rec.toml",
+                      tmp_path, f"--{precision}")
+    assert res.exit_code == 0, _out(res)
+    report = json.loads(res.stdout)
+    assert [s["name"] for s in report["stages"]] == ["fat", "pin-embodiment", "export-onnx",
+                                                     "quantize"]
+    checks = report["stages"][1]["checks"]
+    assert checks["max_abs_err"] <= 1e-5 and checks["recurrent_states"] == 1
+    assert checks["n_check_obs"] > 4096 + 500        # random, and one closed-loop episode
+    assert checks["params_pinned"] == sum(p.numel() for p in gru.parameters())
+    q = report["stages"][3]["checks"]
+    assert q["check_obs"] == "closed-loop" and q["mean_action_err"] < 0.02
+    from xcompile.onnx.recurrent import RULE
+    from xcompile.onnx.session import ort_session
+    from xcompile.policy import load_policy
+
+    sess = ort_session(out / "policy.onnx")
+    assert [i.name for i in sess.get_inputs()] == ["obs", "h_in"]
+    assert [o.name for o in sess.get_outputs()] == ["action", "h_out"]
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert meta["precision"] == precision
+    assert json.loads(meta["recurrent_state"]) == {"rule": RULE, "states": [
+        {"input": "h_in", "output": "h_out", "shape": [16], "dtype": "float32", "reset": "zeros"}]}
+    # the quantized policy, loaded as a runtime loads it, follows the torch model over a sequence
+    xs = np.random.default_rng(7).standard_normal((40, 3, obs_dim(load_robot("a1"))))
+    xs = xs.astype(np.float32)
+    got = _episodes_in_lock_step(load_policy(out / "policy.onnx", load_robot("a1")).act, xs,
+                                 [40, 40, 40])
+    assert np.abs(np.stack(got, 1) - _torch_steps(gru, xs)).max() < 0.1
+
+
+def test_recurrent_pinned_equals_torch_step_by_step_and_evals_like_fat(rec, tmp_path):
+    """fp32: the pinned policy, loaded by the runtime loader, is the torch model run step by step
+    with its state carried from the recorded reset value (a list here; to 1e-5), per episode
+    while episodes of several lengths share the batch; `xcompile eval` of it and of the fat model
+    give the same per-episode scores."""
+    gru, onnx_path, _ = rec["gru"]
+    h0 = np.linspace(-0.8, 0.8, D).round(3).astype(np.float32)
+    toml = tmp_path / "reset.toml"
+    toml.write_text(REC_TOML.replace('reset = "zeros"', f"reset = {h0.tolist()}"))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["build", str(onnx_path), "--interface", str(toml), "--target",
+                              "a1", "--passes", "pin-embodiment,export-onnx", "--episodes", "1",
+                              "--profile", "fast", "--out", str(out), "--cache-dir",
+                              str(tmp_path / "cache"), "--json"])
+    assert res.exit_code == 0, _out(res)
+    from xcompile.policy import load_policy
+
+    a1 = load_robot("a1")
+    policy = load_policy(out / "policy.onnx", a1).act
+    xs = np.random.default_rng(8).standard_normal((60, 3, obs_dim(a1))).astype(np.float32)
+    want = _torch_steps(gru, xs, h0=h0)
+    assert np.abs(want - _torch_steps(gru, xs)).max() > 1e-2    # the reset value matters
+    lengths = [60, 25, 41]
+    got = _episodes_in_lock_step(policy, xs, lengths)
+    for e, n in enumerate(lengths):
+        assert np.abs(got[e] - want[:n, e]).max() <= 1e-5
+    got_again = _episodes_in_lock_step(policy, xs, lengths)      # reset at the rollout's start
+    assert all(np.array_equal(a, b) for a, b in zip(got, got_again))
+    scores = {}
+    for name, args in (("pinned", [str(out / "policy.onnx")]),
+                       ("fat", [str(onnx_path), "--interface", str(toml)])):
+        res = runner.invoke(app, ["eval", *args, "--target", "a1", "--episodes", "2", "--json"])
+        assert res.exit_code == 0, _out(res)
+        scores[name] = json.loads(res.stdout)["scores"]
+    assert scores["pinned"] == scores["fat"]
+
+
+class _NoReset:
+    """Sabotaged twin: a row keeps its state when a new episode takes it over (the state is
+    carried across episodes instead of reset)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def reset_states(self) -> None:
+        self.inner.reset_states()
+
+    def set_rows(self, episodes: list[int]) -> None:
+        self.inner.set_rows(list(range(len(episodes))))
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        return self.inner(obs)
+
+
+def test_recurrent_eval_is_per_episode_and_independent_of_parallel(rec):
+    from xcompile.evaluate import score_policy
+    from xcompile.frontends.graph import fat_graph_policy
+
+    a1 = load_robot("a1")
+    act = fat_graph_policy(rec["gru"][1], rec["folder"] / "rec.toml", a1).act
+    batched = score_policy(act, a1, 3, seed=0).scores                    # parallel 10
+    serial = score_policy(act, a1, 3, seed=0, parallel=1).scores
+    assert batched == serial
+    alone = score_policy(act, a1, 1, seed=0, first_episode=2).scores     # a fresh state
+    assert alone == serial[2:]
+    broken = score_policy(_NoReset(act), a1, 3, seed=0, parallel=1).scores
+    assert broken[0] == serial[0]          # the first episode starts from the reset state ...
+    assert broken[1] != serial[1] and broken[2] != serial[2]   # ... the others from the last one
+
+
+BAD_RECURRENT = [
+    ('input = "h_in"', 'input = "h"',
+     "recurrent.state.0.input: graph input 'h' does not exist; the graph's inputs are obs, h_in"),
+    ('output = "h_out"', 'output = "h_next"',
+     "recurrent.state.0.output: graph output 'h_next' does not exist"),
+    ("shape = [16]", "shape = [8]", "recurrent.state.0.input: graph input 'h_in' is float32 of "
+     "shape ['batch', 16]; the state's shape and dtype say float32 of shape [batch, 8]"),
+    ('dtype = "float32"', 'dtype = "float64"', "the state's shape and dtype say float64"),
+    ('dtype = "float32"', 'dtype = "int8"',
+     "recurrent.state.0.dtype: Input should be 'float32', 'float16' or 'float64'"),
+    ('reset = "zeros"', "reset = [0.0, 1.0]",
+     "recurrent.state.0.reset: 2 values, but the state has shape [16] (16 values)"),
+    ('reset = "zeros"', 'reset = "ones"', 'recurrent.state.0.reset: expected "zeros" or a list'),
+    ('output = "h_out"', "", "recurrent.state.0.output: missing: expected graph output"),
+    ('reset = "zeros"', 'reset = "zeros"\nsize = 3',
+     "recurrent.state.0.size: unknown field; expected one of input, output, shape, dtype, reset"),
+    ('input = "h_in"', 'input = "obs"', "recurrent.state.0.input: 'obs' is a name the pinned "
+     "policy gives its observation or action"),
+    ("[recurrent]", "[recurrent]\nkind = 'gru'", "recurrent.kind: unknown field"),
+    ("[[recurrent.state]]", "", "recurrent.state: missing: expected [[recurrent.state]] tables"),
+]
+
+
+@pytest.mark.parametrize("old, new, message", BAD_RECURRENT)
+def test_bad_recurrent_table_one_line_error_nothing_written(rec, tmp_path, old, new, message):
+    toml = tmp_path / "bad.toml"
+    assert old in REC_TOML
+    toml.write_text(REC_TOML.replace(old, new))
+    res, out = _build(rec["gru"][1], toml, tmp_path)
+    assert res.exit_code == 2, _out(res)
+    err = _out(res)
+    assert message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_recurrent_interface_mismatches_and_plans_refused(rec, models, tmp_path):
+    """A state input left undescribed, bodies left out for a graph with a body input, and
+    passes that do not take a recurrent policy yet: one line, exit 2, nothing written."""
+    no_rec = tmp_path / "no_rec.toml"
+    no_rec.write_text(REC_TOML[:REC_TOML.index("[recurrent]")])
+    no_bodies = tmp_path / "no_bodies.toml"
+    no_bodies.write_text(HPT_TOML[:HPT_TOML.index("[bodies.a1]")])
+    toml = rec["folder"] / "rec.toml"
+    cases = [
+        (rec["gru"][1], no_rec, ["--passes", "pin-embodiment"],
+         "bodies: the graph has embodiment inputs (h_in); give a [bodies.NAME] table"),
+        (models["hpt"][1], no_bodies, ["--passes", "pin-embodiment"],
+         "bodies: the graph has embodiment inputs (body_id)"),
+        (rec["gru"][1], toml, [], "distill does not take a recurrent teacher yet; use --passes "
+                                  "pin-embodiment,export-onnx,quantize"),
+        (rec["gru"][2], toml, ["--emit", "c", "--passes", "pin-embodiment,export-onnx"],
+         "emit-c does not take a recurrent policy yet"),
+    ]
+    for i, (model, iface, extra, message) in enumerate(cases):
+        work = tmp_path / f"case{i}"
+        res = runner.invoke(app, ["build", str(model), "--interface", str(iface), "--target",
+                                  "a1", "--profile", "fast", "--out", str(work / "out"),
+                                  "--cache-dir", str(work / "cache"), *extra])
+        assert res.exit_code == 2, (message, _out(res))
+        assert message in _out(res) and len(_out(res).strip().splitlines()) == 1, _out(res)
+        assert not work.exists()
+
+
+def test_recurrent_with_a_body_input_pins_and_equals_fat(rec, tmp_path):
+    """HPT-like stems + a GRU: pinning drops the other body's stem, keeps the state, and the
+    pinned graph equals the torch model step by step for both bodies."""
+    from xcompile.frontends.graph import fat_graph
+    from xcompile.frontends.interface import read_interface
+    from xcompile.frontends.measure import graph_params
+    from xcompile.frontends.pin import pin_graph
+    from xcompile.onnx.recurrent import StatefulPolicy
+    from xcompile.onnx.session import ort_session
+
+    hgru, onnx_path, pt2_path = rec["hgru"]
+    toml = rec["folder"] / "hgru.toml"
+    res, _ = _build(pt2_path, toml, tmp_path)
+    assert res.exit_code == 0, _out(res)
+    checks = json.loads(res.stdout)["stages"][1]["checks"]
+    assert checks["max_abs_err"] <= 1e-5 and checks["recurrent_states"] == 1
+    assert checks["params_pinned"] == hgru.one_body_params()
+    for robot, body in (("a1", 1), ("spot", 0)):
+        r = load_robot(robot)
+        fg = fat_graph(onnx_path, read_interface(toml), r)
+        pinned = pin_graph(fg)
+        assert graph_params(pinned) == hgru.one_body_params()
+        assert [i.name for i in pinned.graph.input] == ["obs", "h_in"]
+        policy = StatefulPolicy.of_session(ort_session(pinned.SerializeToString()), "obs",
+                                           "action", fg.states)
+        xs = np.random.default_rng(9).standard_normal((30, 2, obs_dim(r))).astype(np.float32)
+        got = np.stack(_episodes_in_lock_step(policy, xs, [30, 30]), 1)
+        assert np.abs(got - _torch_steps(hgru, xs, torch.tensor([body]))).max() <= 1e-5
+
+
+def test_pin_check_replays_closed_loop_with_the_state_carried(rec):
+    """The closed-loop half of pin-embodiment's check: the fat graph's calls replayed through the
+    pinned graph match to 1e-5; a twin whose state is never carried (each call a fresh episode)
+    fails the same comparison."""
+    from xcompile.evaluate import score_policy
+    from xcompile.frontends.graph import fat_act, fat_graph
+    from xcompile.frontends.interface import read_interface
+    from xcompile.frontends.pin import pin_graph
+    from xcompile.onnx.recurrent import StatefulPolicy, max_step_error, replay
+    from xcompile.onnx.session import ort_session
+
+    a1 = load_robot("a1")
+    fg = fat_graph(rec["gru"][1], read_interface(rec["folder"] / "rec.toml"), a1)
+    fat = fat_act(fg)
+    fat.log = []
+    score_policy(fat, a1, 2, seed=0, stream="pin-check")
+    steps = fat.log
+    assert len(steps) > 500 and {tuple(s.rows) for s in steps} >= {(0, 1)}
+    pinned = StatefulPolicy.of_session(ort_session(pin_graph(fg).SerializeToString()), "obs",
+                                       "action", fg.states)
+    assert max_step_error(replay(pinned, steps, "obs"), steps) <= 1e-5
+
+    class Forgetful(StatefulPolicy):
+        calls = 0
+
+        def set_rows(self, episodes):
+            Forgetful.calls += 1
+            super().set_rows([Forgetful.calls * 1000 + e for e in episodes])
+
+    forgetful = Forgetful.of_session(ort_session(pin_graph(fg).SerializeToString()), "obs",
+                                     "action", fg.states)
+    assert max_step_error(replay(forgetful, steps, "obs"), steps) > 1e-2
+
+
+def test_recurrent_inspect_and_damaged_contract(rec, tmp_path):
+    gru, onnx_path, pt2_path = rec["gru"]
+    toml = rec["folder"] / "rec.toml"
+    res = runner.invoke(app, ["inspect", str(pt2_path), "--interface", str(toml), "--json"])
+    assert res.exit_code == 0, _out(res)
+    info = json.loads(res.stdout)
+    assert info["recurrent"][0]["input"] == "h_in" and info["bodies"] == []
+    assert [o["name"] for o in info["outputs"]] == ["action", "h_out"]
+    # a pinned recurrent policy whose contract names a state input it does not have
+    import onnx
+
+    from xcompile.frontends.graph import fat_graph
+    from xcompile.frontends.interface import read_interface
+    from xcompile.frontends.pin import pin_graph
+    from xcompile.onnx.contract import deployment_contract
+    from xcompile.onnx.model import set_metadata
+    from xcompile.onnx.recurrent import contract_value
+
+    a1 = load_robot("a1")
+    fg = fat_graph(onnx_path, read_interface(toml), a1)
+    model = pin_graph(fg)
+    bad = [type(s)("h_x", s.output, s.shape, s.dtype, s.reset) for s in fg.states]
+    set_metadata(model, {**deployment_contract(a1, "", ["pin-embodiment"]),
+                         "recurrent_state": contract_value(bad)})
+    path = tmp_path / "damaged.onnx"
+    onnx.save(model, str(path))
+    res = runner.invoke(app, ["eval", str(path), "--target", "a1", "--episodes", "1"])
+    assert res.exit_code == 2 and "names graph input 'h_x'" in _out(res), _out(res)
+    assert len(_out(res).strip().splitlines()) == 1

@@ -25,7 +25,7 @@ from xcompile.artifact import Artifact, file_sha256
 from xcompile.errors import CheckpointError, GateError, XCompileError
 from xcompile.evaluate import rollout_gif
 from xcompile.frontends import FOREIGN_SUFFIXES
-from xcompile.frontends.graph import fat_graph_artifact
+from xcompile.frontends.graph import fat_graph_artifact, is_recurrent
 from xcompile.manager.cache import Measure
 from xcompile.manager.manifest import Rebuild, build_manifest, rebuild_from_manifest
 from xcompile.manager.plan import INPUT_FORMAT
@@ -147,7 +147,7 @@ def prepare(checkpoint: Path | None, target: str | None, hardware: str | None, *
     else:
         inp = input_artifact(checkpoint, robot, interface)
     settings = resolve_settings(DEFAULTS, read_build_file(config) if config else {}, cli,
-                                input_format=inp.format)
+                                input_format=inp.format, recurrent=is_recurrent(inp))
     return BuildRequest(inp, robot, hw, settings, None, list(settings.notes))
 
 

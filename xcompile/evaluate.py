@@ -14,6 +14,13 @@ and measurement scores a policy.
 (`RobotEnv.episode_metrics`): falls, velocity and yaw-rate tracking errors and the cost of
 transport (locomotion); the distance to each goal at its end in mm and the time to within 1 cm
 (reach).
+
+Stateful policies (a recurrent network's hidden state) keep one state per episode and speak a small
+protocol, two optional methods of the policy callable that `evaluate` and `rollout_gif` call:
+`reset_states()` at the start of a rollout (every episode forgets its state) and, before each call,
+`set_rows(episodes)`: row r of the batch continues episode `episodes[r]` (the index i below; an
+episode seen for the first time starts from its reset state). Rows change as episodes end, so the
+row alone does not say whose state it is. `xcompile.onnx.recurrent.StatefulPolicy` implements it.
 """
 
 from __future__ import annotations
@@ -35,6 +42,20 @@ from xcompile.stats import mean_ci95
 from xcompile.targets import RobotTarget
 
 BatchPolicy = Callable[[np.ndarray], np.ndarray]
+
+
+def begin_rollout(policy: BatchPolicy) -> None:
+    """A stateful policy's `reset_states()` (see the module docstring); nothing for others."""
+    reset = getattr(policy, "reset_states", None)
+    if callable(reset):
+        reset()
+
+
+def announce_rows(policy: BatchPolicy, episodes: list[int]) -> None:
+    """A stateful policy's `set_rows(episodes)` before a call; nothing for others."""
+    set_rows = getattr(policy, "set_rows", None)
+    if callable(set_rows):
+        set_rows(episodes)
 
 
 @dataclass
@@ -146,13 +167,15 @@ def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: 
     `episode_seed(stream, seed, first_episode + i)`. Every caller names the stream of its use
     (`xcompile.seeds.STREAMS`); `first_episode` lets one use draw several disjoint batches from
     its stream (distill's DAgger rounds). `on_rows(episodes)`, before each policy call, says which
-    episode (i above) each row of the batch belongs to (DAgger's per-episode randomness)."""
+    episode (i above) each row of the batch belongs to (DAgger's per-episode randomness); a
+    stateful policy is told the same through its own protocol (the module docstring)."""
     seeds = [episode_seed(stream, seed, first_episode + i) for i in range(episodes)]
     res = EvalResult(robot=robot.name, seed=seed, scores=[0.0] * episodes,
                      returns=[0.0] * episodes, stream=stream)
     res.metrics = [{} for _ in range(episodes)]
     nonfinite: set[int] = set()
     envs = [RobotEnv(robot, faults=faults) for _ in range(min(parallel, episodes))]
+    begin_rollout(policy)
     try:
         for start in range(0, episodes, len(envs)):
             batch = list(range(start, min(start + len(envs), episodes)))
@@ -163,6 +186,7 @@ def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: 
                     res.observations.append(obs[live].copy())
                 if on_rows:
                     on_rows([batch[k] for k in live])
+                announce_rows(policy, [batch[k] for k in live])
                 actions = _actions(policy, obs[live], robot)
                 finite = np.isfinite(actions).all(axis=1)
                 still = []
@@ -249,7 +273,9 @@ def rollout_gif(policy: BatchPolicy, robot: RobotTarget, path, seed: int = 0,
         obs, _ = env.reset(seed=first)
         frames = [frame(env)]
         t = 0
+        begin_rollout(policy)
         while True:
+            announce_rows(policy, [episode])
             obs, _, term, trunc, _ = env.step(_actions(policy, obs[None], robot)[0])
             t += 1
             if t % every == 0 and len(frames) < max_frames:

@@ -53,6 +53,7 @@ from xcompile.executors import current_executor, evaluate_file
 from xcompile.models.checkpoint import load_checkpoint
 from xcompile.models.fat import count_params
 from xcompile.models.slim import load_torch_policy
+from xcompile.onnx.recurrent import session_states
 from xcompile.onnx.session import ort_session
 from xcompile.policy import body_descriptors, load_fat_checkpoint, load_policy
 from xcompile.sim.observations import random_obs
@@ -218,9 +219,11 @@ def _time_calls(call: Callable[[Any], Any], inputs: list[Any], n: int) -> dict[s
 
 
 def _ort_latency(sess: Any, obs: np.ndarray, n: int) -> dict[str, float]:
+    """A recurrent policy's calls are fed its reset states (`xcompile.onnx.recurrent`)."""
     name = sess.get_inputs()[0].name
     run = sess.run
-    feeds = [{name: obs[i:i + 1]} for i in range(len(obs))]
+    states = {s.input: s.reset_value()[None] for s in session_states(sess, "the policy")}
+    feeds = [{name: obs[i:i + 1], **states} for i in range(len(obs))]
     return _time_calls(lambda f: run(None, f), feeds, n)
 
 

@@ -26,6 +26,7 @@ from xcompile.models.descriptors import joint_descriptors
 from xcompile.models.slim import FORMAT as TORCH_POLICY_FORMAT
 from xcompile.models.slim import build_from_spec, read_torch_policy
 from xcompile.onnx.contract import check_contract, check_io_widths
+from xcompile.onnx.recurrent import CONTRACT_KEY, session_policy
 from xcompile.onnx.session import ort_session
 from xcompile.targets import RobotTarget
 
@@ -90,14 +91,22 @@ def onnx_act(path: Path, threads: int = 1,
              robot: RobotTarget | None = None) -> tuple[BatchPolicy, dict[str, str]]:
     """A batch policy from a compiled ONNX file and its metadata. With `robot`, the deployment
     contract is checked here, at load: the metadata (`check_contract`) and the observation and
-    action widths of the graph (`check_io_widths`)."""
+    action widths of the graph (`check_io_widths`). A recurrent policy (its contract records
+    `recurrent_state`) comes as a `StatefulPolicy`: reset at the start of every episode, each
+    step's next state fed back (`xcompile.evaluate`'s protocol says whose state a row is)."""
     sess = ort_session(path, threads)
     meta = dict(sess.get_modelmeta().custom_metadata_map)
-    inputs, outputs = sess.get_inputs(), sess.get_outputs()
+    if robot is not None and CONTRACT_KEY in meta:     # not for this robot: say that first
+        check_contract(meta, robot, path)
+    stateful = session_policy(sess, path)
+    states = {s.input for s in stateful.states} if stateful else set()
+    inputs = [i for i in sess.get_inputs() if i.name not in states]
+    outputs = sess.get_outputs()
     if len(inputs) != 1 or not outputs:
         raise ContractError(
             f"{path}: the model has {len(inputs)} inputs and {len(outputs)} outputs; a policy "
-            f"takes one observation input and returns the actions as its first output")
+            f"takes one observation input (and, if recurrent, the state inputs its contract's "
+            f"recurrent_state names) and returns the actions as its first output")
     if inputs[0].type != "tensor(float)":
         raise ContractError(f"{path}: the model's input '{inputs[0].name}' is {inputs[0].type}; "
                             f"a policy takes float32 observations (tensor(float))")
@@ -105,6 +114,8 @@ def onnx_act(path: Path, threads: int = 1,
         check_contract(meta, robot, path)
         check_io_widths(_static_width(inputs[0].shape), _static_width(outputs[0].shape), robot,
                         path)
+    if stateful is not None:
+        return stateful, meta
     in_name = inputs[0].name
     shape = inputs[0].shape
     batch_dim = shape[0] if isinstance(shape, (list, tuple)) and shape else None

@@ -94,6 +94,13 @@ def inspect(
         if interface is None:
             console.print("(give --interface to see what each body keeps after pinning)")
             return
+        for s in info["recurrent"]:
+            console.print(f"recurrent state: {s['input']} -> {s['output']} {s['dtype']}"
+                          f"{s['shape']}, reset {'zeros' if s['reset'] == 'zeros' else 'given'}",
+                          highlight=False)
+        if not info["bodies"]:
+            console.print(f"no embodiment input: serves any {info['family']} target")
+            return
     else:
         cfg = info["config"]
         console.print(f"architecture: transformer d_model={cfg['d_model']} "

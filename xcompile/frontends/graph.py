@@ -10,10 +10,12 @@
   `weights_only=True` (so its fallback never runs). Then the program is loaded and converted to ONNX
   with `torch.onnx.export(program, dynamo=True)`: its graph is data (a JSON schema of ATen ops),
   converting it runs only torch's own decompositions, and from there one pinning path (onnxscript's
-  optimizer) serves both formats. Its inputs keep the program's argument names; its single output
-  (or, with several, the first) takes the interface's `action` name.
+  optimizer) serves both formats. Its inputs keep the program's argument names; its first output
+  takes the interface's `action` name and the next ones, in order, the interface's recurrent state
+  outputs (a recurrent program returns `(action, *next states)`).
 
-`FatGraph` is the result: the ONNX model, its inputs/outputs, and the body values of the target.
+`FatGraph` is the result: the ONNX model, its inputs/outputs, the body values of the target and
+the recurrent states (`xcompile.onnx.recurrent`); `fat_act` drives it, state carried per episode.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import io
 import json
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +40,16 @@ from xcompile.frontends.interface import (
     check_interface,
     parse_interface,
     read_interface,
+    state_specs,
 )
+from xcompile.onnx.recurrent import StatefulPolicy, StateSpec
 from xcompile.onnx.session import read_onnx
 from xcompile.sim.env import obs_dim
 from xcompile.targets import RobotTarget
 
 MAX_PT2_BYTES = 2 * 1024**3
 MAX_PT2_MEMBERS = 10_000
-_CONVERTED: OrderedDict[tuple[str, str], bytes] = OrderedDict()   # (sha256, action) -> ONNX
+_CONVERTED: OrderedDict[tuple[str, tuple[str, ...]], bytes] = OrderedDict()  # (sha256, outputs)
 
 
 @dataclass
@@ -55,6 +59,7 @@ class FatGraph:
     inputs: list[GraphInput]
     outputs: list[GraphInput]
     values: dict[str, np.ndarray]        # the target's value of every embodiment input
+    states: list[StateSpec] = field(default_factory=list)   # recurrent states ([]: none)
 
 
 def _np_dtype(elem_type: int) -> Any:
@@ -78,6 +83,19 @@ def graph_io(model: Any) -> tuple[list[GraphInput], list[GraphInput]]:
 
     return ([desc(i) for i in model.graph.input if i.name not in inits],
             [desc(o) for o in model.graph.output])
+
+
+def graph_params(model: Any) -> int:
+    """Stored weight elements of an ONNX model, counted like
+    `xcompile.measure.onnx_param_count` (initializers and Constant tensors, int64 left out)."""
+    import onnx
+
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            tensors += [a.t for a in node.attribute if a.name == "value"]
+    return sum(int(np.prod(t.dims)) if t.dims else 1 for t in tensors
+               if t.data_type != onnx.TensorProto.INT64)
 
 
 def _check_pt2(path: Path) -> None:
@@ -133,7 +151,7 @@ def _check_pt2(path: Path) -> None:
                                           f"({str(e).splitlines()[0][:120]})") from None
 
 
-def _pt2_to_onnx(path: Path, action: str) -> bytes:
+def _pt2_to_onnx(path: Path, outputs: tuple[str, ...]) -> bytes:
     import torch
 
     from xcompile.onnx.model import quiet_exporter
@@ -146,7 +164,7 @@ def _pt2_to_onnx(path: Path, action: str) -> bytes:
             raise CheckpointError(f"{path}: torch.export.load cannot read it "
                                   f"({str(e).splitlines()[0][:200]})") from None
         n_out = len(ep.graph_signature.user_outputs)
-        names = [action] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+        names = [*outputs[:n_out], *(f"output_{i}" for i in range(len(outputs), n_out))]
         try:
             prog = torch.onnx.export(ep, dynamo=True, output_names=names, opset_version=18,
                                      external_data=False, verbose=False)
@@ -157,8 +175,9 @@ def _pt2_to_onnx(path: Path, action: str) -> bytes:
     return prog.model_proto.SerializeToString()
 
 
-def load_graph(path: str | Path, action: str = "action") -> Any:
-    """The ONNX ModelProto of a foreign fat policy file (.onnx or .pt2), read as untrusted."""
+def load_graph(path: str | Path, action: str = "action", states: tuple[str, ...] = ()) -> Any:
+    """The ONNX ModelProto of a foreign fat policy file (.onnx or .pt2), read as untrusted; a
+    .pt2's outputs are named `action`, then `states` (the recurrent state outputs)."""
     import onnx
 
     path = Path(path)
@@ -169,9 +188,9 @@ def load_graph(path: str | Path, action: str = "action") -> Any:
                               "torch.export program (.pt2)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    key = (file_sha256(path), action)
+    key = (file_sha256(path), (action, *states))
     if key not in _CONVERTED:
-        _CONVERTED[key] = _pt2_to_onnx(path, action)
+        _CONVERTED[key] = _pt2_to_onnx(path, key[1])
         while len(_CONVERTED) > 4:
             _CONVERTED.popitem(last=False)
     return onnx.load_from_string(_CONVERTED[key])
@@ -179,10 +198,15 @@ def load_graph(path: str | Path, action: str = "action") -> Any:
 
 def fat_graph(path: str | Path, interface: Interface, robot: RobotTarget) -> FatGraph:
     """The foreign fat policy at `path`, checked against `interface` and `robot`."""
-    model = load_graph(path, interface.action)
+    model = load_graph(path, interface.action, state_outputs(interface))
     ins, outs = graph_io(model)
     values = check_interface(interface, ins, outs, robot, obs_dim(robot), str(path))
-    return FatGraph(model, interface, ins, outs, values)
+    return FatGraph(model, interface, ins, outs, values, state_specs(interface, str(path)))
+
+
+def state_outputs(interface: Interface) -> tuple[str, ...]:
+    """The names of the interface's recurrent state outputs, in order."""
+    return tuple(st.output for st in interface.recurrent.state) if interface.recurrent else ()
 
 
 def fat_graph_artifact(path: str | Path, interface: str | Path, robot: RobotTarget) -> Artifact:
@@ -195,8 +219,14 @@ def fat_graph_artifact(path: str | Path, interface: str | Path, robot: RobotTarg
     iface = read_interface(interface)
     fat_graph(path, iface, robot)
     return Artifact.create(FAT_GRAPH, path, robot.name,
-                           meta={"interface": iface.model_dump(mode="json"),
+                           meta={"interface": iface.model_dump(mode="json", exclude_none=True),
                                  "source": path.suffix[1:]})
+
+
+def is_recurrent(art: Artifact) -> bool:
+    """Whether a build's input is a recurrent foreign fat policy (its interface has states)."""
+    iface = art.meta.get("interface") if art.format == FAT_GRAPH else None
+    return isinstance(iface, dict) and bool(iface.get("recurrent"))
 
 
 def artifact_graph(art: Artifact, robot: RobotTarget) -> FatGraph:
@@ -208,12 +238,15 @@ def artifact_graph(art: Artifact, robot: RobotTarget) -> FatGraph:
 
 
 def fat_act(fg: FatGraph, threads: int = 1) -> Any:
-    """A batch policy (obs -> action) that runs the fat graph with the target's body values."""
+    """A batch policy (obs -> action) that runs the fat graph with the target's body values; for a
+    recurrent graph a `StatefulPolicy` (one state per episode, `xcompile.evaluate`'s protocol)."""
     from xcompile.onnx.session import ort_session
 
     sess = ort_session(fg.model.SerializeToString(), threads)
     feeds = {k: v for k, v in fg.values.items()}
     obs_name, act_name = fg.interface.observation, fg.interface.action
+    if fg.states:
+        return StatefulPolicy.of_session(sess, obs_name, act_name, fg.states, feeds)
 
     def act(obs: np.ndarray) -> np.ndarray:
         x = np.asarray(obs, dtype=np.float32)
@@ -223,7 +256,7 @@ def fat_act(fg: FatGraph, threads: int = 1) -> Any:
 
 
 __all__ = ["FatGraph", "InterfaceError", "artifact_graph", "fat_act", "fat_graph",
-           "fat_graph_policy",
+           "fat_graph_policy", "graph_params", "is_recurrent",
            "fat_graph_artifact", "graph_io", "load_graph"]
 
 
@@ -233,4 +266,5 @@ def fat_graph_policy(path: str | Path, interface: str | Path, robot: RobotTarget
 
     fg = fat_graph(path, read_interface(interface), robot)
     return LoadedPolicy(fat_act(fg), "fat-graph", Path(path),
-                        {"known_body": True, "interface": str(interface)})
+                        {"known_body": True, "interface": str(interface),
+                         "recurrent": [s.as_json() for s in fg.states]})

@@ -12,9 +12,19 @@ A small TOML file (`--interface fat.toml`):
     [bodies.spot]
     body_id = [0]
 
+    [recurrent]                  # optional: a stateful policy (a GRU's hidden state)
+    [[recurrent.state]]          # one table per state
+    input = "h_in"               # graph input that takes the state (batch, *shape)
+    output = "h_out"             # graph output that gives the next state
+    shape = [16]                 # per batch row
+    dtype = "float32"
+    reset = "zeros"              # or the values: the state at the start of every episode
+
 The observation is xcompile's own flat layout for the target's family (`xcompile.sim.env`,
 `obs_layout`) and the action is the target's (joint order, `default_pose + action_scale * a`,
-clipped), as in the deployment contract. `read_interface` validates the file on its own (pydantic);
+clipped), as in the deployment contract. State inputs are not embodiment inputs. A graph with no
+embodiment input (a policy that infers its body) needs no `[bodies.*]` table and then serves any
+target of its family. `read_interface` validates the file on its own (pydantic);
 `check_interface` checks it against the graph's inputs and outputs and the robot target. Every
 refusal is one `InterfaceError` line that names the field and what was expected.
 """
@@ -25,12 +35,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from xcompile.errors import CheckpointError
+from xcompile.onnx.recurrent import DTYPES, MAX_STATE_VALUES, StateSpec
 from xcompile.targets import RobotTarget
 from xcompile.targets.loader import tomllib
 
@@ -45,6 +56,32 @@ class InterfaceError(CheckpointError):
     """An interface description is invalid or does not fit the model or the target."""
 
 
+class StateEntry(BaseModel):
+    """One `[[recurrent.state]]` table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(min_length=1, max_length=256,
+                       description="graph input that takes the state (batch, *shape)")
+    output: str = Field(min_length=1, max_length=256,
+                        description="graph output that gives the next state")
+    shape: list[Annotated[int, Field(ge=1, le=MAX_STATE_VALUES)]] = Field(
+        max_length=8, description="the state's shape per batch row, a list of integers")
+    dtype: Literal["float32", "float16", "float64"] = Field(
+        "float32", description="the state's element type")
+    reset: Any = Field("zeros", description='"zeros" or a list of numbers: the state at the start '
+                       "of every episode")
+
+
+class Recurrent(BaseModel):
+    """The `[recurrent]` table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    state: list[StateEntry] = Field(min_length=1, max_length=64,
+                                    description="[[recurrent.state]] tables, one per state")
+
+
 class Interface(BaseModel):
     """A validated interface description (see the module docstring)."""
 
@@ -56,8 +93,10 @@ class Interface(BaseModel):
     action: str = Field(min_length=1, max_length=256, description="graph output: the action")
     family: Literal["locomotion", "reach"] = Field(description="the task family it serves")
     bodies: dict[str, dict[str, Any]] = Field(
-        min_length=1, max_length=MAX_BODIES,
+        default_factory=dict, max_length=MAX_BODIES,
         description="body name -> {graph input: value} for every embodiment input")
+    recurrent: Recurrent | None = Field(
+        None, description="[[recurrent.state]] tables: the state a recurrent policy carries")
 
 
 @dataclass(frozen=True)
@@ -103,11 +142,12 @@ def parse_interface(raw: Mapping[str, Any], where: str = "the interface") -> Int
         err = e.errors(include_url=False)[0]
         loc = _where(err["loc"])
         msg = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "missing":
-            msg = "missing: expected " + (Interface.model_fields[str(err["loc"][0])].description
+        model = _model_at(err["loc"][:-1])
+        if err["type"] == "missing" and model is not None:
+            msg = "missing: expected " + (model.model_fields[str(err["loc"][-1])].description
                                           or "a value")
-        elif err["type"] == "extra_forbidden":
-            msg = (f"unknown field; expected one of {', '.join(Interface.model_fields)}")
+        elif err["type"] == "extra_forbidden" and model is not None:
+            msg = (f"unknown field; expected one of {', '.join(model.model_fields)}")
         raise InterfaceError(f"{where}: {loc}: {msg}") from None
     for body, table in iface.bodies.items():
         if not re.match(NAME, body):
@@ -118,7 +158,58 @@ def parse_interface(raw: Mapping[str, Any], where: str = "the interface") -> Int
                                  "values ([bodies." + body + "])")
         for name, value in table.items():
             _as_array(value, np.float64, f"{where}: bodies.{body}.{name}")
+    state_specs(iface, where)
     return iface
+
+
+def _model_at(loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The pydantic model at `loc` (a field path below Interface; list indices skipped)."""
+    nested: dict[str, type[BaseModel]] = {"recurrent": Recurrent, "state": StateEntry}
+    model: type[BaseModel] = Interface
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if str(part) not in model.model_fields or str(part) not in nested:
+            return None
+        model = nested[str(part)]
+    return model
+
+
+def state_specs(iface: Interface, where: str = "the interface") -> list[StateSpec]:
+    """The interface's recurrent states ([] for a feed-forward policy), checked on their own."""
+    if iface.recurrent is None:
+        return []
+    specs, seen = [], set()
+    for i, st in enumerate(iface.recurrent.state):
+        at = f"{where}: recurrent.state.{i}"
+        for field, name in (("input", st.input), ("output", st.output)):
+            if name in ("obs", "action"):
+                raise InterfaceError(f"{at}.{field}: {name!r} is a name the pinned policy gives "
+                                     "its observation or action; a state needs another name")
+            if name in (iface.observation, iface.action):
+                raise InterfaceError(f"{at}.{field}: {name!r} is the observation or the action, "
+                                     "not a state")
+            if (field, name) in seen:
+                raise InterfaceError(f"{at}.{field}: {name!r} is already another state's {field}")
+            seen.add((field, name))
+        size = int(np.prod(st.shape, dtype=np.int64))
+        if size > MAX_STATE_VALUES:
+            raise InterfaceError(f"{at}.shape: {size} values per row, more than the limit of "
+                                 f"{MAX_STATE_VALUES}")
+        reset: str | tuple[float, ...] = "zeros"
+        if st.reset != "zeros" and not isinstance(st.reset, list):
+            raise InterfaceError(f'{at}.reset: expected "zeros" or a list of numbers, got '
+                                 f"{st.reset!r:.40}")
+        if isinstance(st.reset, list):
+            values = _as_array(st.reset, np.float64, f"{at}.reset")
+            if values.size != size:
+                raise InterfaceError(f"{at}.reset: {values.size} values, but the state has shape "
+                                     f"{st.shape} ({size} values); give {size} numbers or "
+                                     '"zeros"')
+            reset = tuple(float(v) for v in values)
+        assert st.dtype in DTYPES
+        specs.append(StateSpec(st.input, st.output, tuple(st.shape), st.dtype, reset))
+    return specs
 
 
 def _as_array(value: Any, dtype: Any, what: str) -> np.ndarray:
@@ -172,14 +263,42 @@ def check_interface(iface: Interface, inputs: Sequence[GraphInput], outputs: Seq
         raise InterfaceError(f"{where}: action: graph output {act.name!r} has shape "
                              f"{list(act.shape)}; expected [batch, {robot.n_joints}] (the joints "
                              f"of {robot.name})")
+    states = check_states(iface, ins, outs, where)
+    skip = {iface.observation, *(st.input for st in states)}
     for body, table in iface.bodies.items():
-        _body_values(table, ins, iface.observation, f"{where}: bodies.{body}")
+        _body_values(table, ins, skip, f"{where}: bodies.{body}")
+    if not iface.bodies:
+        return _body_values({}, ins, skip, f"{where}: bodies")
     if robot.name not in iface.bodies:
         raise InterfaceError(f"{where}: bodies: no [bodies.{robot.name}] table; the fat policy "
                              f"serves {', '.join(sorted(iface.bodies))}; pick one of those "
                              f"targets or add a table for {robot.name}")
-    return _body_values(iface.bodies[robot.name], ins, iface.observation,
-                        f"{where}: bodies.{robot.name}")
+    return _body_values(iface.bodies[robot.name], ins, skip, f"{where}: bodies.{robot.name}")
+
+
+def check_states(iface: Interface, ins: Mapping[str, GraphInput], outs: Mapping[str, GraphInput],
+                 where: str) -> list[StateSpec]:
+    """The interface's recurrent states, checked against the graph's inputs and outputs."""
+    states = state_specs(iface, where)
+    for i, st in enumerate(states):
+        for field, name, io, kind in (("input", st.input, ins, "input"),
+                                      ("output", st.output, outs, "output")):
+            at = f"{where}: recurrent.state.{i}.{field}"
+            if name not in io:
+                raise InterfaceError(f"{at}: graph {kind} {name!r} does not exist; the graph's "
+                                     f"{kind}s are {', '.join(io) or 'none'}")
+            g = io[name]
+            want = f"{st.dtype} of shape [batch, {', '.join(map(str, st.shape))}]"
+            shape_ok = len(g.shape) == 1 + len(st.shape) and all(
+                not isinstance(d, int) or d == n for d, n in zip(g.shape[1:], st.shape))
+            if np.dtype(g.dtype) != np.dtype(st.dtype) or not shape_ok:
+                raise InterfaceError(f"{at}: graph {kind} {name!r} is {np.dtype(g.dtype).name} "
+                                     f"of shape {list(g.shape)}; the state's shape and dtype say "
+                                     f"{want}")
+            if isinstance(g.shape[0], int) and g.shape[0] != 1:
+                raise InterfaceError(f"{at}: graph {kind} {name!r} has a fixed batch of "
+                                     f"{g.shape[0]}; export it with a dynamic batch dimension")
+    return states
 
 
 def _named_io(iface: Interface, inputs: Sequence[GraphInput], outputs: Sequence[GraphInput],
@@ -200,20 +319,27 @@ def check_body_table(iface: Interface, inputs: Sequence[GraphInput],
                      outputs: Sequence[GraphInput], body: str, where: str
                      ) -> dict[str, np.ndarray]:
     """{input: value} of one body's table, checked against the graph's inputs (not a target)."""
-    ins, _ = _named_io(iface, inputs, outputs, where)
-    return _body_values(iface.bodies[body], ins, iface.observation, f"{where}: bodies.{body}")
+    ins, outs = _named_io(iface, inputs, outputs, where)
+    skip = {iface.observation, *(st.input for st in check_states(iface, ins, outs, where))}
+    return _body_values(iface.bodies[body], ins, skip, f"{where}: bodies.{body}")
 
 
-def _body_values(table: Mapping[str, Any], ins: Mapping[str, GraphInput], obs_name: str,
+def _body_values(table: Mapping[str, Any], ins: Mapping[str, GraphInput], skip: set[str],
                  where: str) -> dict[str, np.ndarray]:
-    need = [n for n in ins if n != obs_name]
+    need = [n for n in ins if n not in skip]
     for name in table:
         if name not in need:
             raise InterfaceError(f"{where}.{name}: no such embodiment input; the graph's inputs "
-                                 f"other than the observation are {', '.join(need) or 'none'}")
+                                 "other than the observation and the recurrent state are "
+                                 f"{', '.join(need) or 'none'}")
     values: dict[str, np.ndarray] = {}
     for name in need:
         gi = ins[name]
+        if name not in table and where.endswith(": bodies"):
+            raise InterfaceError(f"{where}: the graph has embodiment inputs "
+                                 f"({', '.join(need)}); give a [bodies.NAME] table with a value "
+                                 "for each, one table per body the policy serves (or, for a "
+                                 "recurrent state, a [[recurrent.state]] table)")
         if name not in table:
             raise InterfaceError(f"{where}: no value for graph input {name!r}; give "
                                  f"{name} = [...] ({np.dtype(gi.dtype).name}, shape "

@@ -21,21 +21,10 @@ import numpy as np
 from xcompile.artifact import Artifact
 from xcompile.evaluate import score_policy
 from xcompile.frontends import FAT_GRAPH
+from xcompile.frontends.graph import graph_params
 from xcompile.measure import REPORT_STREAM, measure_artifact, onnx_macs
 from xcompile.sim.observations import random_obs
 from xcompile.targets import RobotTarget
-
-
-def graph_params(model: Any) -> int:
-    """Stored weight elements of an ONNX model, counted like `onnx_param_count`."""
-    import onnx
-
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            tensors += [a.t for a in node.attribute if a.name == "value"]
-    return sum(int(np.prod(t.dims)) if t.dims else 1 for t in tensors
-               if t.data_type != onnx.TensorProto.INT64)
 
 
 def _bound_macs(model: Any, values: dict[str, np.ndarray]) -> int | None:
@@ -103,14 +92,15 @@ def inspect_graph(path: str | Path, interface: str | Path | None = None) -> dict
     outputs, stored weights and bytes and, with an interface, what each body it serves keeps
     after pin-embodiment (the graph pinned for that body and its weights counted)."""
     from xcompile.artifact import file_sha256
-    from xcompile.frontends.graph import FatGraph, graph_io, load_graph
-    from xcompile.frontends.interface import check_body_table, read_interface
+    from xcompile.frontends.graph import FatGraph, graph_io, load_graph, state_outputs
+    from xcompile.frontends.interface import check_body_table, check_states, read_interface
     from xcompile.frontends.pin import pin_graph
     from xcompile.targets import list_robots, load_robot
 
     path = Path(path)
     iface = read_interface(interface) if interface is not None else None
-    model = load_graph(path, iface.action if iface else "action")
+    model = load_graph(path, iface.action if iface else "action",
+                       state_outputs(iface) if iface else ())
     ins, outs = graph_io(model)
     total = graph_params(model)
 
@@ -124,10 +114,13 @@ def inspect_graph(path: str | Path, interface: str | Path | None = None) -> dict
         "family": iface.family if iface else None, "bodies": []}
     if iface is None:
         return info
+    states = check_states(iface, {g.name: g for g in ins}, {g.name: g for g in outs},
+                          str(interface))
+    info["recurrent"] = [s.as_json() for s in states]
     known = set(list_robots())
-    for body, table in iface.bodies.items():
+    for body in iface.bodies:
         values = check_body_table(iface, ins, outs, body, str(interface))
-        used = graph_params(pin_graph(FatGraph(model, iface, ins, outs, values)))
+        used = graph_params(pin_graph(FatGraph(model, iface, ins, outs, values, states)))
         info["bodies"].append({
             "name": body, "family": iface.family,
             "n_joints": load_robot(body).n_joints if body in known else None,

@@ -1,7 +1,8 @@
 """Plan checking: refuse a plan that cannot run before anything runs, and say how to fix it.
 
 Unknown passes (with the closest name), duplicates, and formats that do not chain (with the pass to
-add or move): each pass declares the artifact format it takes and the one it makes.
+add or move): each pass declares the artifact format it takes and the one it makes; a recurrent
+input and a pass that does not take one (its `refuses_recurrent` says why).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def _step_name(s: Step) -> str:
 
 
 def validate_plan(plan: Sequence[Step],
-                  input_format: str = INPUT_FORMAT) -> None:
-    """Refuse a plan that cannot run, before anything runs; the message says how to fix it."""
+                  input_format: str = INPUT_FORMAT, recurrent: bool = False) -> None:
+    """Refuse a plan that cannot run, before anything runs; the message says how to fix it.
+    `recurrent`: the input is a recurrent policy, which a pass with `refuses_recurrent` refuses."""
     names = [_step_name(s) for s in plan]
     if not names:
         raise PlanError("the plan is empty: give at least one pass, e.g. --passes pin-embodiment")
@@ -66,6 +68,8 @@ def validate_plan(plan: Sequence[Step],
             others = [f for f in cls.takes() if f != cls.input_format]
             raise PlanError(msg + (f" ({n} also takes {' or '.join(others)})" if others else ""))
         fmt = cls.output_for(fmt)
+        if recurrent and cls.refuses_recurrent:
+            raise PlanError(cls.refuses_recurrent)
 
 
 def _format_fix(name: str, wants: str, gets: str, names: list[str], i: int,

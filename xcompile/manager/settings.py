@@ -155,7 +155,7 @@ def file_layer(data: Mapping[str, Any], where: str = "the build file") -> dict[s
 def resolve_settings(defaults: Mapping[str, Any] | None = None,
                      file_cfg: Mapping[str, Any] | None = None,
                      cli_cfg: Mapping[str, Any] | None = None,
-                     input_format: str = INPUT_FORMAT) -> BuildSettings:
+                     input_format: str = INPUT_FORMAT, recurrent: bool = False) -> BuildSettings:
     """Merge settings layers: defaults < build file < command line.
 
     Each layer is a dict with optional keys `passes` (list of names), `seed`, `profile`,
@@ -163,6 +163,7 @@ def resolve_settings(defaults: Mapping[str, Any] | None = None,
     lower layer's value. Options merge field by field. The command line may also carry
     `precision`: "int8"/"fp16" set `quantize.precision`; "fp32" drops quantize from the plan.
     Pass options are validated by each pass's Config (only for passes in the plan).
+    `recurrent`: the input is a recurrent policy (`validate_plan`).
     """
     layers = [("default", dict(defaults if defaults is not None else DEFAULTS)),
               ("file", dict(file_cfg or {})), ("cli", dict(cli_cfg or {}))]
@@ -211,7 +212,7 @@ def resolve_settings(defaults: Mapping[str, Any] | None = None,
     if not isinstance(episodes, int) or not 1 <= episodes <= MAX_EPISODES:
         raise PlanError(f"episodes must be an integer from 1 to {MAX_EPISODES}, got {episodes!r}")
 
-    validate_plan(passes, input_format=input_format)
+    validate_plan(passes, input_format=input_format, recurrent=recurrent)
     # Defaults may carry options for every pass; a user's option for a pass that will not run
     # is a mistake worth saying (a typo in the plan, or a plan that dropped it).
     # A build file whose own plan leaves out a pass it sets options for is refused; options in

@@ -39,6 +39,11 @@ KEYS: dict[str, str] = {
         "int8: int8 weights behind their DequantizeLinear and float activations, which "
         "`xcompile.onnx.session.ort_session` opens with the DequantizeLinears folded into float "
         "constants at load"),
+    "recurrent_state": (
+        'recurrent policies only: JSON {"rule", "states"}: the rule "at the start of every '
+        "episode feed the reset value; afterwards feed each step's output as the next step's "
+        'input", and per state its graph "input" and "output" (batch first), "shape" per batch '
+        'row, "dtype" and "reset" ("zeros" or the values); see `xcompile.onnx.recurrent`'),
 }
 
 # Keys whose values are JSON (the others are plain strings or Python float reprs).

@@ -55,6 +55,28 @@ def input_layers(model: Any) -> list[str]:
     return _nearest_products(model, from_inputs=True)
 
 
+def own_output_nodes(model: Any) -> Any:
+    """`model` with every graph output that a node also reads (a recurrent policy's next state,
+    which its head reads too) written by an Identity of its own: onnxconverter_common's fp16
+    conversion with `keep_io_types` otherwise casts it where a node reads it and leaves that node
+    with mixed types. Other graphs come back unchanged."""
+    from onnx import helper  # heavy: only when a graph is rewritten
+
+    g = model.graph
+    read = {name for node in g.node for name in node.input}
+    for name in [o.name for o in g.output if o.name in read]:
+        inner = f"{name}__value"
+        for node in g.node:
+            for i, n in enumerate(node.output):
+                if n == name:
+                    node.output[i] = inner
+            for i, n in enumerate(node.input):
+                if n == name:
+                    node.input[i] = inner
+        g.node.append(helper.make_node("Identity", [inner], [name], name=f"{name}__output"))
+    return model
+
+
 def drop_unused_opsets(model: Any) -> None:
     """Remove the opset imports of domains no node uses (quantize_static declares every contrib
     domain it knows)."""

@@ -77,6 +77,9 @@ class Pass(ABC):
     precision_option: ClassVar[str | None] = None
     # The value of `xcompile build --emit` that ends the plan with this pass (e.g. "c").
     emit_option: ClassVar[str | None] = None
+    # A pass that does not take a recurrent policy (`xcompile.onnx.recurrent`) says why, in one
+    # line; a plan that would give it one is refused before anything runs.
+    refuses_recurrent: ClassVar[str] = ""
 
     @classmethod
     def takes(cls) -> tuple[str, ...]:

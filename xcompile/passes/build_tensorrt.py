@@ -76,6 +76,9 @@ class BuildTensorRT(Pass):
     output_format = "tensorrt"
     Config = TensorRTConfig
     summary = "strongly typed TensorRT engine (needs TensorRT and a CUDA GPU)"
+    refuses_recurrent = ("build-tensorrt does not take a recurrent policy yet (its state inputs "
+                         "need optimization profiles of their own); end the plan at quantize: "
+                         "--passes pin-embodiment,export-onnx,quantize")
 
     def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
         assert isinstance(cfg, TensorRTConfig)

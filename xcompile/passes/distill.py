@@ -34,7 +34,8 @@ Budgets (`rounds`, `episodes_per_round`, `fit_epochs`, `final_fit_epochs`, `eval
 set (`model_fields_set`, see `with_profile_defaults`).
 
 The teacher is a black box that labels observations: a torch policy, or an ONNX policy (a foreign
-fat policy pinned to ONNX), run in onnxruntime.
+fat policy pinned to ONNX), run in onnxruntime. Not yet a recurrent one (refused before the build
+runs: a feed-forward student over one observation cannot stand in for it).
 
 Check: the folded student (reloaded) equals the unfolded one to 1e-5 on random observations and gives
 finite actions. Measurements: teacher and student score, action error on the held-out states after
@@ -54,12 +55,15 @@ import torch
 from pydantic import Field
 
 from xcompile.artifact import Artifact
-from xcompile.errors import PassCheckError
+from xcompile.errors import PassCheckError, PlanError
 from xcompile.evaluate import BatchPolicy, score_policy, torch_single_thread
 from xcompile.executors.rollouts import PolicyRef
 from xcompile.measure import count_params_bytes
 from xcompile.models.slim import MLPPolicy, load_torch_policy, save_torch_policy
 from xcompile.models.tuning import normalized_mlp
+from xcompile.onnx.model import get_metadata
+from xcompile.onnx.recurrent import CONTRACT_KEY
+from xcompile.onnx.session import read_onnx
 from xcompile.passes.base import (
     BuildContext,
     Pass,
@@ -155,8 +159,12 @@ class Distill(Pass):
     input_formats = ("torch", "onnx")
     Config = DistillConfig
     summary = "DAgger into a small MLP over the flat observation (normalisation folded in)"
+    refuses_recurrent = ("distill does not take a recurrent teacher yet; use --passes "
+                         "pin-embodiment,export-onnx,quantize")
 
     def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
+        if art.format == "onnx" and CONTRACT_KEY in get_metadata(read_onnx(art.path)):
+            raise PlanError(self.refuses_recurrent)
         cfg, teacher_spec, t0 = start_training(art, cfg, DistillConfig, ctx, PROFILE_DEFAULTS)
         teacher = (onnx_act(art.path, robot=ctx.robot)[0] if art.format == "onnx"
                    else torch_act(load_torch_policy(art.path)))

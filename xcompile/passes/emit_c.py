@@ -77,6 +77,9 @@ class EmitC(Pass):
     output_format = "c"
     Config = EmitCConfig
     summary = "dependency-free C99 policy (policy.c/policy.h), checked against onnxruntime"
+    refuses_recurrent = ("emit-c does not take a recurrent policy yet (the C it writes keeps no "
+                         "state); end the plan at quantize: --passes "
+                         "pin-embodiment,export-onnx,quantize")
     emit_option = "c"      # `xcompile build --emit c` ends the plan with this pass
 
     def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:

@@ -22,7 +22,9 @@ onnx -> onnx: an ONNX policy (what pin-embodiment makes of a foreign fat graph) 
 its contract must name this robot, its signature be `obs` -> `action` of the robot's widths; the
 file is copied with export-onnx added to its pass history, and the check compares it with its
 input the same way. So one plan text (pin-embodiment,export-onnx,quantize) serves both kinds of
-fat input.
+fat input. A recurrent ONNX policy (its contract records `recurrent_state`) also takes and gives
+its states, after `obs` and `action`; the check feeds both graphs the same random states and
+compares every output.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from xcompile.onnx.model import (
     set_metadata,
     strip_volatile,
 )
+from xcompile.onnx.recurrent import random_states, read_contract, session_states
 from xcompile.onnx.session import ort_session, read_onnx
 from xcompile.passes.base import BuildContext, Pass, PassConfig, PassResult, register_pass
 from xcompile.sim.env import obs_dim
@@ -77,6 +80,11 @@ def _export(module: Any, n_obs: int, opset: int) -> Any:
     model = onnx.load_from_string(model.SerializeToString())
     strip_volatile(model)
     return model
+
+
+def _side_by_side(outputs: list[np.ndarray]) -> np.ndarray:
+    """Every output of a batch, flattened per row and side by side: (batch, total width)."""
+    return np.concatenate([o.reshape(len(o), -1) for o in outputs], axis=1)
 
 
 @register_pass
@@ -115,15 +123,20 @@ class ExportOnnx(Pass):
 
     def _pass_through(self, art: Artifact, ctx: BuildContext) -> PassResult:
         """An ONNX policy for this robot, copied with export-onnx added to its history."""
+        from xcompile.frontends.graph import graph_io
+
         model = read_onnx(art.path)
         meta = get_metadata(model)
         check_contract(meta, ctx.robot, art.path)
-        ins = [i.name for i in model.graph.input
-               if i.name not in {t.name for t in model.graph.initializer}]
-        if ins != ["obs"] or [o.name for o in model.graph.output][:1] != ["action"]:
+        gins, gouts = graph_io(model)
+        states = read_contract(meta, {i.name: i.shape for i in gins},
+                               {o.name: o.shape for o in gouts}, art.path)
+        ins, outs = [i.name for i in gins], [o.name for o in gouts]
+        if (ins != ["obs", *(s.input for s in states)]
+                or outs[:1 + len(states)] != ["action", *(s.output for s in states)]):
             raise PassCheckError(f"export-onnx: {art.path.name} takes {ins} and returns "
-                                 f"{[o.name for o in model.graph.output]}; an ONNX policy "
-                                 "takes 'obs' and returns 'action'")
+                                 f"{outs}; an ONNX policy takes 'obs' (and its recurrent "
+                                 "state inputs) and returns 'action' (then its next states)")
         set_metadata(model, extend_contract(meta, self.name))
         path = save_onnx(model, ctx.workdir / "policy.onnx")
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -137,18 +150,23 @@ class ExportOnnx(Pass):
         out = result.artifact
         assert isinstance(cfg, ExportConfig)
         obs = random_obs(ctx.robot, cfg.n_check_obs, seed=ctx.seed + 1)
+        sess = ort_session(out.path)
+        feeds = {"obs": obs, **random_states(session_states(sess, out.path), len(obs),
+                                             np.random.default_rng(ctx.seed + 1))}
         if inp.format == "onnx":
-            want = ort_session(inp.path).run(None, {"obs": obs})[0]
-            check_io_widths(None, int(want.shape[1]), ctx.robot, inp.path)
+            outs = ort_session(inp.path).run(None, feeds)
+            check_io_widths(None, int(outs[0].shape[1]), ctx.robot, inp.path)
+            want = _side_by_side(outs)
         else:
             module = load_torch_policy(inp.path)
             with torch.inference_mode():
                 want = module(torch.as_tensor(obs)).numpy()
-        sess = ort_session(out.path)
-        got_b1 = np.concatenate([sess.run(None, {"obs": obs[i:i + 1]})[0]
-                                 for i in range(len(obs))])
-        got_b64 = np.concatenate([sess.run(None, {"obs": obs[i:i + 64]})[0]
-                                  for i in range(0, len(obs), 64)])
+
+        def run(i: int, n: int) -> np.ndarray:     # every output, side by side
+            return _side_by_side(sess.run(None, {k: v[i:i + n] for k, v in feeds.items()}))
+
+        got_b1 = np.concatenate([run(i, 1) for i in range(len(obs))])
+        got_b64 = np.concatenate([run(i, 64) for i in range(0, len(obs), 64)])
         errs = {"max_abs_err_b1": float(np.abs(got_b1 - want).max()),
                 "max_abs_err_b64": float(np.abs(got_b64 - want).max())}
         worst = max(errs.values())

@@ -21,6 +21,12 @@ the observation or write the action) are in `xcompile.onnx.graph`.
 fp16: `onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)`: the weights and
 arithmetic in fp16, `obs` and `action` stay float32.
 
+A recurrent policy (its contract records `recurrent_state`, `xcompile.onnx.recurrent`) runs in
+closed loop with its state carried; the calibration data are the observations and the states it
+was fed, and the check replays the float policy's held-out episodes call by call through the
+quantized one, its own state carried, and compares the actions (random observations come with
+random states).
+
 The deployment contract is copied from the input; `precision` (and for int8 `int8_activations`) is
 added and `pass_history` extended (`xcompile.onnx.contract.extend_contract`).
 
@@ -52,10 +58,20 @@ from xcompile.onnx.graph import (
     fp16_weights,
     input_layers,
     output_layers,
+    own_output_nodes,
     tensorrt_ready,
     weight_only,
 )
 from xcompile.onnx.model import get_metadata, save_onnx, set_metadata
+from xcompile.onnx.recurrent import (
+    StatefulPolicy,
+    Step,
+    random_states,
+    replay,
+    session_policy,
+    session_states,
+    stacked_inputs,
+)
 from xcompile.onnx.session import ort_session
 from xcompile.passes.base import BuildContext, Pass, PassConfig, PassResult, register_pass
 from xcompile.sim.observations import random_obs
@@ -103,28 +119,46 @@ def _run_batched(sess: Any, obs: np.ndarray, batch: int = 256) -> np.ndarray:
                            for i in range(0, len(obs), b)])
 
 
-def _rollouts(onnx_path: Path, ctx: BuildContext, episodes: int, stream: str,
-              record_obs: bool = False) -> EvalResult:
-    """Closed-loop episodes (of seed stream `stream`) of an ONNX policy on the build's robot."""
+def _policy(onnx_path: Path) -> Any:
+    """The ONNX policy as a batch policy: a StatefulPolicy when it is recurrent."""
     sess = ort_session(onnx_path)
-    return evaluate(lambda o: _run_batched(sess, np.asarray(o, np.float32)), ctx.robot,
-                    episodes=episodes, seed=ctx.seed, stream=stream, record_obs=record_obs)
+    stateful = session_policy(sess, onnx_path)
+    return stateful or (lambda o: _run_batched(sess, np.asarray(o, np.float32)))
 
 
-def _closed_loop_obs(onnx_path: Path, ctx: BuildContext, episodes: int, stream: str
-                     ) -> np.ndarray:
-    res = _rollouts(onnx_path, ctx, episodes, stream, record_obs=True)
-    return np.concatenate(res.observations).astype(np.float32)
+def _rollouts(onnx_path: Path, ctx: BuildContext, episodes: int, stream: str,
+              record_obs: bool = False, log: list[Step] | None = None) -> EvalResult:
+    """Closed-loop episodes (of seed stream `stream`) of an ONNX policy on the build's robot; a
+    recurrent policy's calls are appended to `log` when it is given."""
+    policy = _policy(onnx_path)
+    if isinstance(policy, StatefulPolicy):
+        policy.log = log
+    return evaluate(policy, ctx.robot, episodes=episodes, seed=ctx.seed, stream=stream,
+                    record_obs=record_obs)
 
 
-def _int8(pre: Path, dst: Path, calib: np.ndarray, exclude: list[str]) -> None:
+def _closed_loop_feeds(onnx_path: Path, ctx: BuildContext, episodes: int, stream: str
+                       ) -> tuple[dict[str, np.ndarray], list[Step]]:
+    """The inputs the policy was fed in closed loop ({"obs": ...}, and a recurrent policy's
+    states), and a recurrent policy's calls ([] for a feed-forward one)."""
+    log: list[Step] = []
+    res = _rollouts(onnx_path, ctx, episodes, stream, record_obs=True, log=log)
+    if log:
+        return stacked_inputs(log), log
+    return {"obs": np.concatenate(res.observations).astype(np.float32)}, log
+
+
+def _int8(pre: Path, dst: Path, calib: dict[str, np.ndarray], exclude: list[str]) -> None:
     """Static int8 QDQ of the shape-inferred model `pre` (see `quant_pre_process`)."""
     from onnxruntime import quantization as q  # heavy: only for int8
+
+    n = len(calib["obs"])
 
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
             # Batches of 64 rows: the graph has a dynamic batch, and min/max do not care.
-            self._it = iter([{"obs": calib[i:i + 64]} for i in range(0, len(calib), 64)])
+            self._it = iter([{k: v[i:i + 64] for k, v in calib.items()}
+                             for i in range(0, n, 64)])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._it, None)
@@ -155,18 +189,21 @@ class Quantize(Pass):
         dst = ctx.workdir / f"policy_{cfg.precision}.onnx"
         info: dict[str, Any] = {}
         if cfg.precision == "int8":
-            obs = _closed_loop_obs(art.path, ctx, cfg.calibration_episodes, CALIBRATION_STREAM)
+            obs, _ = _closed_loop_feeds(art.path, ctx, cfg.calibration_episodes,
+                                        CALIBRATION_STREAM)
             rng = np.random.default_rng(ctx.seed)
-            if len(obs) > cfg.calibration_samples:
-                obs = obs[np.sort(rng.choice(len(obs), cfg.calibration_samples, replace=False))]
-            info["calibration_obs"] = len(obs)
+            n = len(obs["obs"])
+            if n > cfg.calibration_samples:
+                keep = np.sort(rng.choice(n, cfg.calibration_samples, replace=False))
+                obs = {k: v[keep] for k, v in obs.items()}
+            info["calibration_obs"] = len(obs["obs"])
             info["input_layer"], info["activations"] = self._choose(art.path, dst, obs, cfg,
                                                                     ctx, info)
             model = onnx.load(str(dst))
         else:
             from onnxconverter_common import float16  # heavy: only for fp16
 
-            model = float16.convert_float_to_float16(onnx.load(str(art.path)),
+            model = float16.convert_float_to_float16(own_output_nodes(onnx.load(str(art.path))),
                                                      keep_io_types=True)
         drop_unused_opsets(model)
         extra = ({"int8_activations": "true" if info["activations"] == "int8" else "false"}
@@ -180,7 +217,8 @@ class Quantize(Pass):
         return PassResult(out, info)
 
     @staticmethod
-    def _choose(src: Path, dst: Path, obs: np.ndarray, cfg: QuantizeConfig, ctx: BuildContext,
+    def _choose(src: Path, dst: Path, obs: dict[str, np.ndarray], cfg: QuantizeConfig,
+                ctx: BuildContext,
                 info: dict[str, Any]) -> tuple[str, str]:
         """Write the int8 model to `dst`; return how its first layer's weights ("int8", "float"
         or "fp16") and the activations ("int8", or "float": weight-only) ended up.
@@ -278,12 +316,24 @@ class Quantize(Pass):
         flt = ort_session(inp.path)
         # Held-out observations from the deployment distribution: int8 ranges were calibrated on
         # it, and random inputs outside it get clipped (a large error no robot would see).
+        states = session_states(flt, inp.path)
         if cfg.heldout_episodes:
-            obs = _closed_loop_obs(inp.path, ctx, cfg.heldout_episodes, CHECK_STREAM)
+            feeds, log = _closed_loop_feeds(inp.path, ctx, cfg.heldout_episodes, CHECK_STREAM)
         else:
-            obs = random_obs(ctx.robot, 256, seed=ctx.seed + 2)
-        want = _run_batched(flt, obs)
-        err = np.abs(_run_batched(quant, obs) - want)
+            feeds, log = {"obs": random_obs(ctx.robot, 256, seed=ctx.seed + 2)}, []
+            feeds.update(random_states(states, 256, np.random.default_rng(ctx.seed + 2)))
+        obs = feeds["obs"]
+        if log:       # recurrent: the float episodes replayed, the quantized state carried
+            qpol = session_policy(quant, out.path)
+            assert qpol is not None
+            want = np.concatenate([st.outputs[qpol.action_name] for st in log])
+            got = np.concatenate([st.outputs[qpol.action_name]
+                                  for st in replay(qpol, log, qpol.obs_name)])
+        elif states:
+            want, got = (sess.run(None, feeds)[0] for sess in (flt, quant))
+        else:
+            want, got = _run_batched(flt, obs), _run_batched(quant, obs)
+        err = np.abs(got - want)
         mean_err, max_err = float(err.mean()), float(err.max())
         if not mean_err <= cfg.max_action_error:
             raise PassCheckError(
