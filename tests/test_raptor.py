@@ -100,9 +100,10 @@ def test_loads_self_contained_with_its_interface(converted):
                                                 "front_left"]
     assert json.loads(meta["action_range"]) == [-1.0, 1.0]
     assert float(meta["control_period_s"]) == 0.01 and meta["family"] == "quadrotor"
-    (state,) = json.loads(meta["recurrent_state"])
-    assert state == {"input": "h_in", "output": "h_out", "shape": ["batch", 16],
-                     "dtype": "float32", "reset": "zeros"}
+    recurrent = json.loads(meta["recurrent_state"])        # the runtime loader's form
+    assert recurrent["states"] == [{"input": "h_in", "output": "h_out", "shape": [16],
+                                    "dtype": "float32", "reset": "zeros"}]
+    assert "at the start of every episode" in recurrent["rule"]
     assert int(meta["source_params"]) == 2084
 
     iface = tomllib.loads((converted / "raptor.toml").read_text())

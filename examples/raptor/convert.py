@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from xcompile.onnx.recurrent import StateSpec, contract_value
+
 PACKAGE = "foundation-policy"
 OBS_LAYOUT = [   # (name, width, meaning): the package README and the checkpoint's own meta
     ("position", 3, "position relative to the target (m), FLU world frame"),
@@ -211,8 +213,9 @@ def _reset(ck: dict[str, Any]) -> str | list[float]:
 def metadata_props(ck: dict[str, Any], sha256: str, version: str | None) -> dict[str, str]:
     """The facts a runtime needs, as strings (JSON where structured), in the deployment
     contract's key names where one means the same (`xcompile.onnx.contract.KEYS`)."""
-    state = [{"input": H_IN, "output": H_OUT, "shape": ["batch", ck["n_state"]],
-              "dtype": "float32", "reset": _reset(ck)}]
+    reset = _reset(ck)
+    state = StateSpec(H_IN, H_OUT, (ck["n_state"],), "float32",
+                      reset if isinstance(reset, str) else tuple(reset))
     return {
         "family": "quadrotor",
         "family_note": "xcompile has no quadrotor world yet (issue 17)",
@@ -226,9 +229,7 @@ def metadata_props(ck: dict[str, Any], sha256: str, version: str | None) -> dict
         "action_note": "the output is the network's raw output (no tanh in the checkpoint); "
                        "clip it to action_range before commanding motors",
         "control_period_s": repr(CONTROL_PERIOD_S),
-        "recurrent_state": json.dumps(state),
-        "recurrent_reset": "at the start of every episode feed the reset value as h_in; "
-                           "afterwards feed each step's h_out as the next step's h_in",
+        "recurrent_state": contract_value([state]),   # as xcompile's runtime loader reads it
         "source": f"{PACKAGE} {version or '(version unknown)'} (PyPI, MIT): RAPTOR, "
                   "https://github.com/rl-tools/raptor",
         "source_package": PACKAGE,
@@ -256,10 +257,10 @@ def interface_toml(ck: dict[str, Any], props: dict[str, str]) -> str:
         "# The same facts are in raptor.onnx's metadata_props.",
         "#",
         "# The xcompile-interface/1 format (README, 'Foreign fat policies'), extended with what a",
-        "# recurrent policy needs. xcompile's interface loader does not take this file yet: it knows",
-        "# no 'quadrotor' family, no [recurrent] table and none of the fields after 'family', and it",
-        "# wants [bodies.*] tables, which RAPTOR has no use for: it has no embodiment input and",
-        "# infers the airframe from its own observation history (that is what its GRU state is for).",
+        "# quadrotor policy needs. xcompile's interface loader takes the [recurrent] table and no",
+        "# [bodies.*] tables (RAPTOR has no embodiment input: it infers the airframe from its own",
+        "# observation history, which is what its GRU state is for), but not yet this file: it",
+        "# knows no 'quadrotor' family and none of the fields after 'family' (issue 17).",
         'format = "xcompile-interface/1"',
         f'observation = "{OBS}"          # graph input: the flat observation (batch first)',
         f'action = "{ACTION}"            # graph output: 4 motor commands (raw; see [action_spec])',
