@@ -213,6 +213,9 @@ def test_second_interrupt_cannot_cut_a_cleanup_short(tmp_path):
         (folder / str(i)).mkdir(parents=True)
         (folder / str(i) / "f").write_text("x")
     got = []
+    # Python's own Ctrl-C handler, whatever the test runner inherited (a background job of a
+    # non-interactive shell starts with SIGINT ignored, and ignored stays ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with outdir.signals_held():
             os.kill(os.getpid(), signal.SIGINT)         # arrives during the cleanup...
@@ -220,6 +223,8 @@ def test_second_interrupt_cannot_cut_a_cleanup_short(tmp_path):
             got.append("cleanup finished")
     except KeyboardInterrupt:
         got.append("interrupted after")                 # ...and is delivered once it is done
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert got == ["cleanup finished", "interrupted after"] and not folder.exists()
 
 
