@@ -16,7 +16,8 @@ of stream "fat-dagger"; neither meets the episodes any build, report or benchmar
 
 Seeded and reproducible on CPU (torch ops on 2 threads are deterministic here; PyBullet has no RNG).
 
-    python examples/train_fat_policy.py --out examples/fat_policy.pt      # ~1 h on 2 cores
+    python examples/train_fat_policy.py --out fat.pt                    # ~1 h on 2 cores
+    python examples/train_fat_policy.py --init fat.pt --reach-x 3 ...   # continue (examples/README.md)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from xcompile.evaluate import evaluate
-from xcompile.models.checkpoint import save_checkpoint
+from xcompile.models.checkpoint import load_checkpoint, save_checkpoint
 from xcompile.models.descriptors import joint_descriptors
 from xcompile.models.fat import FatConfig, FatPolicy, count_params
 from xcompile.policy import fat_act
@@ -69,7 +70,7 @@ def collect(robot, episodes: int, seed: int, noise_rad: float, policy=None, para
 
 
 def fit(model, data, bodies, steps: int, lr: float, batch: int, gen: torch.Generator,
-        log_every=100):
+        log_every=100, weights=None):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     model.train()
@@ -81,7 +82,7 @@ def fit(model, data, bodies, steps: int, lr: float, batch: int, gen: torch.Gener
             idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
             pred = model.act(x[idx], bodies[name]["desc"], bodies[name]["family"])
             loss = torch.mean((pred - y[idx]) ** 2)
-            loss.backward()
+            (loss * (weights or {}).get(name, 1.0)).backward()
             loss_total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -97,10 +98,19 @@ def main() -> None:
     ap.add_argument("--out", default="examples/fat_policy.pt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--robots", nargs="*", default=list_robots())
+    ap.add_argument("--init", default=None,
+                    help="continue from this fat checkpoint (its architecture and weights) instead "
+                         "of a fresh network")
     ap.add_argument("--expert-episodes", type=int, default=24)
     ap.add_argument("--dagger-rounds", type=int, default=2)
     ap.add_argument("--dagger-episodes", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=2000, help="fit steps for the first fit")
+    ap.add_argument("--reach-x", type=int, default=1,
+                    help="the arms get this many times the expert and DAgger episodes (a reaching "
+                         "policy has a whole workspace of goals to learn)")
+    ap.add_argument("--reach-weight", type=float, default=1.0,
+                    help="weight of the arms' action MSE in the fit (their actions are radians, "
+                         "the quadrupeds' quarter radians, and reaching needs about 0.01 rad)")
+    ap.add_argument("--steps", type=int, default=2000, help="fit steps for the first fit (0: none)")
     ap.add_argument("--dagger-steps", type=int, default=300, help="fit steps after each round")
     ap.add_argument("--batch", type=int, default=64, help="per body per step")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -117,15 +127,30 @@ def main() -> None:
     robots = {n: load_robot(n) for n in a.robots}
     bodies = {n: {"desc": torch.as_tensor(joint_descriptors(r)), "family": r.family}
               for n, r in robots.items()}
-    model = FatPolicy(FatConfig(d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads,
-                                d_ff=a.d_ff))
+    if a.init:
+        start = load_checkpoint(a.init)
+        missing = sorted(set(robots) - {b["name"] for b in start.registry})
+        if missing:
+            raise SystemExit(f"--init {a.init} was not trained on {', '.join(missing)}")
+        model = start.model
+        init_from = {"sha256": start.sha256, "trained_by": start.extra.get("trained_by"),
+                     "args": start.extra.get("args"), "init": start.extra.get("init")}
+    else:
+        init_from = None
+        model = FatPolicy(FatConfig(d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads,
+                                    d_ff=a.d_ff))
     print(f"fat policy: {count_params(model):,} parameters", flush=True)
+
+    weights = {n: a.reach_weight for n, r in robots.items() if r.family == "reach"}
+
+    def episodes_x(robot) -> int:
+        return a.reach_x if robot.family == "reach" else 1
 
     # EXPERT DATA
     raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for i, (n, r) in enumerate(robots.items()):
         t = time.time()
-        raw[n] = collect(r, a.expert_episodes, seed=episode_seed("expert-data", a.seed, 100_000 * i),
+        raw[n] = collect(r, a.expert_episodes * episodes_x(r), seed=episode_seed("expert-data", a.seed, 100_000 * i),
                          noise_rad=a.noise_rad)
         print(f"expert data {n}: {raw[n][0].shape[0]} samples ({time.time() - t:.0f}s)",
               flush=True)
@@ -138,27 +163,28 @@ def main() -> None:
         # Saved after every fit too, so a long run that is stopped still leaves a usable policy.
         save_checkpoint(a.out, model, registry, extra={
             "trained_by": "examples/train_fat_policy.py", "seed": a.seed,
-            "args": {k: v for k, v in vars(a).items() if k != "out"}})
+            "args": {k: v for k, v in vars(a).items() if k != "out"}, "init": init_from})
         print(f"saved {a.out}", flush=True)
 
     def tensors():
         return {n: (torch.as_tensor(x), torch.as_tensor(y)) for n, (x, y) in raw.items()}
 
     # FIT
-    print("fit", flush=True)
-    fit(model, tensors(), bodies, a.steps, a.lr, a.batch, gen)
-    save()
+    if a.steps:
+        print("fit", flush=True)
+        fit(model, tensors(), bodies, a.steps, a.lr, a.batch, gen, weights=weights)
+        save()
 
     # DAGGER
     for rnd in range(a.dagger_rounds):
         for i, (n, r) in enumerate(robots.items()):
             pol = fat_act(model, bodies[n]["desc"].numpy(), r.family)
-            x, y = collect(r, a.dagger_episodes,
+            x, y = collect(r, a.dagger_episodes * episodes_x(r),
                            seed=episode_seed("fat-dagger", a.seed, 100_000 * i + 1000 * rnd),
                            noise_rad=0.0, policy=pol)
             raw[n] = (np.concatenate([raw[n][0], x]), np.concatenate([raw[n][1], y]))
         print(f"dagger round {rnd}: {sum(v[0].shape[0] for v in raw.values())} samples", flush=True)
-        fit(model, tensors(), bodies, a.dagger_steps, a.lr * 0.5, a.batch, gen)
+        fit(model, tensors(), bodies, a.dagger_steps, a.lr * 0.5, a.batch, gen, weights=weights)
         save()
 
     # SAVE

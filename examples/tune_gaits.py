@@ -105,11 +105,12 @@ def calibrate(name: str, gait: Gait, env: RobotEnv, seeds: range, score: float
     return gait, score
 
 
-def tune(name: str, iters: int, pop: int, seed: int, n_seeds: int = 3) -> tuple[Gait, float]:
+def tune(name: str, iters: int, pop: int, seed: int, n_seeds: int = 3, from_gaits: bool = False
+         ) -> tuple[Gait, float]:
     env = RobotEnv(name)
     rng = np.random.default_rng(seed)
     seeds = range(n_seeds)   # episodes of the "expert-tuning" seed stream
-    best = WARM.get(name) or max(
+    best = (GAITS[name] if from_gaits else WARM.get(name)) or max(
         (Gait(thigh_sign=ts, knee_sign=ks, stride=st, lift=lift) for ts in (1.0, -1.0)
          for ks in (1.0, -1.0) for st in (0.25, 0.5) for lift in (0.3, 0.6)),
         key=lambda g: evaluate(env, g, seeds),
@@ -134,6 +135,10 @@ def tune(name: str, iters: int, pop: int, seed: int, n_seeds: int = 3) -> tuple[
     return best, best_score
 
 
+def _rounded(v):
+    return tuple(round(x, 3) for x in v) if isinstance(v, tuple) else round(v, 3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("robots", nargs="+")
@@ -143,6 +148,8 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=3, help="episodes per candidate")
     ap.add_argument("--calibrate-only", action="store_true",
                     help="start from the gait in xcompile.sim.experts.GAITS and only calibrate")
+    ap.add_argument("--from-gaits", action="store_true",
+                    help="start the search from the gait in GAITS (not from WARM)")
     a = ap.parse_args()
     for name in a.robots:
         if a.calibrate_only:
@@ -152,8 +159,8 @@ def main() -> None:
             gait, score = calibrate(name, gait, env, seeds, evaluate(env, gait, seeds))
             env.close()
         else:
-            gait, score = tune(name, a.iters, a.pop, a.seed, a.episodes)
-        fields = ", ".join(f"{f.name}={round(getattr(gait, f.name), 3)}"
+            gait, score = tune(name, a.iters, a.pop, a.seed, a.episodes, a.from_gaits)
+        fields = ", ".join(f"{f.name}={_rounded(getattr(gait, f.name))}"
                            for f in dataclasses.fields(gait))
         print(f'RESULT "{name}": Gait({fields}),  # tuned score {score:.3f}', flush=True)
 
