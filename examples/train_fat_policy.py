@@ -150,7 +150,8 @@ def main() -> None:
     raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for i, (n, r) in enumerate(robots.items()):
         t = time.time()
-        raw[n] = collect(r, a.expert_episodes * episodes_x(r), seed=episode_seed("expert-data", a.seed, 100_000 * i),
+        raw[n] = collect(r, a.expert_episodes * episodes_x(r),
+                         seed=episode_seed("expert-data", a.seed, 100_000 * i),
                          noise_rad=a.noise_rad)
         print(f"expert data {n}: {raw[n][0].shape[0]} samples ({time.time() - t:.0f}s)",
               flush=True)

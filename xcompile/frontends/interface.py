@@ -254,9 +254,7 @@ def check_interface(iface: Interface, inputs: Sequence[GraphInput], outputs: Seq
         raise InterfaceError(f"{where}: observation: graph input {obs.name!r} has width "
                              f"{obs.shape[1]}, but target {robot.name!r} ({robot.family}) gives "
                              f"{obs_width} (xcompile's flat {robot.family} observation)")
-    if isinstance(obs.shape[0], int) and obs.shape[0] != 1:
-        raise InterfaceError(f"{where}: observation: graph input {obs.name!r} has a fixed batch "
-                             f"of {obs.shape[0]}; export it with a dynamic batch dimension")
+    _dynamic_batch(obs, f"{where}: observation", "input")
     act = outs[iface.action]
     if len(act.shape) != 2 or (isinstance(act.shape[1], int)
                                and act.shape[1] != robot.n_joints):
@@ -295,10 +293,14 @@ def check_states(iface: Interface, ins: Mapping[str, GraphInput], outs: Mapping[
                 raise InterfaceError(f"{at}: graph {kind} {name!r} is {np.dtype(g.dtype).name} "
                                      f"of shape {list(g.shape)}; the state's shape and dtype say "
                                      f"{want}")
-            if isinstance(g.shape[0], int) and g.shape[0] != 1:
-                raise InterfaceError(f"{at}: graph {kind} {name!r} has a fixed batch of "
-                                     f"{g.shape[0]}; export it with a dynamic batch dimension")
+            _dynamic_batch(g, at, kind)
     return states
+
+
+def _dynamic_batch(g: GraphInput, at: str, kind: str) -> None:
+    if isinstance(g.shape[0], int) and g.shape[0] != 1:
+        raise InterfaceError(f"{at}: graph {kind} {g.name!r} has a fixed batch of {g.shape[0]}; "
+                             "export it with a dynamic batch dimension")
 
 
 def _named_io(iface: Interface, inputs: Sequence[GraphInput], outputs: Sequence[GraphInput],
@@ -315,13 +317,15 @@ def _named_io(iface: Interface, inputs: Sequence[GraphInput], outputs: Sequence[
     return ins, outs
 
 
-def check_body_table(iface: Interface, inputs: Sequence[GraphInput],
-                     outputs: Sequence[GraphInput], body: str, where: str
-                     ) -> dict[str, np.ndarray]:
-    """{input: value} of one body's table, checked against the graph's inputs (not a target)."""
+def check_bodies(iface: Interface, inputs: Sequence[GraphInput], outputs: Sequence[GraphInput],
+                 where: str) -> tuple[list[StateSpec], dict[str, dict[str, np.ndarray]]]:
+    """The recurrent states and every body's {input: value}, checked against the graph's inputs
+    and outputs (not against a target)."""
     ins, outs = _named_io(iface, inputs, outputs, where)
-    skip = {iface.observation, *(st.input for st in check_states(iface, ins, outs, where))}
-    return _body_values(iface.bodies[body], ins, skip, f"{where}: bodies.{body}")
+    states = check_states(iface, ins, outs, where)
+    skip = {iface.observation, *(st.input for st in states)}
+    return states, {body: _body_values(table, ins, skip, f"{where}: bodies.{body}")
+                    for body, table in iface.bodies.items()}
 
 
 def _body_values(table: Mapping[str, Any], ins: Mapping[str, GraphInput], skip: set[str],

@@ -93,7 +93,7 @@ def inspect_graph(path: str | Path, interface: str | Path | None = None) -> dict
     after pin-embodiment (the graph pinned for that body and its weights counted)."""
     from xcompile.artifact import file_sha256
     from xcompile.frontends.graph import FatGraph, graph_io, load_graph, state_outputs
-    from xcompile.frontends.interface import check_body_table, check_states, read_interface
+    from xcompile.frontends.interface import check_bodies, read_interface
     from xcompile.frontends.pin import pin_graph
     from xcompile.targets import list_robots, load_robot
 
@@ -114,12 +114,10 @@ def inspect_graph(path: str | Path, interface: str | Path | None = None) -> dict
         "family": iface.family if iface else None, "bodies": []}
     if iface is None:
         return info
-    states = check_states(iface, {g.name: g for g in ins}, {g.name: g for g in outs},
-                          str(interface))
+    states, tables = check_bodies(iface, ins, outs, str(interface))
     info["recurrent"] = [s.as_json() for s in states]
     known = set(list_robots())
-    for body in iface.bodies:
-        values = check_body_table(iface, ins, outs, body, str(interface))
+    for body, values in tables.items():
         used = graph_params(pin_graph(FatGraph(model, iface, ins, outs, values, states)))
         info["bodies"].append({
             "name": body, "family": iface.family,

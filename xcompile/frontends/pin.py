@@ -30,6 +30,7 @@ from xcompile.evaluate import score_policy
 from xcompile.frontends.graph import FatGraph, artifact_graph, fat_act, graph_params
 from xcompile.measure import count_params_bytes
 from xcompile.onnx.contract import deployment_contract
+from xcompile.onnx.graph import rename_in_nodes
 from xcompile.onnx.model import save_onnx, set_metadata, strip_volatile
 from xcompile.onnx.recurrent import (
     CONTRACT_KEY,
@@ -50,13 +51,7 @@ FOLD_LIMIT = 1 << 28   # elements a folded constant may have (the optimizer's de
 def _rename(graph: Any, old: str, new: str) -> None:
     if old == new:
         return
-    for node in graph.node:
-        for i, n in enumerate(node.input):
-            if n == old:
-                node.input[i] = new
-        for i, n in enumerate(node.output):
-            if n == old:
-                node.output[i] = new
+    rename_in_nodes(graph, old, new)
     for vi in [*graph.input, *graph.output, *graph.value_info]:
         if vi.name == old:
             vi.name = new

@@ -55,6 +55,17 @@ def input_layers(model: Any) -> list[str]:
     return _nearest_products(model, from_inputs=True)
 
 
+def rename_in_nodes(graph: Any, old: str, new: str) -> None:
+    """Every node input and output named `old` renamed `new` (graph inputs/outputs untouched)."""
+    for node in graph.node:
+        for i, n in enumerate(node.input):
+            if n == old:
+                node.input[i] = new
+        for i, n in enumerate(node.output):
+            if n == old:
+                node.output[i] = new
+
+
 def own_output_nodes(model: Any) -> Any:
     """`model` with every graph output that a node also reads (a recurrent policy's next state,
     which its head reads too) written by an Identity of its own: onnxconverter_common's fp16
@@ -66,13 +77,7 @@ def own_output_nodes(model: Any) -> Any:
     read = {name for node in g.node for name in node.input}
     for name in [o.name for o in g.output if o.name in read]:
         inner = f"{name}__value"
-        for node in g.node:
-            for i, n in enumerate(node.output):
-                if n == name:
-                    node.output[i] = inner
-            for i, n in enumerate(node.input):
-                if n == name:
-                    node.input[i] = inner
+        rename_in_nodes(g, name, inner)
         g.node.append(helper.make_node("Identity", [inner], [name], name=f"{name}__output"))
     return model
 

@@ -51,8 +51,8 @@ class Gait:
 # From examples/tune_gaits.py, seed 0: a1 `a1 --iters 8 --pop 16 --episodes 3` (sign search, before
 # the balance terms existed; they are 0 for it), the others `NAME --iters 6 --pop 12 --episodes 3`
 # from the WARM starts written there (aliengo: 4 iterations). The envelopes of aliengo, laikago and
-# mini cheetah were set by hand from where they fell (examples/README.md); laikago was then re-tuned inside its
-# envelope with `laikago --from-gaits --iters 5 --pop 12 --episodes 6`.
+# mini cheetah were set by hand from where they fell (examples/README.md); laikago was then
+# re-tuned inside its envelope with `laikago --from-gaits --iters 5 --pop 12 --episodes 6`.
 GAITS: dict[str, Gait] = {
     "a1": Gait(thigh_sign=-1.0, knee_sign=-1.0, stride=0.611, lift=0.968, k_speed=-0.032,
                k_roll=0.369, k_pitch=-0.179, duty_shift=-0.191, k_yaw=-0.017, k_lat=0.47,
