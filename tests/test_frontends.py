@@ -675,8 +675,6 @@ def test_recurrent_interface_mismatches_and_plans_refused(rec, models, tmp_path)
          "bodies: the graph has embodiment inputs (h_in); give a [bodies.NAME] table"),
         (models["hpt"][1], no_bodies, ["--passes", "pin-embodiment"],
          "bodies: the graph has embodiment inputs (body_id)"),
-        (rec["gru"][1], toml, [], "distill does not take a recurrent teacher yet; use --passes "
-                                  "pin-embodiment,export-onnx,quantize"),
         (rec["gru"][2], toml, ["--emit", "c", "--passes", "pin-embodiment,export-onnx"],
          "emit-c does not take a recurrent policy yet"),
     ]

@@ -83,11 +83,12 @@ def test_dagger_collection_is_the_same_on_serial_and_process(mlp_files):
             # 12 episodes: chunks of 10 and 2, on two workers
             got = [dagger_collect.collect(teacher, stu, beta, noise, 0, 12, "dagger", 24, ex)
                    for ex in (SerialExecutor(), pool)]
-            (xs, ys, ss), (xp, yp, sp) = got
-            assert xs.dtype == np.float32 and len(xs) == 12 * robot.episode_steps
-            np.testing.assert_array_equal(xs, xp)
-            np.testing.assert_array_equal(ys, yp)
-            assert ss == sp
+            s, p = got
+            assert len(s.obs) == 12 and s.obs[0].dtype == np.float32
+            assert sum(map(len, s.obs)) == 12 * robot.episode_steps
+            np.testing.assert_array_equal(np.concatenate(s.obs), np.concatenate(p.obs))
+            np.testing.assert_array_equal(np.concatenate(s.labels), np.concatenate(p.labels))
+            assert s.scores == p.scores
 
 
 def test_ppo_learns_the_same_under_the_process_executor(tmp_path, monkeypatch):

@@ -52,6 +52,7 @@ from xcompile.evaluate import EvalResult, score_policy, torch_single_thread
 from xcompile.executors import current_executor, evaluate_file
 from xcompile.models.checkpoint import load_checkpoint
 from xcompile.models.fat import count_params
+from xcompile.models.recurrent import is_recurrent, reset_states
 from xcompile.models.slim import load_torch_policy
 from xcompile.onnx.recurrent import session_states
 from xcompile.onnx.session import ort_session
@@ -199,7 +200,11 @@ def _torch_callable(art: Artifact, robot: RobotTarget) -> tuple[Callable[[Any], 
         model, family = ckpt.model, robot.family
         return (lambda x: model.act(x, desc, family)), "torch"
     if art.format == "torch":
-        return load_torch_policy(art.path), "torch"
+        module = load_torch_policy(art.path)
+        if is_recurrent(module):      # a call with its reset states, as a step of an episode
+            states = reset_states(module, 1)
+            return (lambda x: module(x, *states)), "torch"
+        return module, "torch"
     raise ValueError(f"not a torch artifact: {art.format!r}")
 
 

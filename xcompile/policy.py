@@ -23,10 +23,11 @@ from xcompile.errors import CheckpointError, ContractError, TargetError, XCompil
 from xcompile.evaluate import BatchPolicy
 from xcompile.models.checkpoint import FatCheckpoint, _read_torch, load_checkpoint
 from xcompile.models.descriptors import joint_descriptors
+from xcompile.models.recurrent import is_recurrent
 from xcompile.models.slim import FORMAT as TORCH_POLICY_FORMAT
 from xcompile.models.slim import build_from_spec, read_torch_policy
 from xcompile.onnx.contract import check_contract, check_io_widths
-from xcompile.onnx.recurrent import CONTRACT_KEY, session_policy
+from xcompile.onnx.recurrent import CONTRACT_KEY, StatefulPolicy, session_policy
 from xcompile.onnx.session import ort_session
 from xcompile.targets import RobotTarget
 
@@ -131,6 +132,20 @@ def onnx_act(path: Path, threads: int = 1,
 
 
 def torch_act(module: Any) -> BatchPolicy:
+    """A batch policy of a torch module; a recurrent one (`models.recurrent`: it names its
+    `states()`) as a `StatefulPolicy` that carries each episode's state, as its ONNX export will
+    be run."""
+    if is_recurrent(module):
+        specs = module.states()
+
+        def run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            with torch.inference_mode():
+                out = module(torch.as_tensor(feeds["obs"]),
+                             *(torch.as_tensor(feeds[s.input]) for s in specs))
+            return [o.numpy() for o in out]
+
+        return StatefulPolicy(run, "obs", "action", specs)
+
     def act(obs: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return module(torch.as_tensor(obs, dtype=torch.float32)).numpy()

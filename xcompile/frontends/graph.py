@@ -42,7 +42,8 @@ from xcompile.frontends.interface import (
     read_interface,
     state_specs,
 )
-from xcompile.onnx.recurrent import StatefulPolicy, StateSpec
+from xcompile.onnx.model import get_metadata
+from xcompile.onnx.recurrent import CONTRACT_KEY, StatefulPolicy, StateSpec
 from xcompile.onnx.session import read_onnx
 from xcompile.sim.env import obs_dim
 from xcompile.targets import RobotTarget
@@ -223,10 +224,18 @@ def fat_graph_artifact(path: str | Path, interface: str | Path, robot: RobotTarg
                                  "source": path.suffix[1:]})
 
 
+RECURRENT_KINDS = ("history_mlp", "gru")     # torch students that keep state (models.recurrent)
+
+
 def is_recurrent(art: Artifact) -> bool:
-    """Whether a build's input is a recurrent foreign fat policy (its interface has states)."""
-    iface = art.meta.get("interface") if art.format == FAT_GRAPH else None
-    return isinstance(iface, dict) and bool(iface.get("recurrent"))
+    """Whether an artifact is a recurrent policy: a foreign fat policy whose interface has
+    states, an ONNX policy whose contract records them, or a recurrent torch student."""
+    if art.format == FAT_GRAPH:
+        iface = art.meta.get("interface")
+        return isinstance(iface, dict) and bool(iface.get("recurrent"))
+    if art.format == "onnx":
+        return CONTRACT_KEY in get_metadata(read_onnx(art.path))
+    return art.format == "torch" and art.meta.get("kind") in RECURRENT_KINDS
 
 
 def artifact_graph(art: Artifact, robot: RobotTarget) -> FatGraph:

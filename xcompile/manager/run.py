@@ -19,6 +19,7 @@ from typing import Any
 
 from xcompile.artifact import Artifact
 from xcompile.errors import PlanError, ToolUnavailable, XCompileError
+from xcompile.frontends.graph import is_recurrent
 from xcompile.frontends.measure import measure_any
 from xcompile.manager.cache import (
     Measure,
@@ -193,6 +194,8 @@ def _run_pass(step: PlanStep, inp: Artifact, context: Callable[[Path], BuildCont
     try:
         ctx = context(workdir)
         p = step.pass_cls()
+        if p.refuses_recurrent and is_recurrent(inp):     # made recurrent by an earlier pass
+            raise PlanError(p.refuses_recurrent)
         result = p.run(inp, step.config, ctx)
         _check_result(step, result, workdir, inp.format)
         checks = dict(p.check(inp, result, step.config, ctx) or {})

@@ -9,6 +9,8 @@ pickled and the file loads with `torch.load(weights_only=True)`:
 
     "pinned"  spec: config (a FatConfig as a dict), family, n_joints -> `PinnedPolicy`
     "mlp"     spec: obs_dim, hidden (list of widths), n_actions, activation, normalize -> `MLPPolicy`
+    "history_mlp"  the same and history (observations it sees) -> `recurrent.HistoryMLP`
+    "gru"     the mlp spec's keys (hidden[0]: the GRU cell's width) -> `recurrent.GRUStudent`
 
 Other spec keys (robot, joint_order, ...) are kept as they are: passes record the robot a policy was
 made for there, and `xcompile.policy.load_policy` checks it.
@@ -30,7 +32,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from torch import Tensor, nn
+from torch import nn
 
 from xcompile.errors import CheckpointError
 from xcompile.models.fat import (
@@ -44,6 +46,8 @@ from xcompile.models.fat import (
     PinnedPolicy,
 )
 from xcompile.models.files import check_input, read_torch_file, torch_save_bounded, write_atomically
+from xcompile.models.mlp import ACTIVATIONS, MLPPolicy
+from xcompile.models.recurrent import GRUStudent, HistoryMLP
 from xcompile.models.untrusted import (
     check_config,
     check_finite,
@@ -57,75 +61,15 @@ from xcompile.models.untrusted import (
 FORMAT = "xcompile.torch-policy"
 VERSION = 1
 SAVER = "xcompile.models.slim.save_torch_policy"
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU,
-}
-
-
-class MLPPolicy(nn.Module):
-    """Flat observation (B, obs_dim) -> action (B, n_actions) through a plain MLP.
-
-    With `normalize=True` the input is standardised by the buffers `obs_mean` and `obs_std` before
-    the first layer; `fold_normalization()` returns an equivalent MLP with the standardisation
-    folded into the first Linear's weights and bias (W' = W / std, b' = b - W' @ mean), which is
-    what gets exported.
-    """
-
-    def __init__(self, obs_dim: int, hidden: list[int] | tuple[int, ...], n_actions: int,
-                 activation: str = "elu", normalize: bool = False) -> None:
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
-        if obs_dim < 1 or n_actions < 1 or any(int(h) < 1 for h in hidden):
-            raise ValueError("obs_dim, n_actions and every hidden width must be >= 1")
-        self.obs_dim = int(obs_dim)
-        self.hidden = [int(h) for h in hidden]
-        self.n_actions = int(n_actions)
-        self.activation = activation
-        self.normalize = bool(normalize)
-        widths = [self.obs_dim, *self.hidden]
-        layers: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
-        layers.append(nn.Linear(widths[-1], self.n_actions))
-        self.net = nn.Sequential(*layers)
-        if self.normalize:
-            self.register_buffer("obs_mean", torch.zeros(self.obs_dim))
-            self.register_buffer("obs_std", torch.ones(self.obs_dim))
-
-    def forward(self, obs: Tensor) -> Tensor:
-        if self.normalize:
-            obs = (obs - self.obs_mean) / self.obs_std
-        return self.net(obs)
-
-    def spec(self) -> dict[str, Any]:
-        return {"kind": "mlp", "obs_dim": self.obs_dim, "hidden": list(self.hidden),
-                "n_actions": self.n_actions, "activation": self.activation,
-                "normalize": self.normalize}
-
-    def fold_normalization(self) -> MLPPolicy:
-        """An equivalent MLP without the normalisation step (it lives in the first layer)."""
-        out = MLPPolicy(self.obs_dim, self.hidden, self.n_actions, self.activation, False)
-        state = {k: v.clone() for k, v in self.state_dict().items()
-                 if k not in ("obs_mean", "obs_std")}
-        if self.normalize:
-            w, b = state["net.0.weight"], state["net.0.bias"]
-            w_folded = w / self.obs_std.unsqueeze(0)
-            state["net.0.weight"] = w_folded
-            state["net.0.bias"] = b - w_folded @ self.obs_mean
-        out.load_state_dict(state)
-        return out.train(self.training)
-
-
 def spec_of(module: nn.Module) -> dict[str, Any]:
-    """The rebuild spec of a module this file format knows (PinnedPolicy or MLPPolicy)."""
-    if isinstance(module, MLPPolicy):
+    """The rebuild spec of a module this file format knows (PinnedPolicy or a student)."""
+    if isinstance(module, (MLPPolicy, HistoryMLP, GRUStudent)):
         return module.spec()
     if isinstance(module, PinnedPolicy):
         return {"kind": "pinned", "config": module.fat_config.model_dump(), "family": module.family,
                 "n_joints": module.n_joints}
-    raise CheckpointError(f"cannot save a {type(module).__name__}: only PinnedPolicy and "
-                          "MLPPolicy have a torch-policy spec")
+    raise CheckpointError(f"cannot save a {type(module).__name__}: only PinnedPolicy and the "
+                          "students (MLPPolicy, HistoryMLP, GRUStudent) have a torch-policy spec")
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +110,28 @@ class _MLPSpec(_Spec):
                 + (2 * self.obs_dim if self.normalize else 0))
 
 
+class _HistorySpec(_MLPSpec):
+    kind: Literal["history_mlp"]   # type: ignore[assignment]
+    history: int = Field(ge=2, le=64)
+
+    def size(self) -> int:
+        widths = [self.obs_dim * self.history, *self.hidden, self.n_actions]
+        return (sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
+                + (2 * self.obs_dim * self.history if self.normalize else 0))
+
+
+class _GRUSpec(_MLPSpec):
+    kind: Literal["gru"]           # type: ignore[assignment]
+    hidden: list[Annotated[int, Field(ge=1, le=MAX_MLP_WIDTH)]] = Field(
+        min_length=1, max_length=MAX_MLP_LAYERS)
+
+    def size(self) -> int:
+        d, widths = self.hidden[0], [*self.hidden, self.n_actions]
+        return ((self.obs_dim + 1) * d + 3 * d * (2 * d + 2)
+                + sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
+                + (2 * self.obs_dim if self.normalize else 0))
+
+
 class _PinnedSpec(_Spec):
     kind: Literal["pinned"]
     config: dict[str, Any]
@@ -173,7 +139,8 @@ class _PinnedSpec(_Spec):
     n_joints: int = Field(ge=1, le=MAX_JOINTS)
 
 
-_SPECS: dict[str, type[_MLPSpec] | type[_PinnedSpec]] = {"mlp": _MLPSpec, "pinned": _PinnedSpec}
+_SPECS: dict[str, type[_MLPSpec] | type[_PinnedSpec]] = {
+    "mlp": _MLPSpec, "history_mlp": _HistorySpec, "gru": _GRUSpec, "pinned": _PinnedSpec}
 _LIMITS = {("n_joints", "less_than_equal"): "MAX_JOINTS", ("n_actions", "less_than_equal"):
            "MAX_JOINTS", ("obs_dim", "less_than_equal"): "MAX_OBS_DIM",
            ("hidden", "less_than_equal"): "MAX_MLP_WIDTH", ("hidden", "too_long"): "MAX_MLP_LAYERS",
@@ -189,7 +156,7 @@ def _check_spec(spec: Any, where: str) -> tuple[_MLPSpec | _PinnedSpec, FatConfi
     kind = spec.get("kind")
     if not isinstance(kind, str) or kind not in _SPECS:
         raise CheckpointError(f"{where}: unknown torch policy kind {show(kind)}; expected "
-                              "'pinned' or 'mlp'")
+                              f"one of {sorted(_SPECS)}")
     model = _SPECS[kind]
     extra = {k: v for k, v in spec.items() if k not in model.model_fields}
     check_json(extra, "'spec'", where)
@@ -218,6 +185,12 @@ def _build(checked: _MLPSpec | _PinnedSpec, config: FatConfig | None) -> nn.Modu
     with torch.device("meta"):
         if isinstance(checked, _PinnedSpec) and config is not None:
             return PinnedPolicy.empty(config, checked.family, checked.n_joints)
+        if isinstance(checked, _HistorySpec):
+            return HistoryMLP(checked.obs_dim, checked.hidden, checked.n_actions,
+                              checked.activation, checked.history, checked.normalize)
+        if isinstance(checked, _GRUSpec):
+            return GRUStudent(checked.obs_dim, checked.hidden, checked.n_actions,
+                              checked.activation, checked.normalize)
         return MLPPolicy(checked.obs_dim, checked.hidden, checked.n_actions, checked.activation,
                          checked.normalize)
 

@@ -10,8 +10,9 @@ profile for the batch (1 / 1 / `max_batch`) when the graph's batch is dynamic, t
 in `policy.plan` and the versions it depends on (TensorRT, GPU name, compute capability) in
 `policy.plan.json`: a .plan only runs with the TensorRT and GPU that built it.
 
-Where `tensorrt` cannot be imported or there is no CUDA device, `run` raises `ToolUnavailable` in
-one line; the pass manager skips the pass or fails the build, as the user asked.
+Where `tensorrt` cannot be imported or there is no CUDA device, or the policy is recurrent (not
+built yet: its state inputs need profiles of their own), `run` raises `ToolUnavailable` in one
+line; the pass manager skips the pass or fails the build, as the user asked.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydantic import Field
 
 from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError, ToolUnavailable
+from xcompile.frontends.graph import is_recurrent
 from xcompile.passes.base import BuildContext, Pass, PassConfig, PassResult, register_pass
 
 
@@ -76,12 +78,12 @@ class BuildTensorRT(Pass):
     output_format = "tensorrt"
     Config = TensorRTConfig
     summary = "strongly typed TensorRT engine (needs TensorRT and a CUDA GPU)"
-    refuses_recurrent = ("build-tensorrt does not take a recurrent policy yet (its state inputs "
-                         "need optimization profiles of their own); end the plan at quantize: "
-                         "--passes pin-embodiment,export-onnx,quantize")
 
     def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
         assert isinstance(cfg, TensorRTConfig)
+        if is_recurrent(art):       # skipped like a missing TensorRT: the default plan goes on
+            raise ToolUnavailable("build-tensorrt does not take a recurrent policy yet (its state "
+                                  "inputs need optimization profiles of their own); skipped")
         trt = import_tensorrt()
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)

@@ -13,6 +13,10 @@ its β-mixing coin flips (rounds >= 1) from its own generator, seeded from
 always runs in chunk i // CHUNK, batched with the same other episodes, so the visited
 observations, the teacher's labels and the scores are the same, bit for bit, on every executor and
 worker count. The data come back per episode, in episode order.
+
+A stateful teacher or student (a recurrent policy: `xcompile.evaluate`'s protocol) starts every
+chunk from its reset state and is told, before each call, which episode each row continues; the
+teacher labels every step of every episode, whoever acts, so its state follows the episode.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xcompile.evaluate import score_policy
+from xcompile.evaluate import announce_rows, begin_rollout, score_policy
 from xcompile.executors.factory import current_executor
 from xcompile.executors.pools import Executor, SerialExecutor
 from xcompile.executors.rollouts import DEFAULT_CHUNK, PolicyRef
@@ -66,9 +70,15 @@ def run_collect_chunk(task: CollectChunk) -> Collected:
     xs: list[list[np.ndarray]] = [[] for _ in range(task.count)]
     ys: list[list[np.ndarray]] = [[] for _ in range(task.count)]
     rows: list[int] = []
+    for policy in (teacher.act, student):
+        if policy is not None:
+            begin_rollout(policy)
 
     def set_rows(episodes: list[int]) -> None:
         rows[:] = episodes
+        for policy in (teacher.act, student):
+            if policy is not None:
+                announce_rows(policy, episodes)
 
     def act(obs: np.ndarray) -> np.ndarray:
         label = np.asarray(teacher.act(obs), dtype=np.float32)
@@ -91,18 +101,14 @@ def run_collect_chunk(task: CollectChunk) -> Collected:
 
 def collect(teacher: PolicyRef, student: PolicyRef | None, beta: float, noise_std: float,
             seed: int, episodes: int, stream: str, first_episode: int = 0,
-            executor: Executor | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+            executor: Executor | None = None) -> Collected:
     """Episodes first_episode .. +episodes-1 of `stream` on `executor` (default: the current
-    one); the visited observations and the teacher's labels, episode after episode, and the
-    mean score."""
+    one): the visited observations and the teacher's labels per episode, and the scores."""
     ex = executor or current_executor()
     if isinstance(ex, str):
         ex = SerialExecutor()
     tasks = [CollectChunk(teacher, student, beta, noise_std, seed, stream, first_episode + s,
                           min(CHUNK, episodes - s)) for s in range(0, episodes, CHUNK)]
     parts = ex.map(run_collect_chunk, tasks, stateful=True)
-    obs = [o for p in parts for o in p.obs]
-    labels = [y for p in parts for y in p.labels]
-    scores = [s for p in parts for s in p.scores]
-    return (np.concatenate(obs).astype(np.float32), np.concatenate(labels).astype(np.float32),
-            float(np.mean(scores)))
+    return Collected([o for p in parts for o in p.obs], [y for p in parts for y in p.labels],
+                     [s for p in parts for s in p.scores])

@@ -1,8 +1,9 @@
-"""distill: on-policy distillation of the given policy into a small MLP over the flat observation.
+"""distill: on-policy distillation of the given policy into a small student over the observation.
 
-torch -> torch (kind "mlp"). Cost: `rounds * episodes_per_round` simulator episodes with the teacher
-labelling every step, a few seconds of MLP fitting per round, and the teacher's and student's
-scoring episodes; with `auto` up to one such run per ladder rung.
+torch | onnx -> torch (kind "mlp", "history_mlp" or "gru": `xcompile.passes.students`). Cost:
+`rounds * episodes_per_round` simulator episodes with the teacher labelling every step, a few
+seconds of fitting per round (a GRU's more), and the teacher's and student's scoring episodes;
+with `auto` up to one such run per ladder rung.
 
 Method: DAgger (Ross, Gordon and Bagnell 2011). Round 0: the teacher acts, with Gaussian noise of
 `noise_std` action units on its actions (DART, Laskey et al. 2017) so the data covers a little more
@@ -34,17 +35,22 @@ Budgets (`rounds`, `episodes_per_round`, `fit_epochs`, `final_fit_epochs`, `eval
 set (`model_fields_set`, see `with_profile_defaults`).
 
 The teacher is a black box that labels observations: a torch policy, or an ONNX policy (a foreign
-fat policy pinned to ONNX), run in onnxruntime. Not yet a recurrent one (refused before the build
-runs: a feed-forward student over one observation cannot stand in for it).
+fat policy pinned to ONNX), run in onnxruntime, recurrent or not. A recurrent teacher keeps its
+state per episode (`xcompile.evaluate`'s protocol) and labels every step, whoever acts. The student
+(`student`): "mlp", an MLP over one observation; "history_mlp", an MLP over the last `history`
+observations; "gru", a small GRU. The two recurrent students carry their state as explicit inputs
+and outputs, as the teacher does, through export and quantization. "auto" (the default): "mlp"
+for a feed-forward teacher, "history_mlp" for a recurrent one (measured in `bench/RESULTS.md`,
+"Distilling a recurrent teacher": on the sample policy with a filtered action it kept more of the
+teacher's score than the GRU, at a fraction of the fitting time).
 
-Check: the folded student (reloaded) equals the unfolded one to 1e-5 on random observations and gives
-finite actions. Measurements: teacher and student score, action error on the held-out states after
-each round, parameters of both and the compression ratio.
+Check: the folded student (reloaded) equals the unfolded one to 1e-5 on random observations (and
+random states) and gives finite actions. Measurements: teacher and student score, action error on
+the held-out states after each round, parameters of both and the compression ratio.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -53,14 +59,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import Field
+from torch import nn
 
 from xcompile.artifact import Artifact
-from xcompile.errors import PassCheckError, PlanError
-from xcompile.evaluate import BatchPolicy, score_policy, torch_single_thread
+from xcompile.errors import PassCheckError
+from xcompile.evaluate import BatchPolicy, score_policy
 from xcompile.executors.rollouts import PolicyRef
 from xcompile.measure import count_params_bytes
-from xcompile.models.slim import MLPPolicy, load_torch_policy, save_torch_policy
-from xcompile.models.tuning import normalized_mlp
+from xcompile.models.recurrent import is_recurrent, reset_states
+from xcompile.models.slim import load_torch_policy, save_torch_policy
 from xcompile.onnx.model import get_metadata
 from xcompile.onnx.recurrent import CONTRACT_KEY
 from xcompile.onnx.session import read_onnx
@@ -72,12 +79,12 @@ from xcompile.passes.base import (
     register_pass,
     seeded_torch,
 )
-from xcompile.passes.dagger_collect import collect
+from xcompile.passes.dagger_collect import Collected, collect
+from xcompile.passes.students import action_error, fit_student, latency_us, new_student
 from xcompile.passes.training import start_training
 from xcompile.policy import onnx_act, torch_act
 from xcompile.sim.env import obs_dim
 from xcompile.sim.observations import random_obs
-from xcompile.targets import RobotTarget
 
 DAGGER_STREAM = "dagger"             # the DAgger rounds' episodes
 HELDOUT_STREAM = "distill-heldout"   # teacher episodes whose labelled states measure action error
@@ -111,8 +118,14 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # OPTIONS
 class DistillConfig(PassConfig):
+    student: Literal["auto", "mlp", "history_mlp", "gru"] = Field(
+        "auto", description="the student: an MLP over one observation, an MLP over the last "
+        "`history` observations, or a GRU (hidden[0] its width); auto: mlp for a feed-forward "
+        "teacher, history_mlp for a recurrent one")
+    history: int = Field(4, ge=2, le=64, description="history_mlp: observations it sees, this "
+                         "one included")
     hidden: list[int] = Field([128, 128], min_length=1, description="hidden widths of the "
-                              "student MLP (ignored with auto)")
+                              "student (ignored with auto)")
     auto: bool = Field(False, description="pick the smallest rung of `ladder` that keeps "
                        "min_score_fraction of the teacher's score within the latency budget "
                        "(profile thorough: on)")
@@ -140,11 +153,16 @@ class DistillConfig(PassConfig):
 
 @dataclass
 class _Data:
+    """The labelled episodes so far (observations and the teacher's actions, per episode)."""
+
     obs: list[np.ndarray] = field(default_factory=list)
     act: list[np.ndarray] = field(default_factory=list)
+    first: int = 0          # episodes of the first round (the normalisation's statistics)
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.concatenate(self.obs), np.concatenate(self.act)
+    def add(self, got: Collected) -> None:
+        self.first = self.first or len(got.obs)
+        self.obs += got.obs
+        self.act += got.labels
 
     def __len__(self) -> int:
         return sum(len(o) for o in self.obs)
@@ -158,16 +176,17 @@ class Distill(Pass):
     output_format = "torch"
     input_formats = ("torch", "onnx")
     Config = DistillConfig
-    summary = "DAgger into a small MLP over the flat observation (normalisation folded in)"
-    refuses_recurrent = ("distill does not take a recurrent teacher yet; use --passes "
-                         "pin-embodiment,export-onnx,quantize")
+    summary = ("DAgger into a small student (MLP, history MLP or GRU; normalisation folded in)")
 
     def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
-        if art.format == "onnx" and CONTRACT_KEY in get_metadata(read_onnx(art.path)):
-            raise PlanError(self.refuses_recurrent)
         cfg, teacher_spec, t0 = start_training(art, cfg, DistillConfig, ctx, PROFILE_DEFAULTS)
-        teacher = (onnx_act(art.path, robot=ctx.robot)[0] if art.format == "onnx"
-                   else torch_act(load_torch_policy(art.path)))
+        if art.format == "onnx":
+            recurrent = CONTRACT_KEY in get_metadata(read_onnx(art.path))
+            teacher = onnx_act(art.path, robot=ctx.robot)[0]
+        else:
+            module = load_torch_policy(art.path)
+            recurrent, teacher = is_recurrent(module), torch_act(module)
+        kind = cfg.student if cfg.student != "auto" else "history_mlp" if recurrent else "mlp"
         teacher_ref = PolicyRef.of(art.path, ctx.robot)   # what rollout workers load
         robot = ctx.robot
         budget_us = float(ctx.hardware.latency_budget_us)
@@ -180,12 +199,14 @@ class Distill(Pass):
             tried: list[dict[str, Any]] = []
             chosen: tuple[Any, dict[str, Any]] | None = None
             for ci, hidden in enumerate(candidates):
-                lat = _latency_us(robot, hidden, cfg.activation)
+                lat = latency_us(new_student(kind, obs_dim(robot), robot.n_joints, hidden,
+                                             cfg.activation, cfg.history,
+                                             [random_obs(robot, 8)], MIN_OBS_STD), obs_dim(robot))
                 if cfg.auto and lat > budget_us:
                     tried.append({"hidden": hidden, "latency_us": round(lat, 1),
                                   "over_budget": True})
                     break           # the ladder only grows: larger rungs are slower still
-                student, rec = _dagger(teacher_ref, hidden, cfg, ctx, data, heldout,
+                student, rec = _dagger(teacher_ref, kind, hidden, cfg, ctx, data, heldout,
                                        progress=(ci, len(candidates)))
                 rec.update(latency_us=round(lat, 1), over_budget=lat > budget_us)
                 tried.append(rec)
@@ -209,6 +230,8 @@ class Distill(Pass):
         summary = {"teacher_score": round(teacher_score, 4), "student_score": rec["score"],
                    "score_ratio": round(rec["score"] / teacher_score, 4) if teacher_score > 0
                    else None,
+                   "student": kind, "history": cfg.history if kind == "history_mlp" else None,
+                   "teacher_recurrent": recurrent,
                    "hidden": rec["hidden"], "action_error_per_round": rec["action_error"],
                    "action_error_final": rec["action_error_final"],
                    "dagger_score_per_round": rec["dagger_score"], "samples": rec["samples"],
@@ -219,7 +242,7 @@ class Distill(Pass):
                    "wall_s": round(time.perf_counter() - t0, 2),
                    "config": cfg.model_dump(mode="json")}
         out = Artifact.create("torch", path, robot.name,
-                              meta={"kind": "mlp", "family": robot.family,
+                              meta={"kind": kind, "family": robot.family,
                                     "hidden": rec["hidden"]},
                               lineage=(*art.lineage, self.name))
         return PassResult(out, {**summary, "unfolded": "student_unfolded.pt"})
@@ -231,8 +254,12 @@ class Distill(Pass):
         s = result.summary
         unfolded = load_torch_policy(out.path.parent / s["unfolded"])
         x = torch.as_tensor(random_obs(ctx.robot, 2048, seed=ctx.seed + 3))
+        states = ([torch.randn(s.shape, generator=torch.Generator().manual_seed(ctx.seed + 3))
+                   for s in reset_states(folded, len(x))] if is_recurrent(folded) else [])
         with torch.inference_mode():
-            a, b = folded(x), unfolded(x)
+            a, b = (torch.cat([torch.as_tensor(o).reshape(len(x), -1) for o in
+                               ((m(x, *states),) if not states else m(x, *states))], 1)
+                    for m in (folded, unfolded))
         if not bool(torch.isfinite(a).all()):
             raise PassCheckError("distill: the student outputs NaN or Inf")
         fold_err = float((a - b).abs().max())
@@ -241,7 +268,7 @@ class Distill(Pass):
                                  f"actions by {fold_err:.3g} (tolerance 1e-5); this is a bug")
         p_t, p_s = count_params_bytes(inp)["params"], count_params_bytes(out)["params"]
         return {"teacher_score": s["teacher_score"], "student_score": s["student_score"],
-                "score_ratio": s["score_ratio"], "hidden": s["hidden"],
+                "score_ratio": s["score_ratio"], "student": s["student"], "hidden": s["hidden"],
                 "action_error_per_round": s["action_error_per_round"],
                 "action_error_final": s["action_error_final"],
                 "samples": s["samples"], "params_teacher": p_t, "params_student": p_s,
@@ -249,13 +276,13 @@ class Distill(Pass):
                 "student_latency_us": s["student_latency_us"], "wall_s": s["wall_s"]}
 
 
-def _collect(teacher: PolicyRef, student: MLPPolicy | None, beta: float, noise_std: float,
+def _collect(teacher: PolicyRef, student: nn.Module | None, beta: float, noise_std: float,
              ctx: BuildContext, episodes: int, stream: str, first_episode: int = 0
-             ) -> tuple[np.ndarray, np.ndarray, float]:
+             ) -> Collected:
     """Roll out (student, teacher with probability beta, or the noisy teacher when student is
-    None) on episodes first_episode.. of `stream`, on the build's executor; return the visited
-    observations and the teacher's labels (episode after episode) and the mean score. The
-    student goes to the workers as a temporary file in the work folder."""
+    None) on episodes first_episode.. of `stream`, on the build's executor; the visited
+    observations and the teacher's labels per episode, and the scores. The student goes to the
+    workers as a temporary file in the work folder."""
     if student is None:
         return collect(teacher, None, beta, noise_std, ctx.seed, episodes, stream, first_episode)
     with tempfile.TemporaryDirectory(dir=ctx.workdir, prefix="dagger-") as tmp:
@@ -269,69 +296,24 @@ def _score(policy: BatchPolicy, cfg: DistillConfig, ctx: BuildContext) -> float:
                         stream=SCORE_STREAM).score
 
 
-def _latency_us(robot: RobotTarget, hidden: list[int], activation: str, n: int = 300) -> float:
-    """Median batch-1 latency of an MLP of these widths, torch eager on one thread."""
-    mlp = MLPPolicy(obs_dim(robot), hidden, robot.n_joints, activation).eval()
-    x = torch.as_tensor(random_obs(robot, 1))
-    times = []
-    with torch_single_thread(), torch.inference_mode():
-        for i in range(n + 30):
-            t = time.perf_counter_ns()
-            mlp(x)
-            if i >= 30:
-                times.append(time.perf_counter_ns() - t)
-    return float(np.median(times) / 1e3)
-
-
-def _fit(student: Any, x: Any, y: Any, epochs: int, lr: float, batch: int, gen: Any,
-         cosine: bool = False) -> float:
-    """MSE fit of `student` on (x, y); returns the last epoch's mean loss."""
-    opt = torch.optim.Adam(student.parameters(), lr=lr)
-    steps = epochs * math.ceil(len(x) / batch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.05) \
-        if cosine else None
-    student.train()
-    loss_sum = 0.0
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        loss_sum, n_mb = 0.0, 0
-        for s in range(0, len(x), batch):
-            mb = perm[s:s + batch]
-            loss = torch.mean((student(x[mb]) - y[mb]) ** 2)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            loss_sum, n_mb = loss_sum + loss.item(), n_mb + 1
-        loss_sum /= max(1, n_mb)
-    student.eval()
-    if not math.isfinite(loss_sum):
-        raise PassCheckError(f"distill: the fit loss became {loss_sum}; lower lr")
-    return loss_sum
-
-
-def _dagger(teacher: PolicyRef, hidden: list[int], cfg: DistillConfig, ctx: BuildContext, data: _Data,
-            heldout: tuple[np.ndarray, np.ndarray, float],
+def _dagger(teacher: PolicyRef, kind: str, hidden: list[int], cfg: DistillConfig,
+            ctx: BuildContext, data: _Data, heldout: Collected,
             progress: tuple[int, int]) -> tuple[Any, dict[str, Any]]:
     """DAgger rounds for one student size; `data` (shared across sizes) grows in place."""
     robot = ctx.robot
     gen = torch.Generator().manual_seed(ctx.seed)
-    x_ho, y_ho = torch.as_tensor(heldout[0]), torch.as_tensor(heldout[1])
     student = None
     errors: list[float] = []
     dagger_scores: list[float] = []
     ci, n_cand = progress
 
-    def new_student() -> MLPPolicy:
-        # NETWORK: an MLP over the flat observation, normalised with round 0's statistics
-        return normalized_mlp(obs_dim(robot), robot.n_joints, hidden, cfg.activation,
-                              data.obs[0], MIN_OBS_STD)
+    def new() -> nn.Module:
+        # NETWORK: the student, normalised with the first round's statistics
+        return new_student(kind, obs_dim(robot), robot.n_joints, hidden, cfg.activation,
+                           cfg.history, data.obs[:data.first], MIN_OBS_STD)
 
-    def fit(model: Any) -> Any:
-        xa, ya = data.arrays()
-        _fit(model, torch.as_tensor(xa), torch.as_tensor(ya), cfg.fit_epochs, cfg.lr, cfg.batch,
-             gen)
+    def fit(model: nn.Module, epochs: int, cosine: bool = False) -> nn.Module:
+        fit_student(model, data.obs, data.act, epochs, cfg.lr, cfg.batch, gen, cosine)
         return model
 
     total = cfg.rounds + 1
@@ -340,34 +322,29 @@ def _dagger(teacher: PolicyRef, hidden: list[int], cfg: DistillConfig, ctx: Buil
         # episodes of the "dagger" stream: disjoint across rounds and ladder rungs
         first = (rnd + cfg.rounds * ci) * cfg.episodes_per_round
         if student is None and len(data) == 0:
-            x, y, sc = _collect(teacher, None, 0.0, cfg.noise_std, ctx, cfg.episodes_per_round,
-                                DAGGER_STREAM, first)
+            got = _collect(teacher, None, 0.0, cfg.noise_std, ctx, cfg.episodes_per_round,
+                           DAGGER_STREAM, first)
         else:
             if student is None:
-                student = fit(new_student())
-            x, y, sc = _collect(teacher, student, cfg.beta_decay ** max(rnd, 1), 0.0,
-                                ctx, cfg.episodes_per_round, DAGGER_STREAM, first)
-        data.obs.append(x)
-        data.act.append(y)
-        dagger_scores.append(round(sc, 4))
+                student = fit(new(), cfg.fit_epochs)
+            got = _collect(teacher, student, cfg.beta_decay ** max(rnd, 1), 0.0,
+                           ctx, cfg.episodes_per_round, DAGGER_STREAM, first)
+        data.add(got)
+        dagger_scores.append(round(float(np.mean(got.scores)), 4))
         # FIT (warm start: the student keeps its weights across rounds)
-        student = fit(student if student is not None else new_student())
-        with torch.inference_mode():
-            errors.append(round(float((student(x_ho) - y_ho).abs().mean()), 5))
-        ctx.progress(f"distill {hidden} round {rnd} action error {errors[-1]:.4f}",
+        student = fit(student if student is not None else new(), cfg.fit_epochs)
+        errors.append(round(action_error(student, heldout.obs, heldout.labels), 5))
+        ctx.progress(f"distill {kind} {hidden} round {rnd} action error {errors[-1]:.4f}",
                      (ci + (rnd + 1) / total) / n_cand)
     assert student is not None
     # FINAL FIT
     if cfg.final_fit_epochs:
-        xa, ya = data.arrays()
-        _fit(student, torch.as_tensor(xa), torch.as_tensor(ya), cfg.final_fit_epochs, cfg.lr,
-             cfg.batch, gen, cosine=True)
-        with torch.inference_mode():
-            final_error = round(float((student(x_ho) - y_ho).abs().mean()), 5)
+        fit(student, cfg.final_fit_epochs, cosine=True)
+        final_error = round(action_error(student, heldout.obs, heldout.labels), 5)
     else:
         final_error = errors[-1]
     score = _score(torch_act(student), cfg, ctx)
-    ctx.progress(f"distill {hidden} score {score:.2f}", (ci + 1) / n_cand)
+    ctx.progress(f"distill {kind} {hidden} score {score:.2f}", (ci + 1) / n_cand)
     return student, {"hidden": list(hidden), "score": round(score, 4), "action_error": errors,
                      "action_error_final": final_error,
                      "dagger_score": dagger_scores, "samples": len(data)}

@@ -24,11 +24,15 @@ file is copied with export-onnx added to its pass history, and the check compare
 input the same way. So one plan text (pin-embodiment,export-onnx,quantize) serves both kinds of
 fat input. A recurrent ONNX policy (its contract records `recurrent_state`) also takes and gives
 its states, after `obs` and `action`; the check feeds both graphs the same random states and
-compares every output.
+compares every output. So does a recurrent torch student (`xcompile.models.recurrent`, what
+distill makes of a recurrent teacher): it is exported with its state inputs and outputs after
+`obs` and `action`, every one with a dynamic batch, and its states go into the contract's
+`recurrent_state`.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -37,7 +41,8 @@ from pydantic import Field
 
 from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError
-from xcompile.models.slim import MLPPolicy, load_torch_policy
+from xcompile.models.recurrent import is_recurrent, reset_states
+from xcompile.models.slim import load_torch_policy
 from xcompile.onnx.contract import (
     check_contract,
     check_io_widths,
@@ -51,7 +56,13 @@ from xcompile.onnx.model import (
     set_metadata,
     strip_volatile,
 )
-from xcompile.onnx.recurrent import random_states, read_contract, session_states
+from xcompile.onnx.recurrent import (
+    CONTRACT_KEY,
+    contract_value,
+    random_states,
+    read_contract,
+    session_states,
+)
 from xcompile.onnx.session import ort_session, read_onnx
 from xcompile.passes.base import BuildContext, Pass, PassConfig, PassResult, register_pass
 from xcompile.sim.env import obs_dim
@@ -66,14 +77,21 @@ class ExportConfig(PassConfig):
 
 
 def _export(module: Any, n_obs: int, opset: int) -> Any:
-    """`module` as an ONNX ModelProto with a dynamic batch, volatile fields stripped."""
+    """`module` as an ONNX ModelProto with a dynamic batch, volatile fields stripped; a
+    recurrent module's states follow `obs` and `action` (`states()` names them)."""
     import onnx  # heavy: only when the pass runs
 
-    example = torch.zeros(2, n_obs)
-    dynamic_shapes = {"obs": {0: torch.export.Dim("batch")}}
+    states = module.states() if is_recurrent(module) else []
+    args = (torch.zeros(2, n_obs), *reset_states(module, 2)) if states else (torch.zeros(2, n_obs),)
+    batch = torch.export.Dim("batch")
+    names = ["obs", *(s.input for s in states)]
+    # torch.export keys the dynamic shapes by forward's argument names
+    params = list(inspect.signature(module.forward).parameters)[:len(args)]
+    dynamic_shapes = {p: {0: batch} for p in params}
     with quiet_exporter():
-        prog = torch.onnx.export(module, (example,), dynamo=True, input_names=["obs"],
-                                 output_names=["action"], dynamic_shapes=dynamic_shapes,
+        prog = torch.onnx.export(module, args, dynamo=True, input_names=names,
+                                 output_names=["action", *(s.output for s in states)],
+                                 dynamic_shapes=dynamic_shapes,
                                  opset_version=opset, external_data=False, verbose=False)
     assert prog is not None
     model = prog.model_proto
@@ -104,7 +122,7 @@ class ExportOnnx(Pass):
         if art.format == "onnx":
             return self._pass_through(art, ctx)
         module = load_torch_policy(art.path)
-        if isinstance(module, MLPPolicy) and module.normalize:
+        if getattr(module, "normalize", False):
             module = module.fold_normalization().eval()
         n_obs = obs_dim(ctx.robot)
         if getattr(module, "obs_dim", n_obs) != n_obs:
@@ -113,6 +131,8 @@ class ExportOnnx(Pass):
                 f"{ctx.robot.name} gives {n_obs}; it was made for another robot")
         props = deployment_contract(ctx.robot, ctx.source_sha256, [*ctx.history, self.name])
         model = _export(module, n_obs, cfg.opset)
+        if is_recurrent(module):
+            props[CONTRACT_KEY] = contract_value(module.states())
         set_metadata(model, props)
         onnx.checker.check_model(model)
         path = save_onnx(model, ctx.workdir / "policy.onnx")
@@ -160,7 +180,8 @@ class ExportOnnx(Pass):
         else:
             module = load_torch_policy(inp.path)
             with torch.inference_mode():
-                want = module(torch.as_tensor(obs)).numpy()
+                got = module(*(torch.as_tensor(v) for v in feeds.values()))
+            want = _side_by_side([o.numpy() for o in (got if isinstance(got, tuple) else (got,))])
 
         def run(i: int, n: int) -> np.ndarray:     # every output, side by side
             return _side_by_side(sess.run(None, {k: v[i:i + n] for k, v in feeds.items()}))
