@@ -219,6 +219,36 @@ def test_arm_target_panda(tmp_path):
     assert graph_params(pinned) == model.one_body_params()
 
 
+def test_default_plan_runs_on_a_foreign_arm(tmp_path):
+    """The whole default plan on a foreign reach policy: rl-finetune and build-tensorrt skip
+    with their reason, distill uses the pinned graph as a black-box teacher, the report has
+    its usual stage table. (The trained foreign policies' figures: bench/RESULTS.md.)"""
+    panda = load_robot("panda")
+    model = HPT(obs_dim(panda), panda.n_joints, 2)
+    onnx_path, _ = _export(model, "body_id", torch.tensor([0]), obs_dim(panda), tmp_path, "arm")
+    toml = tmp_path / "arm.toml"
+    toml.write_text('format = "xcompile-interface/1"\nobservation = "obs"\naction = "action"\n'
+                    'family = "reach"\n[bodies.panda]\nbody_id = [0]\n'
+                    '[bodies.kuka_iiwa]\nbody_id = [1]\n')
+    config = tmp_path / "build.toml"
+    config.write_text("[pass.distill]\nrounds = 2\nepisodes_per_round = 1\nfit_epochs = 5\n"
+                      "final_fit_epochs = 5\n")
+    res = runner.invoke(app, ["build", str(onnx_path), "--interface", str(toml), "--target",
+                              "panda", "--config", str(config), "--episodes", "1",
+                              "--profile", "fast", "--out", str(tmp_path / "out"),
+                              "--cache-dir", str(tmp_path / "cache"), "--json"])
+    assert res.exit_code == 0, _out(res)
+    report = json.loads(res.stdout)
+    stages = {s["name"]: s for s in report["stages"]}
+    assert list(stages) == ["fat", "pin-embodiment", "rl-finetune", "distill", "export-onnx",
+                            "quantize", "build-tensorrt"], list(stages)
+    assert stages["rl-finetune"]["skipped"] and stages["build-tensorrt"]["skipped"]
+    assert stages["distill"]["checks"]["student"] == "mlp"
+    assert stages["pin-embodiment"]["checks"]["params_pinned"] == model.one_body_params()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| stage | params | bytes |" in md and "\n| distill | " in md, md[:2000]
+
+
 BAD_INTERFACES = [
     ('format = "xcompile-interface/9"', "format: expected 'xcompile-interface/1'"),
     ("observation = 3", "observation: Input should be a valid string"),

@@ -10,9 +10,9 @@ their state as they carry a foreign GRU's:
                    state is the `history - 1` observations before this one (zeros before the
                    episode began). The window is a fixed, short memory: exact for a teacher whose
                    memory is shorter, and trained like a feed-forward MLP on windows of the data.
-    "gru"          `GRUStudent`: Linear -> activation -> GRU cell (width `hidden[0]`) -> an MLP
-                   head over `hidden[1:]`; the state is the cell's hidden vector. Unbounded
-                   memory, trained by back-propagation through time over whole episodes.
+    "gru"          `GRUStudent`: Linear -> activation -> GRU (width `hidden[0]`) -> an MLP head
+                   over `hidden[1:]`; the state is the GRU's hidden vector. Unbounded memory,
+                   trained by truncated back-propagation through time over whole episodes.
 
 Both standardise the observation with buffers (`obs_mean`, `obs_std`) when `normalize`, and
 `fold_normalization()` moves that into their first Linear, as `MLPPolicy` does.
@@ -91,7 +91,7 @@ class GRUStudent(nn.Module):
         d = self.hidden[0]
         self.encoder = nn.Linear(self.obs_dim, d)
         self.act = ACTIVATIONS[activation]()
-        self.cell = nn.GRUCell(d, d)
+        self.rnn = nn.GRU(d, d, batch_first=True)    # PyTorch's GRU; gates r, z, n
         widths = [d, *self.hidden[1:]]
         layers: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:]):
@@ -105,19 +105,28 @@ class GRUStudent(nn.Module):
     def states(self) -> list[StateSpec]:
         return [StateSpec("h_in", "h_out", (self.hidden[0],))]
 
-    def forward(self, obs: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    def _features(self, obs: Tensor) -> Tensor:
         if self.normalize:
             obs = (obs - self.obs_mean) / self.obs_std
-        # nn.GRUCell's step written out (gates r, z, n), so that the exported graph is plain
+        return self.act(self.encoder(obs))
+
+    def forward(self, obs: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        # One step of the GRU written out, so that the exported graph is plain
         # MatMul/Add/Slice/Sigmoid/Tanh at any opset: what quantize and the loaders know
-        c, d = self.cell, self.hidden[0]
-        gi = nn.functional.linear(self.act(self.encoder(obs)), c.weight_ih, c.bias_ih)
-        gh = nn.functional.linear(h, c.weight_hh, c.bias_hh)
+        g, d = self.rnn, self.hidden[0]
+        gi = nn.functional.linear(self._features(obs), g.weight_ih_l0, g.bias_ih_l0)
+        gh = nn.functional.linear(h, g.weight_hh_l0, g.bias_hh_l0)
         r = torch.sigmoid(gi[:, :d] + gh[:, :d])
         z = torch.sigmoid(gi[:, d:2 * d] + gh[:, d:2 * d])
         n = torch.tanh(gi[:, 2 * d:] + r * gh[:, 2 * d:])
         h = (1 - z) * n + z * h
         return self.head(h), h
+
+    def sequence(self, obs: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Steps of `forward` over (B, T, obs_dim) from the state h (B, d), in one nn.GRU call
+        (training's fast path): actions (B, T, n_actions) and the last state."""
+        out, h_last = self.rnn(self._features(obs), h.unsqueeze(0))
+        return self.head(out), h_last.squeeze(0)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "obs_dim": self.obs_dim, "hidden": list(self.hidden),
@@ -157,12 +166,9 @@ def windows(episodes: Sequence[np.ndarray], history: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def sequence_actions(module: nn.Module, episodes: Sequence[Tensor], tbptt: int = 0
-                     ) -> list[Tensor]:
+def sequence_actions(module: nn.Module, episodes: Sequence[Tensor]) -> list[Tensor]:
     """`module`'s actions over each episode (a (steps, obs_dim) tensor), its state from the reset
-    value on; gradients flow unless the caller disables them (`tbptt` > 0: the state is detached
-    every `tbptt` steps, truncated back-propagation through time). Episodes run side by side,
-    the shorter ones padded at their end."""
+    value on. Episodes run side by side, the shorter ones padded at their end."""
     if not is_recurrent(module):
         return [module(x) for x in episodes]
     if isinstance(module, HistoryMLP):
@@ -171,12 +177,6 @@ def sequence_actions(module: nn.Module, episodes: Sequence[Tensor], tbptt: int =
         return list(torch.split(acts, [len(x) for x in episodes]))
     lengths = [len(x) for x in episodes]
     xs = nn.utils.rnn.pad_sequence(list(episodes), batch_first=True)
-    states = reset_states(module, len(episodes))
-    out = []
-    for t in range(xs.shape[1]):
-        if tbptt and t and t % tbptt == 0:
-            states = [s.detach() for s in states]
-        a, *states = module(xs[:, t], *states)
-        out.append(a)
-    acts = torch.stack(out, dim=1)
+    (h,) = reset_states(module, len(episodes))
+    acts, _ = module.sequence(xs, h)
     return [acts[i, :n] for i, n in enumerate(lengths)]

@@ -85,6 +85,7 @@ from xcompile.passes.training import start_training
 from xcompile.policy import onnx_act, torch_act
 from xcompile.sim.env import obs_dim
 from xcompile.sim.observations import random_obs
+from xcompile.targets import RobotTarget
 
 DAGGER_STREAM = "dagger"             # the DAgger rounds' episodes
 HELDOUT_STREAM = "distill-heldout"   # teacher episodes whose labelled states measure action error
@@ -199,9 +200,7 @@ class Distill(Pass):
             tried: list[dict[str, Any]] = []
             chosen: tuple[Any, dict[str, Any]] | None = None
             for ci, hidden in enumerate(candidates):
-                lat = latency_us(new_student(kind, obs_dim(robot), robot.n_joints, hidden,
-                                             cfg.activation, cfg.history,
-                                             [random_obs(robot, 8)], MIN_OBS_STD), obs_dim(robot))
+                lat = _latency_us(robot, hidden, cfg, kind)
                 if cfg.auto and lat > budget_us:
                     tried.append({"hidden": hidden, "latency_us": round(lat, 1),
                                   "over_budget": True})
@@ -289,6 +288,13 @@ def _collect(teacher: PolicyRef, student: nn.Module | None, beta: float, noise_s
         path = save_torch_policy(f"{tmp}/student.pt", student, student.spec())
         return collect(teacher, PolicyRef.of(path, ctx.robot), beta, noise_std, ctx.seed,
                        episodes, stream, first_episode)
+
+
+def _latency_us(robot: RobotTarget, hidden: list[int], cfg: DistillConfig, kind: str) -> float:
+    """Median batch-1 latency of a student of these widths, torch eager on one thread."""
+    student = new_student(kind, obs_dim(robot), robot.n_joints, hidden, cfg.activation,
+                          cfg.history, [random_obs(robot, 8)], MIN_OBS_STD)
+    return latency_us(student, obs_dim(robot))
 
 
 def _score(policy: BatchPolicy, cfg: DistillConfig, ctx: BuildContext) -> float:

@@ -37,7 +37,7 @@ from xcompile.models.recurrent import (
 
 KINDS = ("mlp", "history_mlp", "gru")
 TBPTT = 50          # GRU: steps per update
-SEQ_BATCH = 8       # GRU: episodes per update
+SEQ_BATCH = 16      # GRU: episodes per update
 
 
 def new_student(kind: str, obs_dim: int, n_act: int, hidden: list[int], activation: str,
@@ -149,21 +149,18 @@ def _fit_sequences(student: GRUStudent, obs: Sequence[np.ndarray], act: Sequence
             x = nn.utils.rnn.pad_sequence([xs[i] for i in idx], batch_first=True)
             y = nn.utils.rnn.pad_sequence([ys[i] for i in idx], batch_first=True)
             live = torch.arange(x.shape[1])[None] < torch.tensor([len(xs[i]) for i in idx])[:, None]
-            states = reset_states(student, len(idx))
+            (h,) = reset_states(student, len(idx))
             for t0 in range(0, x.shape[1], TBPTT):
-                out = []
-                for t in range(t0, min(x.shape[1], t0 + TBPTT)):
-                    a, *states = student(x[:, t], *states)
-                    out.append(a)
-                err = ((torch.stack(out, 1) - y[:, t0:t0 + len(out)]) ** 2).mean(-1)
-                loss = err[live[:, t0:t0 + len(out)]].mean()
+                pred, h = student.sequence(x[:, t0:t0 + TBPTT], h)
+                err = ((pred - y[:, t0:t0 + TBPTT]) ** 2).mean(-1)
+                loss = err[live[:, t0:t0 + TBPTT]].mean()
                 opt.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                 opt.step()
                 if sched is not None:
                     sched.step()
-                states = [st.detach() for st in states]
+                h = h.detach()
                 loss_sum, n_up = loss_sum + loss.item(), n_up + 1
         loss_sum /= max(1, n_up)
     student.eval()
