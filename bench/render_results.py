@@ -35,6 +35,8 @@ SECTIONS = [  # script, title, command
      "python bench/fleet.py"),
     ("raptor", "RAPTOR (foundation-policy) converted to ONNX: bytes, latency, error per precision",
      "python bench/raptor.py"),
+    ("foreign", "Foreign fat policies: the default plan, and distilling a recurrent teacher",
+     "python bench/foreign.py"),
     ("c_backend", "C back end: emitted C vs onnxruntime vs torch, the same int8 student",
      "python bench/c_backend.py --builds DIR   # DIR/<robot>/policy.onnx of default builds"),
 ]

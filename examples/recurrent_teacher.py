@@ -13,9 +13,9 @@ tracking error (commanded vx, vy and yaw rate minus the measured ones, per step
 reset to zeros at the start of every episode), added, times `gain`, to the command the sample
 policy (pinned to the target) is given. A PI loop around the sample policy: the integral pushes
 the command up when the body lags it. The state is hidden (the observation has the last action,
-not the integral), so a student over one observation cannot do what it does; one over a short
-history can only estimate it; a GRU can carry it. `bench/RESULTS.md`, "Distilling a recurrent
-teacher", compiles it with each student.
+not the integral), so a student over one observation can only approximate what it does, one over
+a short history only estimate it, and a GRU can carry it. `bench/foreign.py` compiles it with
+each student (`bench/RESULTS.md`, "Foreign fat policies").
 """
 
 from __future__ import annotations

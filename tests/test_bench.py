@@ -160,3 +160,22 @@ def test_c_backend(tiny_fat_ckpt, bench_work, tmp_path):
         assert 0 < lat[k]["p50_us"] <= lat[k]["p99_us"] <= lat[k]["max_us"], k
     assert res["host_object"]["text"] > res["weight_bytes"] > 0 and res["host_stack_bytes"] > 0
     assert all(la["op"] == "dense" for la in res["layers"])
+
+
+@pytest.mark.skipif(not HAVE_STUDENT, reason="needs the distill pass (a slim student)")
+def test_foreign(competent_fat_ckpt, bench_work, tmp_path):
+    """The sample-style policy as a foreign graph through the default plan, and one build per
+    student of a recurrent teacher (tiny distill budgets: plumbing, not the numbers)."""
+    doc = run_script("foreign", competent_fat_ckpt, bench_work, tmp_path / "f.json",
+                     "--episodes", "1")
+    res = doc["results"]
+    stages = [s["name"] for s in res["part1"]["a1"]["stages"]]
+    assert stages == ["fat", "pin-embodiment", "rl-finetune", "distill", "export-onnx",
+                      "quantize", "build-tensorrt"], stages
+    fat, pinned = res["part1"]["a1"]["stages"][:2]
+    assert pinned["score"] == fat["score"] > 0 and pinned["params"] < fat["params"]
+    for kind in ("mlp", "history_mlp", "gru"):
+        st = {s["name"]: s for s in res["part2"][kind]["stages"]}
+        assert st["distill"]["checks"]["student"] == kind
+        assert st["fat"]["format"] == "fat-graph" and st["quantize"]["score"] is not None
+    assert len(res["native"]["scores"]) == len(res["teacher_minus_native"]) == 1

@@ -1,5 +1,5 @@
-"""Distilling a recurrent teacher: the students with memory use it, and a history-MLP student of a
-stateful teacher (the competent fixture pinned to a1, with a leaky integral of its velocity error
+"""Distilling a recurrent teacher: the students with memory use it, and a GRU or history-MLP student
+of a stateful teacher (the competent fixture pinned to a1, with a leaky integral of its velocity error
 as hidden state, examples/recurrent_teacher.py) is distilled, exported with its state and
 quantized, each form equal to the one before it, and scores near its teacher."""
 
@@ -123,17 +123,21 @@ def test_the_teachers_state_matters(teacher):
     assert float((a0 - a1).abs().max()) > 0.05
 
 
-def test_distill_a_recurrent_teacher_export_and_quantize(teacher):
+@pytest.mark.parametrize("student,kind,cls", [("auto", "gru", GRUStudent),
+                                               ("history_mlp", "history_mlp", HistoryMLP)])
+def test_distill_a_recurrent_teacher_export_and_quantize(teacher, student, kind, cls):
     robot, art, _, tmp = teacher
-    budget = dict(rounds=3, episodes_per_round=4, fit_epochs=30, final_fit_epochs=100,
-                  eval_episodes=6, heldout_episodes=2, hidden=[64, 64])
+    tmp = tmp / kind
+    budget = dict(rounds=4, episodes_per_round=6, fit_epochs=30, final_fit_epochs=100,
+                  eval_episodes=6, heldout_episodes=2, hidden=[64, 64], student=student)
     student, m = run_pass("distill", art, robot, tmp / "distill", profile="fast", **budget)
     s = SUMMARIES[student.path]
-    assert s["teacher_recurrent"] and s["student"] == "history_mlp" and is_recurrent(student)
-    assert isinstance(load_torch_policy(student.path), HistoryMLP)
+    assert s["teacher_recurrent"] and s["student"] == kind and is_recurrent(student)
+    assert isinstance(load_torch_policy(student.path), cls)
     assert m["fold_max_abs_err"] <= 1e-5
     # The student does the task nearly as well as its teacher, on the same episodes...
-    assert m["teacher_score"] > 0.3 and m["student_score"] >= 0.8 * m["teacher_score"], m
+    assert m["teacher_score"] > 0.3 and m["student_score"] >= 0.8 * m["teacher_score"], (
+        m["teacher_score"], m["student_score"])
     # ... and far better than a student that ignores what it sees (a sabotaged one: 0.2 x).
     act = load_policy(student.path, robot).act
 
@@ -151,8 +155,9 @@ def test_distill_a_recurrent_teacher_export_and_quantize(teacher):
     pol = load_policy(onnx_art.path, robot)
     meta = pol.info["metadata"]
     (state,) = json.loads(meta[CONTRACT_KEY])["states"]
-    assert (state["input"], state["output"], state["shape"]) == ("hist_in", "hist_out",
-                                                               [3 * obs_dim(robot)])
+    want = (("h_in", "h_out", [64]) if kind == "gru" else
+            ("hist_in", "hist_out", [3 * obs_dim(robot)]))
+    assert (state["input"], state["output"], state["shape"]) == want
     # the same closed-loop episodes from torch and onnxruntime, each carrying its own state
     torch_res = evaluate(torch_act(load_torch_policy(student.path)), robot, episodes=2,
                          stream="report")
@@ -162,3 +167,23 @@ def test_distill_a_recurrent_teacher_export_and_quantize(teacher):
     q_art, q = run_pass("quantize", onnx_art, robot, tmp / "quantize",
                         history=["pin-embodiment", "distill", "export-onnx"])
     assert is_recurrent(q_art) and q_art.n_bytes < onnx_art.n_bytes
+
+
+def test_a_recurrent_student_is_refused_by_emit_c_before_anything_runs(tiny_fat_ckpt, tmp_path):
+    """A feed-forward fat policy that distill is asked to turn into a GRU: emit-c after it is
+    refused when the plan is checked; one line, exit 2, nothing written. (The pass manager also
+    refuses before running emit-c on whatever recurrent artifact reaches it.)"""
+    from typer.testing import CliRunner
+
+    from xcompile.cli import app
+
+    config = tmp_path / "build.toml"
+    config.write_text('passes = ["pin-embodiment", "distill", "export-onnx", "emit-c"]\n'
+                      '[pass.distill]\nstudent = "gru"\n')
+    res = CliRunner().invoke(app, ["build", tiny_fat_ckpt, "--target", "panda", "--config",
+                                   str(config), "--out", str(tmp_path / "out"), "--cache-dir",
+                                   str(tmp_path / "cache")])
+    assert res.exit_code == 2, res.output
+    assert "emit-c does not take a recurrent policy yet" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build.toml"]

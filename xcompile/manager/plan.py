@@ -2,7 +2,8 @@
 
 Unknown passes (with the closest name), duplicates, and formats that do not chain (with the pass to
 add or move): each pass declares the artifact format it takes and the one it makes; a recurrent
-input and a pass that does not take one (its `refuses_recurrent` says why).
+policy (the input, or what a pass's config makes: `makes_recurrent`) and a later pass that does
+not take one (its `refuses_recurrent` says why).
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ Step = str | Named | tuple[str, Any]
 
 def format_plan(plan: Sequence[Step]) -> str:
     return ",".join(_step_name(s) for s in plan)
+
+
+def _step_config(s: Step) -> Any:
+    """The step's config, where it has one."""
+    if isinstance(s, tuple):
+        return s[1] if len(s) > 1 else None
+    return getattr(s, "config", None)
 
 
 def _step_name(s: Step) -> str:
@@ -70,6 +78,7 @@ def validate_plan(plan: Sequence[Step],
         fmt = cls.output_for(fmt)
         if recurrent and cls.refuses_recurrent:
             raise PlanError(cls.refuses_recurrent)
+        recurrent = recurrent or cls.makes_recurrent(_step_config(plan[i]))
 
 
 def _format_fix(name: str, wants: str, gets: str, names: list[str], i: int,

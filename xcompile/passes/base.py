@@ -82,6 +82,12 @@ class Pass(ABC):
     refuses_recurrent: ClassVar[str] = ""
 
     @classmethod
+    def makes_recurrent(cls, cfg: Any) -> bool:
+        """Whether, with config `cfg` (None: not known), the pass turns a feed-forward policy
+        into a recurrent one (so that plan checking can apply later passes' refusals)."""
+        return False
+
+    @classmethod
     def takes(cls) -> tuple[str, ...]:
         """The artifact formats this pass takes."""
         return cls.input_formats or (cls.input_format,)
