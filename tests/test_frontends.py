@@ -61,10 +61,15 @@ class OneHotMLP(nn.Module):
         torch.manual_seed(1)
         self.net = nn.Sequential(nn.Linear(n_obs + n_bodies, d), nn.ELU(), nn.Linear(d, n_act),
                                  nn.Tanh())
+        self.n_bodies = n_bodies
 
     def forward(self, obs: torch.Tensor, body_onehot: torch.Tensor) -> torch.Tensor:
         onehot = body_onehot.unsqueeze(0).expand(obs.shape[0], -1)
         return self.net(torch.cat([obs, onehot], dim=1))
+
+    def one_body_params(self) -> int:
+        """Pinned, the one-hot's columns of the first weight fold into its bias."""
+        return sum(p.numel() for p in self.parameters()) - self.net[0].out_features * self.n_bodies
 
 
 def _export(model: nn.Module, body_input: str, body_example: torch.Tensor, n_obs: int,
@@ -157,11 +162,11 @@ def test_thin_build_pins_exports_and_quantizes(models, tmp_path, arch, fmt):
     checks = pin["checks"]
     assert checks["max_abs_err"] <= 1e-5 and checks["foreign"] == fmt
     assert checks["n_check_obs"] > 4096            # random and closed-loop observations
-    if arch == "hpt":      # none of spot's stem or head is left: exactly a1's weights
-        assert checks["params_pinned"] == torch_model.one_body_params()
-        assert checks["params_removed"] == (sum(p.numel() for p in torch_model.parameters())
-                                            - torch_model.one_body_params())
-        assert checks["bytes_removed"] > 0
+    # HPT: none of spot's stem or head is left; one-hot: no weight of the one-hot's columns
+    assert checks["params_pinned"] == torch_model.one_body_params()
+    assert checks["params_removed"] == (sum(p.numel() for p in torch_model.parameters())
+                                        - torch_model.one_body_params())
+    assert checks["bytes_removed"] > 0
     # the pinned ONNX policy: obs -> action with the deployment contract, equal to the fat model
     from xcompile.onnx.session import ort_session
 

@@ -5,11 +5,14 @@ input (from the interface's body table) becomes an initializer of the same name,
 input and the action output are renamed `obs` and `action` (xcompile's policy signature), the
 recurrent state inputs and outputs (`xcompile.onnx.recurrent`) keep their names and come after
 them, and other outputs are dropped; then `onnxscript.optimizer.optimize` folds every node whose
-inputs are now all constant (a Gather on stacked per-body weights becomes that body's weights, a
-one-hot matmul becomes a bias) and removes what no longer reaches the outputs: other bodies'
-stems, heads and embeddings, and the initializers only they used. The result carries the deployment contract
-(`xcompile.onnx.contract`) like any xcompile ONNX policy, so quantize, emit-c and eval take it;
-a recurrent one records its states and their rule under `recurrent_state`.
+inputs are now all constant (a Gather on stacked per-body weights becomes that body's weights)
+and removes what no longer reaches the outputs: other bodies' stems, heads and embeddings, and
+the initializers only they used. A body code concatenated to every observation, which the
+optimizer cannot fold (it is expanded to the batch size), is split off the product it feeds by
+`fold_constant_columns`: its columns of the weight become part of the bias. The result carries
+the deployment contract (`xcompile.onnx.contract`) like any xcompile ONNX policy, so quantize,
+emit-c and eval take it; a recurrent one records its states and their rule under
+`recurrent_state`.
 
 Check (`check_pinned`): the pinned graph (reloaded from its file) and the fat graph with the body's
 values fed give the same outputs (the action and every next state) to `tolerance` on random
@@ -86,13 +89,81 @@ def pin_graph(fg: FatGraph) -> Any:
         if old != new and new in clash:      # free the name first
             _rename(g, new, f"{new}__fat")
         _rename(g, old, new)
-    model = onnxscript.optimizer.optimize(model, num_iterations=3,
-                                          input_size_limit=FOLD_LIMIT,
-                                          output_size_limit=FOLD_LIMIT)
+    def optimize(m: Any) -> Any:
+        return onnxscript.optimizer.optimize(m, num_iterations=3, input_size_limit=FOLD_LIMIT,
+                                             output_size_limit=FOLD_LIMIT)
+
+    model = optimize(model)
+    if fold_constant_columns(model):        # what that left unused goes now
+        model = optimize(model)
     _order(model.graph.input, ["obs", *(st.input for st in fg.states)])
     _order(model.graph.output, ["action", *(st.output for st in fg.states)])
     strip_volatile(model)
     return model
+
+
+def fold_constant_columns(model: Any) -> int:
+    """Split each product of a Concat of the observation side and a constant row (a one-hot or
+    body code concatenated to every observation: `Expand` of a constant) into the product on the
+    observation side alone plus a constant, the row times its columns of the weight, folded into
+    the bias (Gemm) or added after it (MatMul). The optimizer cannot: the row is expanded to the
+    batch size, which only the observation knows. Returns the products rewritten; the weights'
+    constant columns are then unused and go with the next optimizer pass."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    done = 0
+    for node in list(g.node):
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        cat = producer.get(node.input[0]) if node.input else None
+        if (node.op_type not in ("Gemm", "MatMul") or cat is None or cat.op_type != "Concat"
+                or len(cat.input) != 2 or a.get("transA", 0) or uses.get(cat.output[0]) != 1
+                or node.input[1] not in inits
+                or helper.get_attribute_value(cat.attribute[0]) not in (1, -1)):
+            continue
+        row, side = None, 0
+        for j, name in enumerate(cat.input):
+            e = producer.get(name)
+            src = e.input[0] if e is not None and e.op_type == "Expand" else name
+            if src in inits and (e is not None or name in inits):
+                value = numpy_helper.to_array(inits[src])
+                if value.ndim <= 2 and value.reshape(-1).size == value.shape[-1]:
+                    row, side = value.reshape(1, -1).astype(np.float32), j
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if row is None or w.ndim != 2 or w.dtype != np.float32:
+            continue
+        wm = w.T if a.get("transB", 0) else w                   # (inputs, outputs)
+        k = row.shape[1]
+        x_rows = slice(0, len(wm) - k) if side == 1 else slice(k, len(wm))
+        c_rows = slice(len(wm) - k, len(wm)) if side == 1 else slice(0, k)
+        const = (row @ wm[c_rows]).reshape(-1) * float(a.get("alpha", 1.0))
+        w_x = wm[x_rows].T if a.get("transB", 0) else wm[x_rows]
+        base = f"{node.input[1]}__obs"
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w_x), base))
+        node.input[0], node.input[1] = cat.input[1 - side], base
+        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] in inits:
+            bias = numpy_helper.to_array(inits[node.input[2]]) * float(a.get("beta", 1.0))
+            g.initializer.append(numpy_helper.from_array(
+                (bias + const).astype(np.float32), f"{node.input[2]}__folded"))
+            node.input[2] = f"{node.input[2]}__folded"
+            for x in node.attribute:
+                if x.name == "beta":
+                    x.f = 1.0
+        else:                                  # MatMul or Gemm without a bias: add it after
+            out = node.output[0]
+            node.output[0] = f"{out}__nobias"
+            g.initializer.append(numpy_helper.from_array(const.astype(np.float32),
+                                                         f"{out}__bias"))
+            g.node.insert(list(g.node).index(node) + 1, helper.make_node(
+                "Add", [node.output[0], f"{out}__bias"], [out]))
+        done += 1
+    return done
 
 
 def _order(values: Any, first: list[str]) -> None:
