@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,6 +68,17 @@ class IntegralTeacher(nn.Module):
         return self.pinned(obs), i_out
 
 
+def to_onnx(teacher: IntegralTeacher, n_obs: int) -> Any:
+    """The teacher as an ONNX program: obs, i_in -> action, i_out, batch dynamic."""
+    batch = torch.export.Dim("batch")
+    prog = torch.onnx.export(teacher, (torch.zeros(2, n_obs), torch.zeros(2, 3)), dynamo=True,
+                             input_names=["obs", "i_in"], output_names=["action", "i_out"],
+                             dynamic_shapes={"obs": {0: batch}, "i_in": {0: batch}},
+                             opset_version=17, external_data=False, verbose=False)
+    assert prog is not None
+    return prog
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
@@ -82,14 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     pinned = pin(ckpt.model, body_descriptors(ckpt, robot)[0], robot.family).eval()
     teacher = IntegralTeacher(pinned, obs_layout(robot), a.gain, a.leak).eval()
     a.out.mkdir(parents=True, exist_ok=True)
-    batch = torch.export.Dim("batch")
-    prog = torch.onnx.export(teacher, (torch.zeros(2, obs_dim(robot)), torch.zeros(2, 3)),
-                             dynamo=True, input_names=["obs", "i_in"],
-                             output_names=["action", "i_out"],
-                             dynamic_shapes={"obs": {0: batch}, "i_in": {0: batch}},
-                             opset_version=17, external_data=False, verbose=False)
-    assert prog is not None
-    prog.save(str(a.out / "teacher.onnx"))
+    to_onnx(teacher, obs_dim(robot)).save(str(a.out / "teacher.onnx"))
     (a.out / "teacher.toml").write_text(TOML.format(target=a.target))
     print(f"wrote {a.out / 'teacher.onnx'} and {a.out / 'teacher.toml'}")
 

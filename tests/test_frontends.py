@@ -205,6 +205,18 @@ def test_pinned_equals_fat_for_spot_and_eval_runs(models, tmp_path):
     assert doc["kind"] == "fat-graph" and len(doc["scores"]) == 1
 
 
+def _arm_model(tmp_path: Path) -> tuple[HPT, Path, Path]:
+    """An HPT-style reach policy for panda and kuka_iiwa, its ONNX file and interface."""
+    panda = load_robot("panda")
+    model = HPT(obs_dim(panda), panda.n_joints, 2)
+    onnx_path, _ = _export(model, "body_id", torch.tensor([0]), obs_dim(panda), tmp_path, "arm")
+    toml = tmp_path / "arm.toml"
+    toml.write_text('format = "xcompile-interface/1"\nobservation = "obs"\naction = "action"\n'
+                    'family = "reach"\n[bodies.panda]\nbody_id = [0]\n'
+                    '[bodies.kuka_iiwa]\nbody_id = [1]\n')
+    return model, onnx_path, toml
+
+
 def test_arm_target_panda(tmp_path):
     """A reach fat policy (HPT-style) for panda and kuka_iiwa, pinned for panda."""
     from xcompile.frontends.graph import fat_graph
@@ -213,12 +225,7 @@ def test_arm_target_panda(tmp_path):
     from xcompile.frontends.pin import pin_graph
 
     panda = load_robot("panda")
-    model = HPT(obs_dim(panda), panda.n_joints, 2)
-    onnx_path, _ = _export(model, "body_id", torch.tensor([0]), obs_dim(panda), tmp_path, "arm")
-    toml = tmp_path / "arm.toml"
-    toml.write_text('format = "xcompile-interface/1"\nobservation = "obs"\naction = "action"\n'
-                    'family = "reach"\n[bodies.panda]\nbody_id = [0]\n'
-                    '[bodies.kuka_iiwa]\nbody_id = [1]\n')
+    model, onnx_path, toml = _arm_model(tmp_path)
     fg = fat_graph(onnx_path, read_interface(toml), panda)
     pinned = pin_graph(fg)
     assert graph_params(pinned) == model.one_body_params()
@@ -228,13 +235,7 @@ def test_default_plan_runs_on_a_foreign_arm(tmp_path):
     """The whole default plan on a foreign reach policy: rl-finetune and build-tensorrt skip
     with their reason, distill uses the pinned graph as a black-box teacher, the report has
     its usual stage table. (The trained foreign policies' figures: bench/RESULTS.md.)"""
-    panda = load_robot("panda")
-    model = HPT(obs_dim(panda), panda.n_joints, 2)
-    onnx_path, _ = _export(model, "body_id", torch.tensor([0]), obs_dim(panda), tmp_path, "arm")
-    toml = tmp_path / "arm.toml"
-    toml.write_text('format = "xcompile-interface/1"\nobservation = "obs"\naction = "action"\n'
-                    'family = "reach"\n[bodies.panda]\nbody_id = [0]\n'
-                    '[bodies.kuka_iiwa]\nbody_id = [1]\n')
+    model, onnx_path, toml = _arm_model(tmp_path)
     config = tmp_path / "build.toml"
     config.write_text("[pass.distill]\nrounds = 2\nepisodes_per_round = 1\nfit_epochs = 5\n"
                       "final_fit_epochs = 5\n")

@@ -98,13 +98,9 @@ def teacher(competent_fat_ckpt, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("recurrent-teacher")
     ckpt = load_fat_checkpoint(competent_fat_ckpt, robot)
     pinned = pin(ckpt.model, body_descriptors(ckpt, robot)[0], robot.family).eval()
-    module = _example().IntegralTeacher(pinned, obs_layout(robot), 1.0, 0.9).eval()
-    batch = torch.export.Dim("batch")
-    prog = torch.onnx.export(module, (torch.zeros(2, obs_dim(robot)), torch.zeros(2, 3)),
-                             dynamo=True, input_names=["obs", "i_in"],
-                             output_names=["action", "i_out"],
-                             dynamic_shapes={"obs": {0: batch}, "i_in": {0: batch}},
-                             opset_version=17, external_data=False, verbose=False)
+    example = _example()
+    module = example.IntegralTeacher(pinned, obs_layout(robot), 1.0, 0.9).eval()
+    prog = example.to_onnx(module, obs_dim(robot))
     model = onnx.load_from_string(prog.model_proto.SerializeToString())
     set_metadata(model, {**deployment_contract(robot, "ab" * 32, ["pin-embodiment"]),
                          CONTRACT_KEY: contract_value([StateSpec("i_in", "i_out", (3,))])})

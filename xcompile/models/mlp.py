@@ -14,6 +14,22 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+def layer_stack(widths: list[int], n_out: int, activation: str) -> nn.Sequential:
+    """Linear + activation between consecutive `widths`, then a Linear to `n_out`."""
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
+    layers.append(nn.Linear(widths[-1], n_out))
+    return nn.Sequential(*layers)
+
+
+def fold_standardization(w: Tensor, b: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+    """The Linear (w, b) after a standardisation (x - mean) / std, as one Linear:
+    W' = W / std, b' = b - W' @ mean."""
+    w_folded = w / std.unsqueeze(0)
+    return w_folded, b - w_folded @ mean
+
+
 class MLPPolicy(nn.Module):
     """Flat observation (B, obs_dim) -> action (B, n_actions) through a plain MLP.
 
@@ -35,12 +51,7 @@ class MLPPolicy(nn.Module):
         self.n_actions = int(n_actions)
         self.activation = activation
         self.normalize = bool(normalize)
-        widths = [self.obs_dim, *self.hidden]
-        layers: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
-        layers.append(nn.Linear(widths[-1], self.n_actions))
-        self.net = nn.Sequential(*layers)
+        self.net = layer_stack([self.obs_dim, *self.hidden], self.n_actions, activation)
         if self.normalize:
             self.register_buffer("obs_mean", torch.zeros(self.obs_dim))
             self.register_buffer("obs_std", torch.ones(self.obs_dim))
@@ -61,9 +72,7 @@ class MLPPolicy(nn.Module):
         state = {k: v.clone() for k, v in self.state_dict().items()
                  if k not in ("obs_mean", "obs_std")}
         if self.normalize:
-            w, b = state["net.0.weight"], state["net.0.bias"]
-            w_folded = w / self.obs_std.unsqueeze(0)
-            state["net.0.weight"] = w_folded
-            state["net.0.bias"] = b - w_folded @ self.obs_mean
+            state["net.0.weight"], state["net.0.bias"] = fold_standardization(
+                state["net.0.weight"], state["net.0.bias"], self.obs_mean, self.obs_std)
         out.load_state_dict(state)
         return out.train(self.training)

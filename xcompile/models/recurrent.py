@@ -29,15 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from xcompile.models.mlp import ACTIVATIONS, MLPPolicy
+from xcompile.models.mlp import ACTIVATIONS, MLPPolicy, fold_standardization, layer_stack
 from xcompile.onnx.recurrent import StateSpec
-
-
-def _fold_first(linear_w: Tensor, linear_b: Tensor, mean: Tensor, std: Tensor
-                ) -> tuple[Tensor, Tensor]:
-    """W' = W / std, b' = b - W' @ mean: a standardisation folded into the Linear after it."""
-    w = linear_w / std.unsqueeze(0)
-    return w, linear_b - w @ mean
 
 
 class HistoryMLP(nn.Module):
@@ -92,12 +85,7 @@ class GRUStudent(nn.Module):
         self.encoder = nn.Linear(self.obs_dim, d)
         self.act = ACTIVATIONS[activation]()
         self.rnn = nn.GRU(d, d, batch_first=True)    # PyTorch's GRU; gates r, z, n
-        widths = [d, *self.hidden[1:]]
-        layers: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
-        layers.append(nn.Linear(widths[-1], self.n_actions))
-        self.head = nn.Sequential(*layers)
+        self.head = layer_stack([d, *self.hidden[1:]], self.n_actions, activation)
         if self.normalize:
             self.register_buffer("obs_mean", torch.zeros(self.obs_dim))
             self.register_buffer("obs_std", torch.ones(self.obs_dim))
@@ -138,7 +126,7 @@ class GRUStudent(nn.Module):
         state = {k: v.clone() for k, v in self.state_dict().items()
                  if k not in ("obs_mean", "obs_std")}
         if self.normalize:
-            state["encoder.weight"], state["encoder.bias"] = _fold_first(
+            state["encoder.weight"], state["encoder.bias"] = fold_standardization(
                 state["encoder.weight"], state["encoder.bias"], self.obs_mean, self.obs_std)
         out.load_state_dict(state)
         return out.train(self.training)

@@ -261,10 +261,13 @@ class Distill(Pass):
         gen = torch.Generator().manual_seed(ctx.seed + 3)
         states = ([torch.randn(r.shape, generator=gen) for r in reset_states(folded, len(x))]
                   if is_recurrent(folded) else [])
+
+        def outputs(m: nn.Module) -> torch.Tensor:     # the action, then any next state
+            out = m(x, *states)
+            return torch.cat(list(out), 1) if isinstance(out, tuple) else out
+
         with torch.inference_mode():
-            a, b = (torch.cat([torch.as_tensor(o).reshape(len(x), -1) for o in
-                               ((m(x, *states),) if not states else m(x, *states))], 1)
-                    for m in (folded, unfolded))
+            a, b = outputs(folded), outputs(unfolded)
         if not bool(torch.isfinite(a).all()):
             raise PassCheckError("distill: the student outputs NaN or Inf")
         fold_err = float((a - b).abs().max())
