@@ -48,7 +48,7 @@ from xcompile.errors import PlanError, ToolUnavailable
 from xcompile.manager.plan import validate_plan
 from xcompile.manager.settings import PROFILES, PlanStep, make_config
 from xcompile.passes.base import all_passes
-from xcompile.targets import RobotTarget, list_robots, load_robot
+from xcompile.targets import RobotTarget, list_airframes, list_robots, load_robot
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_STREAM = "bench"    # the seed stream of episodes a script runs itself (xcompile/seeds.py)
@@ -112,9 +112,10 @@ def parse(ap: argparse.ArgumentParser, argv: Sequence[str] | None, script: str,
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = str(REPO / "bench" / "results" / f"{script}{'-quick' if args.quick else ''}.json")
-    unknown = [r for r in args.robots if r not in list_robots() and not Path(r).is_file()]
+    known = list_robots() + list_airframes()
+    unknown = [r for r in args.robots if r not in known and not Path(r).is_file()]
     if unknown:
-        ap.error(f"unknown robot(s) {unknown}: choose from {list_robots()} or give a TOML path")
+        ap.error(f"unknown robot(s) {unknown}: choose from {known} or give a TOML path")
     if need_checkpoint and not Path(args.checkpoint).is_file():
         ap.error(f"checkpoint {args.checkpoint!r} does not exist (the sample one is made by "
                  "examples/train_fat_policy.py)")

@@ -2,8 +2,8 @@
 
 RAPTOR is a recurrent quadrotor policy nobody here wrote (Dense 22->16, GRU(16), Dense 16->4).
 examples/raptor/convert.py turns the package's checkpoint into ONNX with the GRU state explicit
-(obs, h_in -> action, h_out). Without a quadrotor world (issue 17) nothing can be pinned,
-distilled or scored in closed loop, so this is what the thin plan's export and quantize make of it:
+(obs, h_in -> action, h_out). This is what the thin plan's export and quantize make of it, open
+loop (its closed-loop flight, and its compiled students, are bench/quadrotor.py's):
 
 - fp32: the converted graph as it is;
 - int8 weight-only: onnxruntime `quantize_static` (QDQ, symmetric int8, per tensor, MatMul/Gemm
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "against foundation_policy's numpy reference with the state carried (its own outputs "
           f"differ from the shipped example outputs by {ship:.2g}). Raw actions, before any "
           "clipping to [-1, 1].")
-    notes = ["no closed-loop score: xcompile has no quadrotor world yet (issue 17)",
+    notes = ["closed-loop scores of RAPTOR and its compiled students: bench/quadrotor.py",
              f"int8 and fp16 timed in onnxruntime on this CPU; {args.calls} calls x "
              f"{args.rounds} rounds per variant"]
     results = {"rows": rows, "ort_floor_us": floor, "macs": macs,

@@ -37,6 +37,8 @@ SECTIONS = [  # script, title, command
      "python bench/raptor.py"),
     ("foreign", "Foreign fat policies: the default plan, and distilling a recurrent teacher",
      "python bench/foreign.py"),
+    ("quadrotor", "Quadrotors: RAPTOR flown zero-shot, and compiled for one airframe",
+     "python bench/quadrotor.py"),
     ("c_backend", "C back end: emitted C vs onnxruntime vs torch, the same int8 student",
      "python bench/c_backend.py --builds DIR   # DIR/<robot>/policy.onnx of default builds"),
 ]

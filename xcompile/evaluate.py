@@ -36,7 +36,7 @@ import numpy as np
 
 from xcompile.errors import ContractError, XCompileError
 from xcompile.seeds import episode_seed
-from xcompile.sim.env import Faults, RobotEnv
+from xcompile.sim.env import Faults, RobotEnv, make_env
 from xcompile.sim.render import frame, write_gif
 from xcompile.stats import mean_ci95
 from xcompile.targets import RobotTarget
@@ -85,7 +85,7 @@ class EvalResult:
     @property
     def success_rate(self) -> float:
         """Reach: the share of goals reached within the task's tolerance at their end.
-        Locomotion: the share of episodes without a fall."""
+        Locomotion: the share of episodes without a fall; quadrotor: without a crash."""
         goals = sum(m.get("goals", 0) for m in self.metrics)
         if goals:
             return sum(m["goals_within_tolerance"] for m in self.metrics) / goals
@@ -104,6 +104,12 @@ class EvalResult:
             return (f"hand {self.metric_mean('reach_error_mm'):.1f} mm from the goal at its end, "
                     f"{100 * self.success_rate:.0f}% of goals within tolerance, "
                     + (f"{t:.2f} s to within 1 cm" if t is not None else "never within 1 cm"))
+        if any("position_rmse_m" in m for m in self.metrics):
+            t = self.metric_mean("settling_time_s")
+            return (f"crashes {self.falls}/{n}, {100 * self.metric_mean('position_rmse_m'):.1f} cm "
+                    "RMS from the setpoint, "
+                    + (f"settled within 10 cm in {t:.2f} s" if t is not None else
+                       "never settled within 10 cm"))
         if any("vel_error_mps" in m for m in self.metrics):
             return (f"falls {self.falls}/{n}, velocity off by {self.metric_mean('vel_error_mps'):.2f}"
                     f" m/s, yaw rate by {self.metric_mean('yaw_rate_error_rps'):.2f} rad/s")
@@ -123,7 +129,7 @@ class EvalResult:
             d["return_mean"] = round(float(np.mean(self.returns)), 4)
             d["returns"] = [round(r, 4) for r in self.returns]
         for key in ("vel_error_mps", "yaw_rate_error_rps", "energy_per_m_j", "cost_of_transport",
-                    "reach_error_mm", "time_to_1cm_s"):
+                    "reach_error_mm", "time_to_1cm_s", "position_rmse_m", "settling_time_s"):
             mean = self.metric_mean(key)
             if mean is not None:
                 d[key] = round(mean, 4)
@@ -132,6 +138,10 @@ class EvalResult:
             goals = sum(m["goals"] for m in self.metrics)
             d["goals"] = goals
             d["goals_within_1cm"] = sum(m["goals_within_1cm"] for m in self.metrics)
+        if any("position_rmse_m" in m for m in self.metrics):
+            d["crashes"] = self.falls
+            d["setpoints"] = sum(m["setpoints"] for m in self.metrics)
+            d["setpoints_settled"] = sum(m["setpoints_settled"] for m in self.metrics)
         return d
 
     def record_physics(self, i: int, env: RobotEnv) -> None:
@@ -174,7 +184,7 @@ def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: 
                      returns=[0.0] * episodes, stream=stream)
     res.metrics = [{} for _ in range(episodes)]
     nonfinite: set[int] = set()
-    envs = [RobotEnv(robot, faults=faults) for _ in range(min(parallel, episodes))]
+    envs = [make_env(robot, faults=faults) for _ in range(min(parallel, episodes))]
     begin_rollout(policy)
     try:
         for start in range(0, episodes, len(envs)):
@@ -268,7 +278,7 @@ def rollout_gif(policy: BatchPolicy, robot: RobotTarget, path, seed: int = 0,
     a failure leaves no partial file."""
     path = check_gif_path(path)
     first = episode_seed(stream, seed, episode)   # refuses a bad stream or seed before simulating
-    env = RobotEnv(robot)
+    env = make_env(robot)
     try:
         obs, _ = env.reset(seed=first)
         frames = [frame(env)]

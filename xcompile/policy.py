@@ -66,7 +66,7 @@ def load_fat_checkpoint(path: str | Path, robot: RobotTarget) -> FatCheckpoint:
 def body_descriptors(ckpt: FatCheckpoint, robot: RobotTarget) -> tuple[np.ndarray, bool]:
     """Descriptors for `robot`: (array, known) — from the registry when the body was trained."""
     for entry in ckpt.registry:
-        if entry["name"] == robot.name and list(entry["joints"]) == list(robot.joints.names):
+        if entry["name"] == robot.name and list(entry["joints"]) == robot.actuators:
             return np.asarray(entry["descriptors"], dtype=np.float32), True
     return joint_descriptors(robot), False
 

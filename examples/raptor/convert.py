@@ -218,7 +218,9 @@ def metadata_props(ck: dict[str, Any], sha256: str, version: str | None) -> dict
                       reset if isinstance(reset, str) else tuple(reset))
     return {
         "family": "quadrotor",
-        "family_note": "xcompile has no quadrotor world yet (issue 17)",
+        "family_note": "xcompile's quadrotor world (xcompile/sim/quadrotor.py) speaks these "
+                       "conventions: xcompile eval raptor.onnx --interface raptor.toml "
+                       "--target crazyflie",
         "obs_layout": json.dumps([[n, w] for n, w, _ in OBS_LAYOUT]),
         "obs_meaning": json.dumps({n: m for n, _, m in OBS_LAYOUT}),
         "frame": "FLU (x forward, y left, z up); angular velocity in the body frame",
@@ -256,15 +258,16 @@ def interface_toml(ck: dict[str, Any], props: dict[str, str]) -> str:
         f"#   {props['source_checkpoint']}, sha256 {props['source_checkpoint_sha256']}",
         "# The same facts are in raptor.onnx's metadata_props.",
         "#",
-        "# The xcompile-interface/1 format (README, 'Foreign fat policies'), extended with what a",
-        "# quadrotor policy needs. xcompile's interface loader takes the [recurrent] table and no",
-        "# [bodies.*] tables (RAPTOR has no embodiment input: it infers the airframe from its own",
-        "# observation history, which is what its GRU state is for), but not yet this file: it",
-        "# knows no 'quadrotor' family and none of the fields after 'family' (issue 17).",
+        "# The xcompile-interface/1 format (README, 'Foreign fat policies'): no [bodies.*] tables",
+        "# (RAPTOR has no embodiment input: it infers the airframe from its own observation",
+        "# history, which is what its GRU state is for), a [recurrent] table, and the conventions",
+        "# it expects of the world (control period, frame, observation slices, motor order and",
+        "# range), which xcompile checks against the target before driving it:",
+        "#   xcompile eval raptor.onnx --interface raptor.toml --target crazyflie",
         'format = "xcompile-interface/1"',
         f'observation = "{OBS}"          # graph input: the flat observation (batch first)',
         f'action = "{ACTION}"            # graph output: 4 motor commands (raw; see [action_spec])',
-        'family = "quadrotor"         # xcompile has no quadrotor world yet (issue 17)',
+        'family = "quadrotor"         # xcompile/sim/quadrotor.py; airframes crazyflie, racer250, x500',
         f"control_period_s = {CONTROL_PERIOD_S}      # one policy step = 10 ms (100 Hz)",
         '# Axis conventions: FLU (x forward, y left, z up); angular velocity in the body frame.',
         'frame = "FLU"',

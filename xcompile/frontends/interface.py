@@ -82,6 +82,26 @@ class Recurrent(BaseModel):
                                     description="[[recurrent.state]] tables, one per state")
 
 
+class ObsSlice(BaseModel):
+    """One `obs_layout` entry: a named slice of the flat observation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=256)
+    size: Annotated[int, Field(ge=1, le=MAX_VALUES)]
+
+
+class ActionSpec(BaseModel):
+    """The `[action_spec]` table: what the policy's action means."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    order: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        max_length=1024, description="the action's entries in order (joint or rotor names)")
+    range: tuple[float, float] | None = Field(None, description="[lo, hi] of a valid action")
+    clip: float | None = Field(None, gt=0, description="actions are clipped to [-clip, clip]")
+
+
 class Interface(BaseModel):
     """A validated interface description (see the module docstring)."""
 
@@ -91,12 +111,20 @@ class Interface(BaseModel):
     observation: str = Field(min_length=1, max_length=256,
                              description="graph input that takes the flat observation")
     action: str = Field(min_length=1, max_length=256, description="graph output: the action")
-    family: Literal["locomotion", "reach"] = Field(description="the task family it serves")
+    family: Literal["locomotion", "reach", "quadrotor"] = Field(
+        description="the task family it serves")
     bodies: dict[str, dict[str, Any]] = Field(
         default_factory=dict, max_length=MAX_BODIES,
         description="body name -> {graph input: value} for every embodiment input")
     recurrent: Recurrent | None = Field(
         None, description="[[recurrent.state]] tables: the state a recurrent policy carries")
+    # What the policy expects of the world, checked against the target when given:
+    control_period_s: float | None = Field(None, gt=0, description="seconds per policy step")
+    frame: Literal["FLU"] | None = Field(None, description="axis convention (quadrotor: FLU)")
+    obs_layout: list[ObsSlice] | None = Field(
+        None, max_length=256, description="the observation's slices in order ({name, size})")
+    action_spec: ActionSpec | None = Field(None, description="[action_spec]: order, range, clip")
+    source: dict[str, Any] | None = Field(None, description="[source]: provenance, kept as is")
 
 
 @dataclass(frozen=True)
@@ -164,7 +192,8 @@ def parse_interface(raw: Mapping[str, Any], where: str = "the interface") -> Int
 
 def _model_at(loc: Sequence[Any]) -> type[BaseModel] | None:
     """The pydantic model at `loc` (a field path below Interface; list indices skipped)."""
-    nested: dict[str, type[BaseModel]] = {"recurrent": Recurrent, "state": StateEntry}
+    nested: dict[str, type[BaseModel]] = {"recurrent": Recurrent, "state": StateEntry,
+                                          "obs_layout": ObsSlice, "action_spec": ActionSpec}
     model: type[BaseModel] = Interface
     for part in loc:
         if isinstance(part, int):
@@ -240,6 +269,8 @@ def _as_array(value: Any, dtype: Any, what: str) -> np.ndarray:
 def check_interface(iface: Interface, inputs: Sequence[GraphInput], outputs: Sequence[GraphInput],
                     robot: RobotTarget, obs_width: int, where: str) -> dict[str, np.ndarray]:
     """Check `iface` against the graph and the robot; return {input: value} for `robot`."""
+    from xcompile.frontends.conventions import check_conventions
+
     if robot.family != iface.family:
         raise InterfaceError(f"{where}: family: the fat policy serves {iface.family!r}, but "
                              f"target {robot.name!r} does {robot.family!r}; pick a "
@@ -262,6 +293,7 @@ def check_interface(iface: Interface, inputs: Sequence[GraphInput], outputs: Seq
                              f"{list(act.shape)}; expected [batch, {robot.n_joints}] (the joints "
                              f"of {robot.name})")
     states = check_states(iface, ins, outs, where)
+    check_conventions(iface, robot, where)     # frontends/conventions.py
     skip = {iface.observation, *(st.input for st in states)}
     for body, table in iface.bodies.items():
         _body_values(table, ins, skip, f"{where}: bodies.{body}")

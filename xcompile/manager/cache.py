@@ -59,7 +59,8 @@ def target_fingerprint(robot: RobotTarget, hardware: HardwareTarget) -> dict[str
           "robot_toml": _file_or_model_hash(robot.source, robot),
           "hardware_toml": _file_or_model_hash(hardware.source, hardware)}
     urdf = robot.urdf_path()
-    fp["urdf"] = file_sha256(urdf) if urdf.is_file() else robot.urdf
+    if urdf is not None:           # an airframe has no URDF: its TOML says all
+        fp["urdf"] = file_sha256(urdf) if urdf.is_file() else robot.urdf
     return fp
 
 

@@ -52,7 +52,7 @@ def build_manifest(out: Path, inp: Artifact, robot: RobotTarget, hardware: Hardw
     inputs = {"checkpoint": {"path": str(inp.path.resolve()), "sha256": inp.sha256, "format": inp.format}}
     if robot.source and Path(robot.source).is_file():
         inputs["robot_toml"] = {"path": robot.source, "sha256": file_sha256(robot.source)}
-    if urdf.is_file():
+    if urdf is not None and urdf.is_file():
         inputs["urdf"] = {"path": str(urdf), "sha256": file_sha256(urdf)}
     if hardware.source and Path(hardware.source).is_file():
         inputs["hardware_toml"] = {"path": hardware.source,

@@ -20,7 +20,8 @@ from xcompile.targets import RobotTarget
 
 KEYS: dict[str, str] = {
     "robot": "name of the robot target the policy was compiled for",
-    "joint_order": "JSON list: the joint names, in the order of the action vector",
+    "joint_order": "JSON list: the joint (or, for an airframe, rotor) names, in the order of the "
+                   "action vector",
     "default_pose": "JSON list: each joint's default angle (rad); action 0 holds it",
     "action_scale": "float: target angle = default_pose + action_scale * action (rad)",
     "action_clip": "float: actions are clipped to [-action_clip, action_clip] first",
@@ -29,7 +30,13 @@ KEYS: dict[str, str] = {
     "torque_limit": "JSON list: each joint's torque limit (N m)",
     "control_period_s": "float: seconds between two calls of the policy",
     "obs_layout": "JSON list of [name, width]: the named slices of the flat observation, in order",
-    "family": "task family (locomotion, reach)",
+    "family": "task family (locomotion, reach, quadrotor)",
+    "motor_order": "quadrotor: JSON list, the rotors in action order (as joint_order)",
+    "action_meaning": "quadrotor: how an action entry a drives its rotor",
+    "frame": "quadrotor: axis convention of the observation (FLU: x forward, y left, z up)",
+    "airframe": ("quadrotor: JSON object, the airframe the policy was compiled for (mass_kg, "
+                 "inertia_kgm2, rotor_positions_m, rotor_spin, thrust_curve_n, "
+                 "torque_per_thrust_m, motor_time_constant_up_s / _down_s)"),
     "source_checkpoint_sha256": "sha256 of the fat checkpoint the policy was compiled from",
     "pass_history": "JSON list: the passes that made the policy, in order",
     "xcompile_version": "version of xcompile that compiled it",
@@ -48,23 +55,32 @@ KEYS: dict[str, str] = {
 
 # Keys whose values are JSON (the others are plain strings or Python float reprs).
 JSON_KEYS = ("joint_order", "default_pose", "kp", "kd", "torque_limit", "obs_layout",
-             "pass_history")
+             "pass_history", "motor_order", "airframe")
 
 
 def deployment_contract(robot: RobotTarget, source_sha256: str,
                         history: list[str]) -> dict[str, str]:
     """The contract of a policy for `robot` made from the fat checkpoint with sha256
     `source_sha256` by the passes `history`."""
-    j = robot.joints
-    return {
-        "robot": robot.name,
-        "joint_order": json.dumps(list(j.names)),
+    j, af = robot.joints, robot.airframe
+    body = {
         "default_pose": json.dumps(list(j.default)),
         "action_scale": repr(float(j.action_scale)),
-        "action_clip": repr(float(j.action_clip)),
         "kp": json.dumps(list(j.kp)),
         "kd": json.dumps(list(j.kd)),
         "torque_limit": json.dumps(list(j.torque_limit)),
+    } if j is not None else {
+        "motor_order": json.dumps(robot.actuators),
+        "action_meaning": "rotor speed command u = (clip(a) + 1) / 2 in [0, 1] (normalised), "
+                          "a first-order lag to the rotor's speed, thrust c0 + c1 u + c2 u^2",
+        "frame": "FLU",
+        "airframe": json.dumps(af.model_dump(exclude={"rotors", "action_clip", "size_m"})),
+    }
+    return {
+        "robot": robot.name,
+        "joint_order": json.dumps(robot.actuators),
+        **body,
+        "action_clip": repr(float(robot.action_clip)),
         "control_period_s": repr(1.0 / robot.control_hz),
         "obs_layout": json.dumps([[name, width] for name, width in obs_layout(robot)]),
         "family": robot.family,
@@ -112,10 +128,10 @@ def check_contract(meta: Mapping[str, str], robot: RobotTarget, path: Path) -> N
     if not isinstance(joints, list) or not all(isinstance(j, str) for j in joints):
         raise ContractError(f"{path}: the model metadata field 'joint_order' is not a list of "
                             f"joint names: {meta['joint_order']!r:.80}; recompile the policy")
-    if joints != list(robot.joints.names):
+    if joints != robot.actuators:
         raise ContractError(
             f"{path}: joint order in the policy {joints} differs from the target's "
-            f"{list(robot.joints.names)}; recompile for this robot description"
+            f"{robot.actuators}; recompile for this robot description"
         )
 
 

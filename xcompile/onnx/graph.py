@@ -12,7 +12,9 @@ import numpy as np
 
 def _nearest_products(model: Any, from_inputs: bool) -> list[str]:
     """Names of the MatMul/Gemm nodes met first when walking from the graph's inputs (forward)
-    or from its outputs (backward); the walk stops at each one it meets."""
+    or from its outputs (backward); the walk stops at each one it meets. A recurrent policy's
+    state inputs and outputs (its contract's `recurrent_state`) are not where the walk starts:
+    the state is the network's own, not the observation or the action."""
     nodes = model.graph.node
     if from_inputs:
         nexts: dict[str, list[Any]] = {}
@@ -23,6 +25,8 @@ def _nearest_products(model: Any, from_inputs: bool) -> list[str]:
     else:
         nexts = {out: [node] for node in nodes for out in node.output}
         todo, onward = [o.name for o in model.graph.output], "input"
+    state = _state_names(model)
+    todo = [name for name in todo if name not in state]
     seen, found = set(), []
     while todo:
         for node in nexts.get(todo.pop(0), []):
@@ -34,6 +38,21 @@ def _nearest_products(model: Any, from_inputs: bool) -> list[str]:
             else:
                 todo += list(getattr(node, onward))
     return found
+
+
+def _state_names(model: Any) -> set[str]:
+    """The graph inputs and outputs that carry a recurrent state (its contract says which; loading
+    the policy checks that contract, here an unreadable one only means no names)."""
+    import json
+
+    from xcompile.onnx.recurrent import CONTRACT_KEY
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        states = json.loads(meta[CONTRACT_KEY])["states"]
+        return {str(st[k]) for st in states for k in ("input", "output")}
+    except (KeyError, ValueError, TypeError):
+        return set()
 
 
 def output_layers(model: Any) -> list[str]:

@@ -69,7 +69,7 @@ class PinEmbodiment(Pass):
         robot = ctx.robot
         desc, known = body_descriptors(ckpt, robot)
         pinned = pin(ckpt.model, desc, robot.family)
-        spec = {**spec_of(pinned), "robot": robot.name, "joint_order": list(robot.joints.names),
+        spec = {**spec_of(pinned), "robot": robot.name, "joint_order": robot.actuators,
                 "known_body": known, "source_checkpoint_sha256": ckpt.sha256}
         path = save_torch_policy(ctx.workdir / "pinned.pt", pinned, spec)
         return PassResult(Artifact.create("torch", path, robot.name,

@@ -46,6 +46,18 @@ from xcompile.targets import RobotTarget, load_robot
 from xcompile.targets.loader import MAX_EPISODE_PHYSICS_STEPS, MAX_SUBSTEPS
 
 
+def make_env(robot: RobotTarget | str, faults: Faults | None = None,
+             render_mode: str | None = None, randomization: Randomization | None = None):
+    """The environment of `robot`'s family: `RobotEnv` for jointed bodies, `QuadrotorEnv`
+    (`xcompile.sim.quadrotor`) for airframes. Both have the same API."""
+    robot = robot if isinstance(robot, RobotTarget) else load_robot(robot)
+    if robot.family == "quadrotor":
+        from xcompile.sim.quadrotor import QuadrotorEnv
+
+        return QuadrotorEnv(robot, faults, render_mode, randomization)
+    return RobotEnv(robot, faults, render_mode, randomization)
+
+
 class RobotEnv(gym.Env):
     metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": 25}
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from xcompile.errors import XCompileError
 from xcompile.seeds import episode_seed
-from xcompile.sim.env import Faults, RobotEnv
+from xcompile.sim.env import Faults, RobotEnv, make_env
 from xcompile.sim.vec import VecStep, obs_dim_of
 from xcompile.targets import RobotTarget, check_robot_urdf
 
@@ -44,7 +44,7 @@ def _worker(conn: Connection, robot_json: str, faults: dict[str, Any] | None, co
     try:
         robot = RobotTarget.model_validate_json(robot_json)
         check_robot_urdf(robot)
-        envs = [RobotEnv(robot, faults=Faults(**faults) if faults else None)
+        envs = [make_env(robot, faults=Faults(**faults) if faults else None)
                 for _ in range(count)]
         conn.send(("ok", obs_dim_of(envs[0])))
         while True:

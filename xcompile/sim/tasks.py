@@ -47,11 +47,15 @@ WITHIN_M = 0.01              # reach: "time to within 1 cm"
 
 
 def obs_dim(robot: RobotTarget) -> int:
-    return GLOBAL_DIMS[robot.family] + 3 * robot.n_joints
+    return sum(width for _, width in obs_layout(robot))
 
 
 def obs_layout(robot: RobotTarget) -> list[tuple[str, int]]:
     """Named slices of the flat observation, in order (recorded in the deployment contract)."""
+    if robot.family == "quadrotor":
+        from xcompile.sim.quadrotor import OBS_LAYOUT
+
+        return list(OBS_LAYOUT)
     n = robot.n_joints
     if robot.family == "locomotion":
         head = [("gravity_b", 3), ("lin_vel_b", 3), ("ang_vel_b_x0.25", 3),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xcompile.seeds import episode_seed
-from xcompile.sim.env import Faults, RobotEnv
+from xcompile.sim.env import Faults, RobotEnv, make_env
 from xcompile.targets import RobotTarget
 
 
@@ -50,7 +50,7 @@ class LockstepEnvs:
         self.robot = robot
         self.stream = stream
         self.seed = seed
-        self.envs = [RobotEnv(robot, faults=faults) for _ in range(n)]
+        self.envs = [make_env(robot, faults=faults) for _ in range(n)]
         self.episodes_started = 0
         self._ret = np.zeros(n)
         self.obs = np.zeros((n, obs_dim_of(self.envs[0])), dtype=np.float32)

@@ -2,6 +2,7 @@
 
 from xcompile.targets.loader import (
     check_robot_urdf,
+    list_airframes,
     list_hardware,
     list_robots,
     load_hardware,
@@ -16,6 +17,7 @@ __all__ = [
     "RobotTarget",
     "UrdfInfo",
     "check_robot_urdf",
+    "list_airframes",
     "list_hardware",
     "list_robots",
     "load_hardware",

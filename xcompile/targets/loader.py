@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from xcompile.errors import TargetError
 from xcompile.targets.schema import (
+    AIRFRAMES_DIR,
     HARDWARE_DIR,
     MAX_ABS_ANGLE,
     MAX_ACTION_CLIP,
@@ -75,8 +76,8 @@ __all__ = [
     "MAX_TEXT_LEN", "MAX_TOLERANCE_M", "MAX_TOML_BYTES", "MAX_TORQUE", "MAX_URDF_BYTES",
     "MAX_URDF_JOINTS", "MAX_URDF_LINKS", "MIN_CONTROL_HZ", "MOVABLE_JOINT_TYPES", "NAME_PATTERN",
     "ROBOTS_DIR", "HardwareTarget", "Joints", "LocomotionTask", "ReachTask", "RobotTarget",
-    "UrdfInfo", "check_robot_urdf", "list_hardware", "list_robots", "load_hardware", "load_robot",
-    "tomllib", "urdf_info",
+    "UrdfInfo", "check_robot_urdf", "list_airframes", "list_hardware", "list_robots",
+    "load_hardware", "load_robot", "tomllib", "urdf_info",
 ]
 
 
@@ -143,7 +144,7 @@ def _validation_message(path: Path, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _resolve(name_or_path: str | Path, folder: Path, kind: str) -> Path:
+def _resolve(name_or_path: str | Path, folder: Path | tuple[Path, ...], kind: str) -> Path:
     """A built-in target's TOML for a name, else the path given; one TargetError otherwise.
 
     A `Path`, or a string ending in `.toml` or holding a path separator, is a path. Any other string
@@ -160,9 +161,9 @@ def _resolve(name_or_path: str | Path, folder: Path, kind: str) -> Path:
         is_path = s.endswith(".toml") or "/" in s or os.sep in s or bool(os.altsep and
                                                                          os.altsep in s)
         if not is_path and NAME_PATTERN.fullmatch(s) and ".." not in s:
-            builtin = folder / f"{s}.toml"
-            if builtin.is_file():
-                return builtin
+            for d in (folder if isinstance(folder, tuple) else (folder,)):
+                if (d / f"{s}.toml").is_file():
+                    return d / f"{s}.toml"
             if not _is_file(Path(s)):
                 raise TargetError(
                     f"unknown {kind} target '{s}'. Built-in: {_builtins(folder)}. "
@@ -186,8 +187,9 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _builtins(folder: Path) -> str:
-    return ", ".join(sorted(p.stem for p in folder.glob("*.toml")))
+def _builtins(folder: Path | tuple[Path, ...]) -> str:
+    folders = folder if isinstance(folder, tuple) else (folder,)
+    return ", ".join(sorted(p.stem for d in folders for p in d.glob("*.toml")))
 
 
 # ---------------------------------------------------------------------------------- URDF
@@ -274,14 +276,15 @@ def _preview(names: list[str], n: int = 12) -> str:
 
 def load_robot(name_or_path: str | Path) -> RobotTarget:
     """Load a built-in robot by name, or any robot TOML by path; URDF checked too."""
-    path = _resolve(name_or_path, ROBOTS_DIR, "robot")
+    path = _resolve(name_or_path, (ROBOTS_DIR, AIRFRAMES_DIR), "robot")
     data = _read_toml(path, "robot TOML")
     data["source"] = str(path.resolve())
     try:
         robot = RobotTarget.model_validate(data)
     except ValidationError as e:
         raise TargetError(_validation_message(path, e)) from None
-    check_robot_urdf(robot, path)
+    if robot.urdf:
+        check_robot_urdf(robot, path)
     return robot
 
 
@@ -296,7 +299,13 @@ def load_hardware(name_or_path: str | Path) -> HardwareTarget:
 
 
 def list_robots() -> list[str]:
+    """The built-in jointed robots (locomotion and reach): the sample fat policy's bodies."""
     return sorted(p.stem for p in ROBOTS_DIR.glob("*.toml"))
+
+
+def list_airframes() -> list[str]:
+    """The built-in quadrotors."""
+    return sorted(p.stem for p in AIRFRAMES_DIR.glob("*.toml"))
 
 
 def list_hardware() -> list[str]:

@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, m
 HERE = Path(__file__).parent
 ROBOTS_DIR = HERE / "robots"         # built-in robots, and where their relative URDF paths start
 HARDWARE_DIR = HERE / "hardware"     # built-in hardware targets
+AIRFRAMES_DIR = HERE / "airframes"   # built-in quadrotors (robot targets without a URDF)
 
 # ---------------------------------------------------------------------------------- limits
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -178,24 +179,144 @@ class ReachTask(_Strict):
         default=2.5, description="a new goal every this many seconds")
 
 
+MAX_MASS_KG = 100.0              # airframes (built-ins: 0.03-2.0)
+MAX_INERTIA = 100.0              # kg m^2 (built-ins: 1e-5 - 0.04)
+MAX_THRUST_N = 1e4               # one rotor at full command (built-ins: 0.11-16)
+MAX_ROTORS = 16
+MAX_ARM_M = 10.0
+
+
+class Airframe(_Strict):
+    """A rigid body with rotors (quadrotor family): what `xcompile.sim.quadrotor` simulates.
+
+    Conventions are RAPTOR's (and l2f's, the simulator it was trained in): body frame FLU (x
+    forward, y left, z up); the action is one command a in [-1, 1] per rotor, in `rotors` order,
+    taken to a normalised rotor speed u = (a + 1) / 2 in [0, 1]; u follows the command with first-
+    order lag (`motor_time_constant_*_s`); a rotor pushes along body z with thrust
+    `thrust_curve_n[0] + thrust_curve_n[1] u + thrust_curve_n[2] u^2` (N) and twists the body about
+    z by `spin * torque_per_thrust_m * thrust` (N m)."""
+
+    rotors: list[Ident] = Field(min_length=3, max_length=MAX_ROTORS,
+                                description="rotor names, in action order")
+    rotor_positions_m: list[tuple[_num(ge=-MAX_ARM_M, le=MAX_ARM_M),
+                                  _num(ge=-MAX_ARM_M, le=MAX_ARM_M),
+                                  _num(ge=-MAX_ARM_M, le=MAX_ARM_M)]] = Field(
+        max_length=MAX_ROTORS, description="each rotor's position, body frame (FLU), m")
+    rotor_spin: list[Literal[-1, 1]] = Field(
+        max_length=MAX_ROTORS, description="sign of each rotor's drag torque about body z")
+    thrust_curve_n: tuple[_num(ge=-MAX_THRUST_N, le=MAX_THRUST_N),
+                          _num(ge=-MAX_THRUST_N, le=MAX_THRUST_N),
+                          _num(ge=-MAX_THRUST_N, le=MAX_THRUST_N)] = Field(
+        description="(c0, c1, c2): one rotor's thrust c0 + c1 u + c2 u^2, N, u in [0, 1]")
+    torque_per_thrust_m: _num(ge=0, le=1.0) = Field(
+        description="a rotor's drag torque per newton of its thrust, m")
+    motor_time_constant_up_s: _num(gt=0, le=10.0) = Field(
+        description="first-order lag of rotor speed when it rises, s")
+    motor_time_constant_down_s: _num(gt=0, le=10.0) = Field(
+        description="first-order lag of rotor speed when it falls, s")
+    mass_kg: _num(gt=0, le=MAX_MASS_KG)
+    inertia_kgm2: tuple[_num(gt=0, le=MAX_INERTIA), _num(gt=0, le=MAX_INERTIA),
+                        _num(gt=0, le=MAX_INERTIA)] = Field(
+        description="principal moments of inertia (xx, yy, zz) about the centre of mass, kg m^2")
+    size_m: tuple[_num(gt=0, le=MAX_ARM_M), _num(gt=0, le=MAX_ARM_M),
+                  _num(gt=0, le=MAX_ARM_M)] = Field(description="collision box (x, y, z), m")
+    action_clip: _num(gt=0, le=MAX_ACTION_CLIP) = Field(
+        default=1.0, description="actions are clipped to [-clip, clip] (1: the full range)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Airframe:
+        n = len(self.rotors)
+        for field in ("rotor_positions_m", "rotor_spin"):
+            if len(getattr(self, field)) != n:
+                raise ValueError(f"airframe.{field} has {len(getattr(self, field))} values, "
+                                 f"airframe.rotors has {n}: give one per rotor")
+        if len(set(self.rotors)) != n:
+            raise ValueError("airframe.rotors has duplicates")
+        if n * self.thrust(1.0) <= self.mass_kg * 9.81:
+            raise ValueError(f"the rotors at full command lift {n * self.thrust(1.0):.3g} N, the "
+                             f"airframe weighs {self.mass_kg * 9.81:.3g} N: it cannot hover")
+        return self
+
+    def thrust(self, u: float) -> float:
+        """One rotor's thrust (N) at normalised speed u, never below 0."""
+        c0, c1, c2 = self.thrust_curve_n
+        return max(0.0, c0 + c1 * u + c2 * u * u)
+
+    def hover_speed(self) -> float:
+        """The normalised rotor speed at which the rotors together carry the airframe's weight."""
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if len(self.rotors) * self.thrust(mid) < self.mass_kg * 9.81 \
+                else (lo, mid)
+        return 0.5 * (lo + hi)
+
+
+class QuadrotorTask(_Strict):
+    """Hold a setpoint from a perturbed start: every `setpoint_period_s` a new setpoint within
+    `setpoint_radius_m` of home; scored per step on the distance to it (`xcompile.sim.quadrotor`)."""
+
+    family: Literal["quadrotor"]
+    episode_s: _num(gt=0, le=MAX_EPISODE_S) = Field(description="episode length, s")
+    home_height_m: _num(gt=0, le=MAX_HEIGHT_M) = Field(
+        default=1.5, description="height of the first setpoint above the ground, m")
+    setpoint_period_s: _num(gt=0, le=MAX_EPISODE_S) = Field(
+        default=3.0, description="a new setpoint every this many seconds")
+    setpoint_radius_m: _num(ge=0, le=MAX_HEIGHT_M) = Field(
+        default=0.3, description="later setpoints lie within this distance of home, m")
+    start_offset_m: _num(ge=0, le=MAX_HEIGHT_M) = Field(
+        default=0.3, description="the start lies within this distance of home, m")
+    start_angle_rad: _num(ge=0, le=math.pi / 2) = Field(
+        default=0.6, description="the start is rotated by up to this angle about a random "
+                                 "axis (tilt and heading), rad")
+    start_speed_mps: _num(ge=0, le=MAX_SPEED_MPS) = Field(
+        default=0.5, description="the start moves at up to this speed, m/s")
+    start_rate_rps: _num(ge=0, le=MAX_YAW_RATE) = Field(
+        default=1.0, description="the start spins at up to this body rate, rad/s")
+    safety_box_m: _num(gt=0, le=MAX_HEIGHT_M) = Field(
+        default=1.0, description="leaving this half-width box around home, or touching the "
+                                 "ground, is a crash, m")
+
+    @model_validator(mode="after")
+    def _inside(self) -> QuadrotorTask:
+        reach = max(self.setpoint_radius_m, self.start_offset_m)
+        if reach >= self.safety_box_m or reach >= self.home_height_m:
+            raise ValueError(f"task: setpoints and starts reach {reach:g} m from home; keep that "
+                             f"inside the safety box ({self.safety_box_m:g} m) and above the "
+                             f"ground (home {self.home_height_m:g} m up)")
+        return self
+
+
 class RobotTarget(_Strict):
+    """A robot target: a jointed body (`urdf` + `[joints]`: locomotion, reach) or a rigid airframe
+    driven by rotors (`[airframe]`: quadrotor, no URDF)."""
+
     name: Name
     description: str = Field(default="", max_length=MAX_TEXT_LEN)
-    urdf: PathText = Field(min_length=1, max_length=MAX_PATH_LEN,
-                      description="'pybullet_data:REL' or a path relative to the TOML file")
-    fixed_base: StrictBool
+    urdf: PathText = Field(default="", max_length=MAX_PATH_LEN,
+                           description="'pybullet_data:REL' or a path relative to the TOML file "
+                           "(jointed bodies; an airframe has none)")
+    fixed_base: StrictBool = False
     gravity_compensation: StrictBool = Field(
         default=False, description="the robot's own controller adds gravity torques (arms)"
     )
     control_hz: _num(ge=MIN_CONTROL_HZ, le=MAX_CONTROL_HZ)
     physics_hz: _num(ge=MIN_CONTROL_HZ, le=MAX_PHYSICS_HZ)
     hardware: Name = Field(default="cpu", description="default hardware target (a built-in name)")
-    joints: Joints
-    task: LocomotionTask | ReachTask = Field(discriminator="family")
+    joints: Joints | None = None
+    airframe: Airframe | None = None
+    task: LocomotionTask | ReachTask | QuadrotorTask = Field(discriminator="family")
     source: str = Field(default="", description="where the TOML was loaded from (set by loader)")
 
     @model_validator(mode="after")
     def _rates(self) -> RobotTarget:
+        if self.task.family == "quadrotor":
+            if self.airframe is None or self.joints is not None or self.urdf:
+                raise ValueError("a quadrotor target has an [airframe] table and no urdf or "
+                                 "[joints] (see xcompile/targets/airframes/crazyflie.toml)")
+        elif self.joints is None or not self.urdf or self.airframe is not None:
+            raise ValueError(f"a {self.task.family} target has a urdf and a [joints] table, and "
+                             "no [airframe] (see xcompile/targets/robots/a1.toml)")
         ratio = self.physics_hz / self.control_hz
         k = round(ratio)
         if k < 1 or abs(ratio - k) > 1e-9 * ratio:
@@ -217,7 +338,17 @@ class RobotTarget(_Strict):
 
     @property
     def n_joints(self) -> int:
-        return len(self.joints.names)
+        """Width of the action: joints driven, or rotors of an airframe."""
+        return len(self.actuators)
+
+    @property
+    def actuators(self) -> list[str]:
+        """The action's entries in order: joint names, or rotor names of an airframe."""
+        return list(self.airframe.rotors if self.airframe else self.joints.names)
+
+    @property
+    def action_clip(self) -> float:
+        return (self.airframe or self.joints).action_clip
 
     @property
     def family(self) -> str:
@@ -233,7 +364,10 @@ class RobotTarget(_Strict):
         """Control steps per episode (validated: at least 1)."""
         return max(1, round(self.task.episode_s * self.control_hz))
 
-    def urdf_path(self) -> Path:
+    def urdf_path(self) -> Path | None:
+        """The URDF's path (None for an airframe, which is built from its TOML)."""
+        if not self.urdf:
+            return None
         if self.urdf.startswith("pybullet_data:"):
             import pybullet_data  # only for robots that use it: keep `import xcompile` light
 
