@@ -5,6 +5,7 @@ fleet file is validated field by field. The Ray test (marked `ray`) starts a loc
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -198,6 +199,8 @@ def test_ray_local_instance_builds_the_fleet_with_the_same_scores(serial_fleet, 
                                 cache_dir=tmp_path / "cache", rollout=False)
     with make_executor("ray", 2) as ex:
         assert ex.started and ex.workers == 2
+        # Its workers run at this process's priority, not Ray's default nice 15.
+        assert ex.map(lambda _: os.nice(0), [0, 1]) == [os.nice(0)] * 2
         got = run_fleet(jobs, failed, tmp_path / "out", ex)
         panda = load_robot("panda")
         on_ray = evaluate_file(tiny_fat_ckpt, panda, 2, 0, chunk=1, executor=ex)

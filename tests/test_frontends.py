@@ -258,7 +258,7 @@ def test_default_plan_runs_on_a_foreign_arm(tmp_path):
 BAD_INTERFACES = [
     ('format = "xcompile-interface/9"', "format: expected 'xcompile-interface/1'"),
     ("observation = 3", "observation: Input should be a valid string"),
-    ('family = "swim"', "family: Input should be 'locomotion' or 'reach'"),
+    ('family = "swim"', "family: Input should be 'locomotion', 'reach' or 'quadrotor'"),
     ("[bodies.a1]\nbody_id = [1, 2]", "bodies.a1.body_id: 2 values, but graph input 'body_id' "
                                       "has shape [1]"),
     ("[bodies.a1]\nbody_id = [1.5]", "bodies.a1.body_id: expected integers"),

@@ -19,6 +19,11 @@ class CheckpointError(XCompileError):
     """A checkpoint is missing, unsafe, truncated, foreign or of an unknown version."""
 
 
+class InterfaceError(CheckpointError):
+    """An interface description is invalid or does not fit the model or the target
+    (`xcompile.frontends.interface`)."""
+
+
 class PlanError(XCompileError):
     """A pass pipeline cannot run as written (unknown pass, wrong order, bad option)."""
 

@@ -17,25 +17,32 @@ from xcompile.cli.common import JsonOpt, app, console, print_json, print_report,
 
 @app.command()
 def targets(as_json: JsonOpt = False) -> None:
-    """List the built-in robots and hardware targets.
+    """List the built-in robots (quadrotors included) and hardware targets.
 
     Example: xcompile targets --json
     """
-    from xcompile.targets import list_hardware, list_robots, load_hardware, load_robot
+    from xcompile.targets import (
+        list_airframes,
+        list_hardware,
+        list_robots,
+        load_hardware,
+        load_robot,
+    )
 
     with user_errors():
-        robots = [load_robot(n) for n in list_robots()]
+        robots = [load_robot(n) for n in list_robots() + list_airframes()]
         hws = [load_hardware(n) for n in list_hardware()]
     if as_json:
         print_json({
             "robots": [{"name": r.name, "family": r.family, "joints": r.n_joints,
+                        "actuators": r.actuators,
                         "control_hz": r.control_hz, "hardware": r.hardware,
                         "description": r.description} for r in robots],
             "hardware": [h.model_dump(exclude={"source"}) for h in hws],
         })
         return
     t = Table(title="robots")
-    for c in ("name", "task", "joints", "control Hz", "hardware", "description"):
+    for c in ("name", "task", "actuators", "control Hz", "hardware", "description"):
         t.add_column(c)
     for r in robots:
         t.add_row(r.name, r.family, str(r.n_joints), f"{r.control_hz:g}", r.hardware,

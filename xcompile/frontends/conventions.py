@@ -7,13 +7,16 @@ the target's world gives, or the policy would be driven with the wrong units, or
 
 from __future__ import annotations
 
-from xcompile.frontends.interface import Interface, InterfaceError
+from typing import Any
+
+from xcompile.errors import InterfaceError
 from xcompile.targets import RobotTarget
 
 
-def check_conventions(iface: Interface, robot: RobotTarget, where: str) -> None:
-    """What the interface says the policy expects of the world (control period, axes, observation
-    slices, action order and range), where it says it, against what `robot`'s world gives."""
+def check_conventions(iface: Any, robot: RobotTarget, where: str) -> None:
+    """What the interface (an `xcompile.frontends.interface.Interface`) says the policy expects
+    of the world (control period, axes, observation slices, action order and range), where it
+    says it, against what `robot`'s world gives."""
     from xcompile.sim.tasks import obs_layout
 
     period = 1.0 / robot.control_hz

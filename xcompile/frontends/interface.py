@@ -40,7 +40,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from xcompile.errors import CheckpointError
+from xcompile.errors import InterfaceError  # noqa: F401  (re-exported: its home was here)
 from xcompile.onnx.recurrent import DTYPES, MAX_STATE_VALUES, StateSpec
 from xcompile.targets import RobotTarget
 from xcompile.targets.loader import tomllib
@@ -50,10 +50,6 @@ MAX_INTERFACE_BYTES = 1 << 20      # a description, not a data file
 MAX_BODIES = 1024
 MAX_VALUES = 65536                 # elements of one body's value for one input
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"     # robot names, as targets spell them
-
-
-class InterfaceError(CheckpointError):
-    """An interface description is invalid or does not fit the model or the target."""
 
 
 class StateEntry(BaseModel):

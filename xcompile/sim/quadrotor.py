@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import gymnasium as gym
 import numpy as np
 
+from xcompile.sim.tasks import QUADROTOR_OBS_LAYOUT as OBS_LAYOUT
 from xcompile.sim.tasks import Faults, Randomization
 from xcompile.targets import RobotTarget
 
@@ -42,9 +43,6 @@ MASS_SCALE = (0.95, 1.05)
 PUSH_EVERY_S = (2.0, 4.0)
 PUSH_MPS = (0.1, 0.3)
 GRAVITY = 9.81
-
-OBS_LAYOUT = [("position_minus_setpoint", 3), ("rotation_matrix", 9), ("linear_velocity", 3),
-              ("angular_velocity_b", 3), ("previous_action", 4)]
 
 
 def quadrotor_step_score(distance_m: float) -> float:

@@ -36,6 +36,10 @@ from xcompile.errors import TargetError
 from xcompile.targets import RobotTarget
 
 GLOBAL_DIMS = {"locomotion": 14, "reach": 9}
+# The quadrotor family's observation is RAPTOR's (xcompile.sim.quadrotor): FLU, world frame but
+# for the body rates.
+QUADROTOR_OBS_LAYOUT = [("position_minus_setpoint", 3), ("rotation_matrix", 9),
+                        ("linear_velocity", 3), ("angular_velocity_b", 3), ("previous_action", 4)]
 
 # Score scales (see the module docstring).
 VEL_SCALE_MPS = 0.15
@@ -53,9 +57,7 @@ def obs_dim(robot: RobotTarget) -> int:
 def obs_layout(robot: RobotTarget) -> list[tuple[str, int]]:
     """Named slices of the flat observation, in order (recorded in the deployment contract)."""
     if robot.family == "quadrotor":
-        from xcompile.sim.quadrotor import OBS_LAYOUT
-
-        return list(OBS_LAYOUT)
+        return list(QUADROTOR_OBS_LAYOUT)
     n = robot.n_joints
     if robot.family == "locomotion":
         head = [("gravity_b", 3), ("lin_vel_b", 3), ("ang_vel_b_x0.25", 3),
