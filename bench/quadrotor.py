@@ -32,6 +32,7 @@ import numpy as np
 
 from xcompile.evaluate import score_policy
 from xcompile.frontends.graph import fat_graph_policy
+from xcompile.policy import load_policy
 from xcompile.stats import mean_ci95, ratio_ci95
 from xcompile.targets import list_airframes, load_robot
 
@@ -69,6 +70,35 @@ def row(name: str, policy: str, res: Any) -> tuple[list[Any], dict[str, Any]]:
              f"{d['setpoints_settled']}/{d['setpoints']}"], d)
 
 
+def steady_hover_cm(act: Any, robot: Any) -> list[Any]:
+    """Mean position error (x, y, z; cm) of `act` holding home for 1.5-2.9 s in the nominal
+    world (no randomisation, no pushes), from rest at home: the offset it settles to ("crashed"
+    if it does not stay in the box)."""
+    import pybullet as p
+
+    from xcompile.evaluate import announce_rows, begin_rollout
+    from xcompile.sim.env import make_env
+    from xcompile.sim.tasks import Randomization
+
+    env = make_env(robot, randomization=Randomization.off())
+    env.reset(seed=0)
+    p.resetBasePositionAndOrientation(env.body, env.home.tolist(), [0, 0, 0, 1],
+                                      physicsClientId=env.cid)
+    p.resetBaseVelocity(env.body, [0, 0, 0], [0, 0, 0], physicsClientId=env.cid)
+    obs, errors = env._obs(), []
+    begin_rollout(act)
+    for t in range(290):
+        announce_rows(act, [0])
+        obs, _, crashed, *_ = env.step(act(obs[None])[0])
+        if crashed:
+            env.close()
+            return ["crashed"] * 3
+        if t >= 150:
+            errors.append(obs[:3].astype(np.float64))
+    env.close()
+    return [round(100 * float(v), 2) for v in np.mean(errors, axis=0)]
+
+
 def build(model: Path, iface: Path, robot: str, out: Path, args: Any) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "xcompile", "build", str(model), "--interface", str(iface),
            "--target", robot, "--int8", "--profile", args.profile, "--episodes",
@@ -98,7 +128,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--student", choices=["mlp", "history_mlp", "gru"], default=None,
                     help="distill's student (default: the pass's own choice)")
     args = common.parse(ap, argv, "quadrotor", need_checkpoint=False)
-    args.checkpoint = "raptor.onnx (examples/raptor/convert.py)"
     if args.quick:
         args.profile = "fast"
     t0 = time.perf_counter()
@@ -110,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sys.exit(f"examples/raptor/convert.py failed (pip install foundation-policy):\n"
                  f"{conv.stderr[-2000:]}")
     model, iface = work / "raptor.onnx", work / "raptor.toml"
+    args.checkpoint = str(model)            # what the results file fingerprints
 
     # PART 1: zero-shot
     rows, part1 = [], {}
@@ -132,16 +162,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "settling s", "setpoints settled"], rows)]
 
     # PART 2: compiled for one airframe
-    crows, part2 = [], {}
+    crows, part2, hover_rows = [], {}, []
     for name in args.compile:
         rep = build(model, iface, name, work / f"build-{name}", args)
         part2[name] = rep
         st = {s["name"]: s for s in rep["stages"]}
         fat, q, d = st["fat"], st["quantize"], st["distill"]
         r, ci = ratio_ci95(q["scores"], fat["scores"])
+        rs, cis = ratio_ci95(d["scores"], fat["scores"])
         diff = [a - b for a, b in zip(q["scores"], fat["scores"])]
         dci = mean_ci95(diff)
         crows.append([name, common.fmt(fat["score"], ".3f"), common.fmt(q["score"], ".3f"),
+                      f"{rs:.3f} [{cis[0]:.3f}, {cis[1]:.3f}]",
                       f"{r:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]",
                       f"{np.mean(diff):+.3f} [{dci[0]:+.3f}, {dci[1]:+.3f}]",
                       (d.get("checks") or {}).get("student", "–"),
@@ -150,13 +182,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{common.fmt(fat['latency_p50_us'], '.1f')} → "
                       f"{common.fmt(q['latency_p50_us'], '.1f')}",
                       common.fmt(d["wall_s"], ".0f"), common.fmt(rep["bench_build_s"], ".0f")])
+        robot = load_robot(name)
+        for label, act in (("RAPTOR", fat_graph_policy(model, iface, robot).act),
+                           ("final int8", load_policy(work / f"build-{name}" / "policy.onnx",
+                                                      robot).act)):
+            hover_rows.append([name, label, *steady_hover_cm(act, robot)])
+        rep["steady_hover_cm"] = hover_rows[-2:]
     if crows:
         md += ["", f"Part 2: RAPTOR compiled for one airframe (`xcompile build raptor.onnx "
                f"--interface raptor.toml --target AIRFRAME --int8`, profile {args.profile}), "
                f"scored on the report's {args.episodes} episodes (paired):", "",
-               common.md_table(["airframe", "RAPTOR", "final int8", "int8 / RAPTOR",
+               common.md_table(["airframe", "RAPTOR", "final int8", "float student / RAPTOR",
+                                "int8 / RAPTOR",
                                 "int8 − RAPTOR", "student", "params", "bytes", "p50 µs",
-                                "distill s", "build s"], crows)]
+                                "distill s", "build s"], crows),
+               "", "Where each settles holding home in the nominal world (no randomisation or "
+               "pushes, from rest; mean position error over 1.5-2.9 s, cm):", "",
+               common.md_table(["airframe", "policy", "x", "y", "z"], hover_rows)]
     notes = ["rl-finetune is skipped in every build (a foreign ONNX input is not a "
              "differentiable torch policy); build-tensorrt too (recurrent or no GPU)"]
     results = {"part1": part1, "part2": part2}
