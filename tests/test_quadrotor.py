@@ -246,7 +246,8 @@ def test_interface_conventions_are_checked(raptor, tmp_path):
 @needs_raptor
 def test_new_airframe_compiles_end_to_end(raptor, tmp_path):
     """A quadrotor nobody ships (a Crazyflie with a 4 g payload deck), as a TOML: RAPTOR compiled
-    for it with --profile fast into an int8 MLP with the quadrotor deployment contract."""
+    for it with --profile fast into an int8 MLP with the quadrotor deployment contract, and
+    emitted as C (an MLP student has no state)."""
     text = (REPO / "xcompile/targets/airframes/crazyflie.toml").read_text()
     toml = tmp_path / "cf_deck.toml"
     toml.write_text(text.replace('name = "crazyflie"', 'name = "cf_deck"')
@@ -258,7 +259,7 @@ def test_new_airframe_compiles_end_to_end(raptor, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "xcompile", "build", str(raptor / "raptor.onnx"), "--interface",
          str(raptor / "raptor.toml"), "--target", str(toml), "--int8", "--profile", "fast",
-         "--episodes", "2", "--config", str(cfg), "--out", str(out)],
+         "--episodes", "2", "--config", str(cfg), "--out", str(out), "--emit", "c"],
         capture_output=True, text=True, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -270,3 +271,27 @@ def test_new_airframe_compiles_end_to_end(raptor, tmp_path):
     assert meta["robot"] == "cf_deck" and meta["frame"] == "FLU"
     assert json.loads(meta["motor_order"])[0] == "front_right"
     assert json.loads(meta["airframe"])["mass_kg"] == pytest.approx(0.0346)
+    header = (out / "policy.h").read_text()
+    assert '#define XC_FRAME "FLU"' in header and "Rotor commands" in header
+    assert '#define XC_JOINT_ORDER "front_right,back_right,back_left,front_left"' in header
+
+
+@needs_raptor
+def test_rollout_gif_of_a_quadrotor(raptor, tmp_path):
+    from PIL import Image
+
+    from xcompile.evaluate import rollout_gif
+    from xcompile.frontends.graph import fat_graph_policy
+
+    robot = load_robot("x500")
+    act = fat_graph_policy(raptor / "raptor.onnx", raptor / "raptor.toml", robot).act
+    gif = tmp_path / "flight.gif"
+    rollout_gif(act, robot, gif, every=25, max_frames=4)
+    with Image.open(gif) as im:
+        assert im.n_frames == 4 and im.size == (320, 240)
+        frames = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            frames.append(np.asarray(im.convert("RGB"), dtype=np.int16))
+    assert any(np.abs(a - b).mean() > 0.1 for a, b in zip(frames, frames[1:]))   # it moves
+    assert any(((f[..., 0] > 200) & (f[..., 1] < 60)).sum() >= 20 for f in frames)  # setpoint

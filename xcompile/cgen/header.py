@@ -56,7 +56,7 @@ def _contract(contract: Mapping[str, str], obs_dim: int, act_dim: int) -> list[s
         for key, macro in (("robot", "XC_ROBOT"), ("family", "XC_FAMILY"),
                            ("precision", "XC_PRECISION"),
                            ("source_checkpoint_sha256", "XC_SOURCE_CHECKPOINT_SHA256"),
-                           ("xcompile_version", "XC_XCOMPILE_VERSION")):
+                           ("xcompile_version", "XC_XCOMPILE_VERSION"), ("frame", "XC_FRAME")):
             if key in contract:
                 lines.append(f"#define {macro} {c_string(contract[key])}")
         if "int8_activations" in contract:
@@ -109,6 +109,14 @@ def _contract(contract: Mapping[str, str], obs_dim: int, act_dim: int) -> list[s
     return lines
 
 
+QUADROTOR_FORMULA = """\
+/* Rotor commands. Each control period (XC_CONTROL_PERIOD_S), with obs built as in the layout
+ * above (frame XC_FRAME: x forward, y left, z up), call xc_policy_step(obs, action) and command
+ * rotor i (in XC_JOINT_ORDER) to the normalised speed
+ *     u_i = (clip(action_i, -action_clip, action_clip) + 1) / 2, in [0, 1]
+ * (XC_ACTION_CLIP); the airframe the policy was compiled for is in the ONNX model's metadata
+ * ("airframe": mass, inertia, rotor positions, thrust curve, motor time constants). */"""
+
 FORMULA = """\
 /* Joint targets. Each control period (XC_CONTROL_PERIOD_S), with obs built as in the layout
  * above, call xc_policy_step(obs, action) and command joint i (in XC_JOINT_ORDER) to
@@ -134,7 +142,8 @@ def policy_h(obs_dim: int, act_dim: int, contract: Mapping[str, str] | None, sha
     if contract:
         lines += ["", "/* Deployment contract (from the ONNX model's metadata). */"]
         lines += _contract(contract, obs_dim, act_dim)
-        lines += ["", *FORMULA.splitlines()]
+        formula = QUADROTOR_FORMULA if contract.get("family") == "quadrotor" else FORMULA
+        lines += ["", *formula.splitlines()]
     lines += ["",
               "/* One control step: obs[XC_OBS_DIM] -> action[XC_ACT_DIM] (must not overlap).",
               f" * Stateless and reentrant; uses about {stack_bytes} bytes of stack for its",

@@ -61,7 +61,7 @@ def _in_ball(rng: np.random.Generator, radius: float) -> np.ndarray:
 class QuadrotorEnv(gym.Env):
     """The quadrotor family's environment (same API as `xcompile.sim.env.RobotEnv`)."""
 
-    metadata: ClassVar[dict] = {"render_modes": [], "render_fps": 25}
+    metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": 25}
 
     def __init__(self, robot: RobotTarget, faults: Faults | None = None,
                  render_mode: str | None = None, randomization: Randomization | None = None):
@@ -253,7 +253,9 @@ class QuadrotorEnv(gym.Env):
                 "duration_s": self.t * self.dt}
 
     def render(self):
-        return None
+        from xcompile.sim.render import frame
+
+        return frame(self)
 
     def close(self):
         if getattr(self, "cid", None) is not None:

@@ -18,7 +18,6 @@ class RobotEnv(Protocol):
     cid: int
     body: int
     family: str
-    goal: np.ndarray
 
 
 def frame(env: RobotEnv, width: int = 320, height: int = 240) -> np.ndarray:
@@ -26,6 +25,9 @@ def frame(env: RobotEnv, width: int = 320, height: int = 240) -> np.ndarray:
     pos, _ = p.getBasePositionAndOrientation(env.body, physicsClientId=c)
     if env.family == "locomotion":
         target, dist, yaw, pitch = [pos[0], pos[1], 0.25], 1.6, 30, -20
+    elif env.family == "quadrotor":     # the setpoint's neighbourhood, scaled to the airframe
+        sp = env.setpoint
+        target, dist, yaw, pitch = list(sp), max(0.8, 8 * max(env.af.size_m)), 30, -20
     else:
         target, dist, yaw, pitch = [pos[0] + 0.3, pos[1], 0.5], 1.8, 50, -25
     view = p.computeViewMatrixFromYawPitchRoll(target, dist, yaw, pitch, 0, 2,
@@ -35,15 +37,18 @@ def frame(env: RobotEnv, width: int = 320, height: int = 240) -> np.ndarray:
                            physicsClientId=c)[2]
     rgb = np.asarray(img, dtype=np.uint8).reshape(height, width, 4)[:, :, :3].copy()
     if env.family == "reach":
-        _mark_goal(env, rgb, view, proj, width, height)
+        _mark_goal(env.goal, rgb, view, proj, width, height)
+    elif env.family == "quadrotor":
+        _mark_goal(env.setpoint, rgb, view, proj, width, height)
     return rgb
 
 
-def _mark_goal(env: RobotEnv, rgb: np.ndarray, view, proj, w: int, h: int) -> None:
-    """Draw the reach goal as a red square (TinyRenderer shows no debug items)."""
+def _mark_goal(goal: np.ndarray, rgb: np.ndarray, view, proj, w: int, h: int) -> None:
+    """Draw a goal (reach) or setpoint (quadrotor) as a red square (TinyRenderer shows no debug
+    items)."""
     v = np.asarray(view).reshape(4, 4).T
     pr = np.asarray(proj).reshape(4, 4).T
-    clip = pr @ v @ np.append(env.goal, 1.0)
+    clip = pr @ v @ np.append(goal, 1.0)
     if clip[3] <= 0:
         return
     x = int((clip[0] / clip[3] * 0.5 + 0.5) * w)
