@@ -78,7 +78,8 @@ def validate_plan(plan: Sequence[Step],
         fmt = cls.output_for(fmt)
         if recurrent and cls.refuses_recurrent:
             raise PlanError(cls.refuses_recurrent)
-        recurrent = recurrent or cls.makes_recurrent(_step_config(plan[i]))
+        made = cls.makes_recurrent(_step_config(plan[i]))
+        recurrent = recurrent if made is None else made
 
 
 def _format_fix(name: str, wants: str, gets: str, names: list[str], i: int,

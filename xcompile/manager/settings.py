@@ -212,7 +212,7 @@ def resolve_settings(defaults: Mapping[str, Any] | None = None,
     if not isinstance(episodes, int) or not 1 <= episodes <= MAX_EPISODES:
         raise PlanError(f"episodes must be an integer from 1 to {MAX_EPISODES}, got {episodes!r}")
 
-    validate_plan(passes, input_format=input_format, recurrent=recurrent)
+    validate_plan(passes, input_format=input_format)
     # Defaults may carry options for every pass; a user's option for a pass that will not run
     # is a mistake worth saying (a typo in the plan, or a plan that dropped it).
     # A build file whose own plan leaves out a pass it sets options for is refused; options in
@@ -227,6 +227,9 @@ def resolve_settings(defaults: Mapping[str, Any] | None = None,
             raise PlanError(f"{msg}: remove [pass.{name}] or add {name} to the plan")
         notes.append(f"{msg} (from the {sources.get('passes', 'default')}); they are unused")
     plan = [PlanStep(n, make_config(n, options.get(n))) for n in passes]
+    # With the configs known: which passes make (or end) a recurrent policy, e.g. distill into
+    # an MLP student ends one, so emit-c after it takes a recurrent input's student.
+    validate_plan(plan, input_format=input_format, recurrent=recurrent)
     return BuildSettings(plan=plan, seed=seed, profile=profile, episodes=episodes,
                          sources=sources, notes=notes)
 

@@ -82,10 +82,11 @@ class Pass(ABC):
     refuses_recurrent: ClassVar[str] = ""
 
     @classmethod
-    def makes_recurrent(cls, cfg: Any) -> bool:
-        """Whether, with config `cfg` (None: not known), the pass turns a feed-forward policy
-        into a recurrent one (so that plan checking can apply later passes' refusals)."""
-        return False
+    def makes_recurrent(cls, cfg: Any) -> bool | None:
+        """Whether, with config `cfg` (None: not known), the pass's output is recurrent: True (it
+        makes a recurrent policy), False (a feed-forward one, whatever it was given), None (as
+        its input). Plan checking follows it to apply later passes' refusals."""
+        return None
 
     @classmethod
     def takes(cls) -> tuple[str, ...]:

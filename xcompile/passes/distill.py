@@ -191,8 +191,9 @@ class Distill(Pass):
     summary = ("DAgger into a small student (MLP, history MLP or GRU; normalisation folded in)")
 
     @classmethod
-    def makes_recurrent(cls, cfg: Any) -> bool:
-        return getattr(cfg, "student", None) in ("history_mlp", "gru")
+    def makes_recurrent(cls, cfg: Any) -> bool | None:
+        student = getattr(cfg, "student", None)      # auto: as the teacher
+        return None if student in (None, "auto") else student in ("history_mlp", "gru")
 
     def run(self, art: Artifact, cfg: PassConfig, ctx: BuildContext) -> PassResult:
         cfg = with_profile_defaults(cfg, ctx.robot.family, FAMILY_DEFAULTS)
