@@ -1,8 +1,12 @@
-"""Shared fixtures: a tiny random fat checkpoint that knows one quadruped and one arm, and a small
-trained one (tests/fixtures/competent_fat.pt) that does their tasks, for tests of closed-loop scores."""
+"""Shared fixtures: a tiny random fat checkpoint that knows one quadruped and one arm, a small
+trained one (tests/fixtures/competent_fat.pt) that does their tasks, for tests of closed-loop scores,
+and RAPTOR converted to ONNX (tests that use it skip when foundation-policy is not installed)."""
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +46,19 @@ def competent_fat_ckpt() -> str:
         f"{COMPETENT_FAT} is missing: it is a committed test fixture "
         "(python tests/fixtures/make_competent_fat.py makes it again, ~4 min)")
     return str(COMPETENT_FAT)
+
+
+@pytest.fixture(scope="session")
+def raptor_dir(tmp_path_factory) -> Path:
+    """A folder with raptor.onnx and raptor.toml, made by examples/raptor/convert.py from the
+    installed foundation-policy package (the `dev` extra)."""
+    if importlib.util.find_spec("foundation_policy") is None:
+        pytest.skip("foundation-policy (RAPTOR) is not installed: pip install foundation-policy, "
+                    "or the dev extra")
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("raptor")
+    proc = subprocess.run([sys.executable, str(repo / "examples" / "raptor" / "convert.py"),
+                           str(out)], capture_output=True, text=True, cwd=repo, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "raptor.onnx").is_file() and (out / "raptor.toml").is_file()
+    return out

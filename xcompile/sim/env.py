@@ -26,7 +26,6 @@ import gymnasium as gym
 import numpy as np
 
 from xcompile.errors import TargetError
-from xcompile.sim.render import frame
 from xcompile.sim.tasks import (  # noqa: F401  (obs_dim, obs_layout, Faults: re-exported)
     GLOBAL_DIMS,
     REACH_SCALE_M,
@@ -41,7 +40,7 @@ from xcompile.sim.tasks import (  # noqa: F401  (obs_dim, obs_layout, Faults: re
     reach_step_score,
     sample_command,
 )
-from xcompile.sim.world import link_index, load_body
+from xcompile.sim.world import PyBulletEnv, link_index, load_body
 from xcompile.targets import RobotTarget, load_robot
 from xcompile.targets.loader import MAX_EPISODE_PHYSICS_STEPS, MAX_SUBSTEPS
 
@@ -58,7 +57,7 @@ def make_env(robot: RobotTarget | str, faults: Faults | None = None,
     return RobotEnv(robot, faults, render_mode, randomization)
 
 
-class RobotEnv(gym.Env):
+class RobotEnv(PyBulletEnv):
     metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": 25}
 
     def __init__(self, robot: RobotTarget | str, faults: Faults | None = None,
@@ -365,10 +364,6 @@ class RobotEnv(gym.Env):
             self.goal = self._sample_goal(self.np_random)
             self.goal_within_at = None
 
-    def score(self) -> float:
-        """Normalised task score of the episode so far, in [0, 1]: the sum of per-step scores over
-        the episode's full length (so the steps after a fall count 0)."""
-        return float(np.clip(self.score_sum / self.max_steps, 0.0, 1.0))
 
     def episode_metrics(self) -> dict[str, float | None]:
         """The physical figures of the episode so far (the score's components)."""
@@ -388,13 +383,3 @@ class RobotEnv(gym.Env):
                                               for e in self.goal_errors_m),
                 "goals_within_1cm": len(times),
                 "time_to_1cm_s": float(np.mean(times)) if times else None}
-
-    def render(self):
-
-        return frame(self)
-
-    def close(self):
-        if getattr(self, "cid", None) is not None:
-            if self.p.isConnected(physicsClientId=self.cid):
-                self.p.disconnect(self.cid)
-            self.cid = None

@@ -34,6 +34,7 @@ import numpy as np
 
 from xcompile.sim.tasks import QUADROTOR_OBS_LAYOUT as OBS_LAYOUT
 from xcompile.sim.tasks import Faults, Randomization
+from xcompile.sim.world import PyBulletEnv
 from xcompile.targets import RobotTarget
 
 POSITION_SCALE_M = 0.1       # a step's score is exp(-distance / this)
@@ -58,7 +59,7 @@ def _in_ball(rng: np.random.Generator, radius: float) -> np.ndarray:
     return _random_unit(rng) * radius * rng.uniform() ** (1 / 3)
 
 
-class QuadrotorEnv(gym.Env):
+class QuadrotorEnv(PyBulletEnv):
     """The quadrotor family's environment (same API as `xcompile.sim.env.RobotEnv`)."""
 
     metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": 25}
@@ -238,9 +239,6 @@ class QuadrotorEnv(gym.Env):
             self.setpoints += 1
             self.last_outside = 0
 
-    def score(self) -> float:
-        """The episode's score so far, in [0, 1]: per-step scores summed over its full length."""
-        return float(np.clip(self.score_sum / self.max_steps, 0.0, 1.0))
 
     def episode_metrics(self) -> dict[str, float | None]:
         steps = max(self.t, 1)
@@ -251,14 +249,3 @@ class QuadrotorEnv(gym.Env):
                 "setpoints_settled": len(self.settle_times_s),
                 "crashed": bool(self.fell),
                 "duration_s": self.t * self.dt}
-
-    def render(self):
-        from xcompile.sim.render import frame
-
-        return frame(self)
-
-    def close(self):
-        if getattr(self, "cid", None) is not None:
-            if self.p.isConnected(physicsClientId=self.cid):
-                self.p.disconnect(self.cid)
-            self.cid = None

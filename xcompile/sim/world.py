@@ -1,12 +1,44 @@
-"""Loading a robot target into a PyBullet client: the one place that knows URDF joint ids."""
+"""PyBullet clients: the base every task family's env shares (score, frame, close), and loading a
+jointed robot target's URDF, the one place that knows URDF joint ids."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
 
 from xcompile.errors import TargetError
 from xcompile.targets import RobotTarget
 from xcompile.targets.loader import check_robot_urdf
+
+
+class PyBulletEnv(gym.Env):
+    """What every task family's env shares: one PyBullet client (`self.p`, `self.cid`), the
+    episode's score from per-step scores summed in `self.score_sum` over `self.max_steps`, a
+    rendered frame, and closing the client."""
+
+    p: Any
+    cid: int | None
+    score_sum: float
+    max_steps: int
+
+    def score(self) -> float:
+        """The episode's score so far, in [0, 1]: per-step scores summed over the episode's full
+        length (so the steps after a fall or crash count 0)."""
+        return float(np.clip(self.score_sum / self.max_steps, 0.0, 1.0))
+
+    def render(self):
+        from xcompile.sim.render import frame
+
+        return frame(self)
+
+    def close(self):
+        if getattr(self, "cid", None) is not None:
+            if self.p.isConnected(physicsClientId=self.cid):
+                self.p.disconnect(self.cid)
+            self.cid = None
 
 
 def load_body(client: int, robot: RobotTarget,
