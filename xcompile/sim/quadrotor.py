@@ -239,7 +239,6 @@ class QuadrotorEnv(PyBulletEnv):
             self.setpoints += 1
             self.last_outside = 0
 
-
     def episode_metrics(self) -> dict[str, float | None]:
         steps = max(self.t, 1)
         return {"position_rmse_m": math.sqrt(self.sq_err_sum / steps),
