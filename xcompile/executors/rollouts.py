@@ -55,8 +55,7 @@ class PolicyRef:
 
     def robot(self) -> RobotTarget:
         robot = RobotTarget.model_validate_json(self.robot_json)
-        if robot.urdf:                  # an airframe has none
-            check_robot_urdf(robot)
+        check_robot_urdf(robot)
         return robot
 
     def load(self) -> tuple[LoadedPolicy, RobotTarget]:

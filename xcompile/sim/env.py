@@ -296,18 +296,12 @@ class RobotEnv(PyBulletEnv):
         return np.asarray(g)[self.driven_pos]
 
     def step(self, action):
-        a = np.clip(np.asarray(action, dtype=np.float64), -self.robot.joints.action_clip,
-                    self.robot.joints.action_clip)
-        info: dict[str, Any] = {}
-        if not np.all(np.isfinite(a)):
+        got = self._action_in(action, idle=np.zeros(self.n))
+        if got is None:
             # A policy that emits NaN/Inf ends its episode; the fault is reported, not propagated.
-            info.update(score=self.score(), invalid_action=True)
-            return self._obs(), -10.0, True, False, info
-        applied = a
-        if self.faults.action_delay_steps:
-            self._pending.append(a)
-            applied = (self._pending.pop(0) if len(self._pending) > self.faults.action_delay_steps
-                       else np.zeros(self.n))
+            return self._obs(), -10.0, True, False, {"score": self.score(), "invalid_action": True}
+        a, applied = got
+        info: dict[str, Any] = {}
         if self.family == "locomotion" and self.next_push is not None and self.t >= self.next_push:
             self._push(self.np_random)
             self.next_push = self._next_push(self.np_random, self.t)

@@ -43,8 +43,7 @@ def _worker(conn: Connection, robot_json: str, faults: dict[str, Any] | None, co
     envs: list[RobotEnv] = []
     try:
         robot = RobotTarget.model_validate_json(robot_json)
-        if robot.urdf:                  # an airframe has none
-            check_robot_urdf(robot)
+        check_robot_urdf(robot)
         envs = [make_env(robot, faults=Faults(**faults) if faults else None)
                 for _ in range(count)]
         conn.send(("ok", obs_dim_of(envs[0])))

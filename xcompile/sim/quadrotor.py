@@ -85,7 +85,7 @@ class QuadrotorEnv(PyBulletEnv):
         self.max_steps = robot.episode_steps
         self.setpoint_steps = max(1, round(task.setpoint_period_s * robot.control_hz))
         self.arms = np.asarray(af.rotor_positions_m, dtype=np.float64)
-        self.spin = np.asarray(af.rotor_spin, dtype=np.float64)
+        self.drag = np.asarray(af.rotor_spin, dtype=np.float64) * af.torque_per_thrust_m
         self.u_hover = af.hover_speed()
         self.home = np.array([0.0, 0.0, task.home_height_m])
         od = sum(w for _, w in OBS_LAYOUT)
@@ -132,9 +132,10 @@ class QuadrotorEnv(PyBulletEnv):
             self.u += np.where(command > self.u, k_up, k_down) * (command - self.u)
             thrust = self.rotor_thrusts(self.u)
             force_b = np.array([0.0, 0.0, thrust.sum()])
-            torque_b = np.cross(self.arms, np.stack([np.zeros(self.n), np.zeros(self.n), thrust],
-                                                    axis=1)).sum(axis=0)
-            torque_b[2] += float(np.sum(self.spin * af.torque_per_thrust_m * thrust))
+            # arm x (0, 0, T) = (y T, -x T, 0) per rotor, plus each rotor's drag torque about z
+            torque_b = np.array([(self.arms[:, 1] * thrust).sum(),
+                                 -(self.arms[:, 0] * thrust).sum(),
+                                 (self.drag * thrust).sum()])
             pos, orn = p.getBasePositionAndOrientation(self.body, physicsClientId=c)
             rot = np.array(p.getMatrixFromQuaternion(orn)).reshape(3, 3)
             p.applyExternalForce(self.body, -1, (rot @ force_b).tolist(), pos, p.WORLD_FRAME,
@@ -154,8 +155,8 @@ class QuadrotorEnv(PyBulletEnv):
     # ---------------------------------------------------------------- gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        p, c, rng, task, rand = self.p, self.cid, self.np_random, self.robot.task, \
-            self.randomization
+        p, c, rng = self.p, self.cid, self.np_random
+        task, rand = self.robot.task, self.randomization
         mass = self.af.mass_kg * (rng.uniform(*MASS_SCALE) if rand.enabled else 1.0) \
             + self.faults.payload_kg
         self.thrust_scale = (rng.uniform(*THRUST_SCALE) if rand.enabled else 1.0) \
@@ -189,17 +190,11 @@ class QuadrotorEnv(PyBulletEnv):
         return now + max(1, round(self.np_random.uniform(*PUSH_EVERY_S) / self.dt))
 
     def step(self, action):
-        clip = self.af.action_clip
-        a = np.clip(np.asarray(action, dtype=np.float64), -clip, clip)
+        got = self._action_in(action, idle=self.last_action)   # hover until the first arrives
+        if got is None:
+            return self._obs(), -10.0, True, False, {"score": self.score(), "invalid_action": True}
+        a, applied = got
         info: dict[str, Any] = {}
-        if not np.all(np.isfinite(a)):
-            info.update(score=self.score(), invalid_action=True)
-            return self._obs(), -10.0, True, False, info
-        applied = a
-        if self.faults.action_delay_steps:
-            self._pending.append(a)
-            applied = (self._pending.pop(0) if len(self._pending) > self.faults.action_delay_steps
-                       else self.last_action)
         if self.next_push is not None and self.t >= self.next_push:
             lin, ang = self.p.getBaseVelocity(self.body, physicsClientId=self.cid)
             kick = _random_unit(self.np_random) * self.np_random.uniform(*PUSH_MPS)

@@ -21,8 +21,25 @@ class PyBulletEnv(gym.Env):
 
     p: Any
     cid: int | None
+    robot: Any
+    faults: Any
+    _pending: list[np.ndarray]
     score_sum: float
     max_steps: int
+
+    def _action_in(self, action: Any, idle: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(the action clipped to the target's range, what the actuators get this step: the
+        action, or under an action-delay fault the one `action_delay_steps` steps old, `idle`
+        before there is one); None for an action with NaN or Inf, which ends the episode."""
+        clip = self.robot.action_clip
+        a = np.clip(np.asarray(action, dtype=np.float64), -clip, clip)
+        if not np.all(np.isfinite(a)):
+            return None
+        if not self.faults.action_delay_steps:
+            return a, a
+        self._pending.append(a)
+        return a, (self._pending.pop(0) if len(self._pending) > self.faults.action_delay_steps
+                   else idle)
 
     def score(self) -> float:
         """The episode's score so far, in [0, 1]: per-step scores summed over the episode's full

@@ -222,11 +222,14 @@ def urdf_info(path: str | Path) -> UrdfInfo:
         raise TargetError(f"URDF {path} {e}") from None
 
 
-def check_robot_urdf(robot: RobotTarget, where: str | Path | None = None) -> Path:
+def check_robot_urdf(robot: RobotTarget, where: str | Path | None = None) -> Path | None:
     """The robot's URDF path, after checking it fits the robot; raise TargetError otherwise.
+    None for an airframe, which has no URDF (its TOML is all there is to check).
 
     The one gate before PyBullet: `sim.world.load_body` loads only a path returned from here.
     """
+    if not robot.urdf:
+        return None
     where = where or robot.source or robot.name
     try:
         path = robot.urdf_path()
@@ -283,8 +286,7 @@ def load_robot(name_or_path: str | Path) -> RobotTarget:
         robot = RobotTarget.model_validate(data)
     except ValidationError as e:
         raise TargetError(_validation_message(path, e)) from None
-    if robot.urdf:
-        check_robot_urdf(robot, path)
+    check_robot_urdf(robot, path)
     return robot
 
 
