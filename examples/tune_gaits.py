@@ -29,16 +29,20 @@ HIGH = np.array([1.2, 1.0, 1.0, 1.0, 1.0, 1.0, 0.6, 1.0, 1.0, 0.5, 1.5, 1.0, 0.3
 # Starting points: the gaits tuned for the forward-only task of format v2 (signs and shape), the
 # new terms off. A robot not here starts from a search over the signs.
 WARM = {
-    # aliengo from a1's tuned trot (the same maker's geometry): its own v2 gait barely moved.
-    "aliengo": Gait(thigh_sign=-1.0, knee_sign=-1.0, stride=0.4, lift=0.7, k_speed=-0.032,
-                    k_roll=0.369, k_pitch=-0.179, duty_shift=-0.191, k_yaw=-0.017, k_lat=0.47,
-                    k_vy=-0.543, k_wz=-0.146, max_dv=0.3, lift_still=0.3),
+    # aliengo and mini cheetah: a1's tuned trot with the hip swing, lift, knee timing and balance
+    # gains of a grid over held commands (forward, backward, sideways, turning, standing; nominal
+    # world) where neither falls; mini cheetah's trot at 3 Hz (its TOML), where at 2 Hz it fell
+    # walking backward at every setting of the grid. Their earlier CEM runs from wide starts had
+    # settled on standing still, which scored above walking.
+    "aliengo": Gait(thigh_sign=-1.0, knee_sign=-1.0, stride=0.65, lift=0.6, k_speed=-0.032,
+                    k_roll=0.4, k_pitch=-0.5, duty_shift=-0.4, k_yaw=-0.017, k_lat=0.47,
+                    k_vy=-0.543, k_wz=-0.146),
     "laikago": Gait(thigh_sign=1.0, knee_sign=1.0, stride=0.1, lift=0.5, k_speed=0.326,
                     k_roll=0.109, k_pitch=0.571, duty_shift=0.493, k_yaw=0.0, k_lat=0.0,
                     k_vy=0.0, k_wz=0.0, max_dv=0.5, lift_still=0.3),
-    "mini_cheetah": Gait(thigh_sign=1.0, knee_sign=1.0, stride=1.2, lift=0.814, k_speed=-0.017,
-                         k_roll=0.181, k_pitch=-0.993, duty_shift=0.122, k_yaw=0.0, k_lat=0.0,
-                         k_vy=0.0, k_wz=0.0, max_dv=0.5, lift_still=0.3),
+    "mini_cheetah": Gait(thigh_sign=1.0, knee_sign=1.0, stride=0.5, lift=0.7, k_speed=-0.032,
+                         k_roll=0.4, k_pitch=-0.5, duty_shift=-0.4, k_yaw=-0.017, k_lat=0.47,
+                         k_vy=-0.543, k_wz=-0.146),
     "spot": Gait(thigh_sign=1.0, knee_sign=1.0, stride=0.243, lift=0.225, k_speed=0.66,
                  k_roll=0.049, k_pitch=-0.611, duty_shift=-0.51, k_yaw=0.0, k_lat=0.0, k_vy=0.0,
                  k_wz=0.0, max_dv=0.5, lift_still=0.3),
@@ -105,8 +109,8 @@ def calibrate(name: str, gait: Gait, env: RobotEnv, seeds: range, score: float
     return gait, score
 
 
-def tune(name: str, iters: int, pop: int, seed: int, n_seeds: int = 3, from_gaits: bool = False
-         ) -> tuple[Gait, float]:
+def tune(name: str, iters: int, pop: int, seed: int, n_seeds: int = 3, from_gaits: bool = False,
+         spread: float = 0.25, calibrate_first: bool = False) -> tuple[Gait, float]:
     env = RobotEnv(name)
     rng = np.random.default_rng(seed)
     seeds = range(n_seeds)   # episodes of the "expert-tuning" seed stream
@@ -116,8 +120,11 @@ def tune(name: str, iters: int, pop: int, seed: int, n_seeds: int = 3, from_gait
         key=lambda g: evaluate(env, g, seeds),
     )
     mean = np.array([getattr(best, f) for f in FIELDS])
-    std = (HIGH - LOW) / 4
     best_score = evaluate(env, best, seeds)
+    if calibrate_first:   # feed-forward gains matched to the body before the search moves them
+        best, best_score = calibrate(name, best, env, seeds, best_score)
+        mean = np.array([getattr(best, f) for f in FIELDS])
+    std = (HIGH - LOW) * spread
     for it in range(iters):
         cands = np.clip(mean + std * rng.standard_normal((pop, len(FIELDS))), LOW, HIGH)
         scores = []
@@ -150,6 +157,10 @@ def main() -> None:
                     help="start from the gait in xcompile.sim.experts.GAITS and only calibrate")
     ap.add_argument("--from-gaits", action="store_true",
                     help="start the search from the gait in GAITS (not from WARM)")
+    ap.add_argument("--spread", type=float, default=0.25,
+                    help="the search's first standard deviation, as a share of each range")
+    ap.add_argument("--calibrate-first", action="store_true",
+                    help="calibrate the feed-forward gains before the search too")
     a = ap.parse_args()
     for name in a.robots:
         if a.calibrate_only:
@@ -159,7 +170,8 @@ def main() -> None:
             gait, score = calibrate(name, gait, env, seeds, evaluate(env, gait, seeds))
             env.close()
         else:
-            gait, score = tune(name, a.iters, a.pop, a.seed, a.episodes, a.from_gaits)
+            gait, score = tune(name, a.iters, a.pop, a.seed, a.episodes, a.from_gaits, a.spread,
+                               a.calibrate_first)
         fields = ", ".join(f"{f.name}={_rounded(getattr(gait, f.name))}"
                            for f in dataclasses.fields(gait))
         print(f'RESULT "{name}": Gait({fields}),  # tuned score {score:.3f}', flush=True)
