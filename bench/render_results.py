@@ -80,7 +80,21 @@ CHANGED_SINCE = {
 }
 
 
-def section(script: str, title: str, command: str, results: Path) -> str:
+def _earlier_sample(doc: dict, current: dict | None) -> str:
+    """A bold line where a section measured the sample fat policy as it was before the one in
+    examples/ now (its sha256 differs): its scores are that policy's."""
+    ck = doc.get("checkpoint_id")
+    if not ck or not current or Path(doc["checkpoint"]).as_posix() != common.DEFAULT_CKPT \
+            or ck["sha256"] == current["sha256"]:
+        return ""
+    return (f"**Measured on an earlier sample fat policy** (sha256 {ck['sha256'][:12]}; the one in "
+            f"`{common.DEFAULT_CKPT}` now is {current['sha256'][:12]}, the same architecture, "
+            "so the same bytes and about the same latencies): its scores are that policy's. "
+            "Not re-run.\n\n")
+
+
+def section(script: str, title: str, command: str, results: Path,
+            current: dict | None = None) -> str:
     path = results / f"{script}.json"
     if not path.is_file():
         return f"## {title}\n\nTODO: not run yet. Command: `{command}`\n"
@@ -105,6 +119,8 @@ def section(script: str, title: str, command: str, results: Path) -> str:
              + ". Sizes and latencies were of that policy's builds.\n\n")
     if script in CHANGED_SINCE:
         stale += CHANGED_SINCE[script] + "\n\n"
+    if not stale:
+        stale = _earlier_sample(doc, current)
     return (f"## {title}\n\n{stale}Command: `{doc['command']}` (wall {doc['wall_s']} s)\n\n"
             f"Machine: {common.machine_line(doc['machine'])}\n\n{ckpt}\n\n{doc['markdown']}\n"
             + (f"\nNotes:\n\n{notes}" if notes else ""))
@@ -112,7 +128,8 @@ def section(script: str, title: str, command: str, results: Path) -> str:
 
 def main() -> None:
     results = common.REPO / "bench" / "results"
-    text = HEAD + "\n" + "\n".join(section(*s, results) for s in SECTIONS)
+    current = common.checkpoint_id(common.REPO / common.DEFAULT_CKPT)
+    text = HEAD + "\n" + "\n".join(section(*s, results, current) for s in SECTIONS)
     out = common.REPO / "bench" / "RESULTS.md"
     out.write_text(text)
     print(f"wrote {out}")
