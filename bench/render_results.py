@@ -57,14 +57,18 @@ ran in seconds; from cold, `quality.py --profile default` takes about 26 minutes
 
 Since the seed streams (measurement protocol 2, `xcompile/seeds.py`), scores are on the report
 stream's episodes, which no pass trains, checks or chooses on, with bootstrap 95% intervals; the
-score sections measured before them say so. The thin (50 episodes) and default (20 episodes)
-builds were re-run on 2026-11-26 partly at the same time (load about 2 in their machine lines):
-their scores are exact, their latencies noisier than a lone run's.
+score sections measured before them say so.
 
 On 2026-11-26 the worlds changed (measurement protocol 3): commands that change during 12 s
 episodes with pushes and randomised friction, mass and motor strength; reach goals every 2.5 s
 over a wide workspace; a continuous per-step score (README, "The tasks and their score"); and a
 sample fat policy retrained on them. A section measured before that says so in bold at its top.
+
+On 2026-11-27 the sample fat policy was continued on teachers that walk on aliengo and mini
+cheetah (run 4, examples/README.md). A section measured on an earlier sample says so in bold at
+its top: its scores are that policy's; its bytes are the same (same architecture). The default
+builds were re-run on the new sample with `--workers 2` (two robots built at a time, load about 2
+in the machine line): their scores are exact, their latencies noisier than a lone run's.
 """
 
 
