@@ -53,7 +53,8 @@ script itself). Sections marked
 TODO were not run on the recorded machine: run the command shown to fill them (then
 `python bench/render_results.py`). No number here is estimated. A section's wall time is that run's:
 the scripts share a pass cache (`.xcompile/bench/`), so a section whose builds were already cached
-ran in seconds; from cold, `quality.py --profile default` takes about 26 minutes for 8 robots.
+ran in seconds; from cold, `quality.py --profile default --episodes 50 --workers 2` took 33
+minutes for 8 robots (2026-11-27).
 
 Since the seed streams (measurement protocol 2, `xcompile/seeds.py`), scores are on the report
 stream's episodes, which no pass trains, checks or chooses on, with bootstrap 95% intervals; the
@@ -67,8 +68,9 @@ sample fat policy retrained on them. A section measured before that says so in b
 On 2026-11-27 the sample fat policy was continued on teachers that walk on aliengo and mini
 cheetah (run 4, examples/README.md). A section measured on an earlier sample says so in bold at
 its top: its scores are that policy's; its bytes are the same (same architecture). The default
-builds were re-run on the new sample with `--workers 2` (two robots built at a time, load about 2
-in the machine line): their scores are exact, their latencies noisier than a lone run's.
+and thin builds were re-run on the new sample with `--workers 2` (two robots built at a time; the
+test suite ran beside the thin builds): their scores are exact, their latencies noisier than a
+lone run's.
 """
 
 
@@ -123,8 +125,8 @@ def section(script: str, title: str, command: str, results: Path,
              + ". Sizes and latencies were of that policy's builds.\n\n")
     if script in CHANGED_SINCE:
         stale += CHANGED_SINCE[script] + "\n\n"
-    if not stale:
-        stale = _earlier_sample(doc, current)
+    if protocol >= 3:
+        stale += _earlier_sample(doc, current)
     return (f"## {title}\n\n{stale}Command: `{doc['command']}` (wall {doc['wall_s']} s)\n\n"
             f"Machine: {common.machine_line(doc['machine'])}\n\n{ckpt}\n\n{doc['markdown']}\n"
             + (f"\nNotes:\n\n{notes}" if notes else ""))
