@@ -28,12 +28,11 @@ robot's build (noisier; the ratios still come from one process's back-to-back ro
 from __future__ import annotations
 
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from typing import Any
 
 import common
 
+from xcompile.executors import make_executor
 from xcompile.stats import ratio_ci95
 from xcompile.targets import list_robots
 
@@ -100,10 +99,8 @@ def bench_robot(args: Any, robot: str, names: list[str], cols: list[tuple[str, s
     return res, row, detail
 
 
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
+def _bench_job(job: tuple[Any, str, list[str], list[tuple[str, str]]]):
+    return bench_robot(*job)
 
 
 def _ci(ci: list[float] | None) -> str:
@@ -128,13 +125,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names, notes = quality_plan(args.plan == "thin")
     cols = THIN_COLS if names == list(common.GENERIC_PLAN) else COLS
     results, rows, details = [], [], []
-    if args.workers > 1:
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"),
-                                 initializer=_one_thread) as pool:
-            n = len(args.robots)
-            outs = list(pool.map(bench_robot, [args] * n, args.robots, [names] * n, [cols] * n))
-    else:
-        outs = [bench_robot(args, robot, names, cols) for robot in args.robots]
+    # The fleet's executors: --workers > 1 spawns processes with torch on one thread each.
+    with make_executor("process" if args.workers > 1 else "serial",
+                       args.workers if args.workers > 1 else None) as ex:
+        outs = ex.map(_bench_job, [(args, robot, names, cols) for robot in args.robots])
     for res, row, detail in outs:
         results.append(res)
         rows.append(row)

@@ -125,11 +125,10 @@ def tune(name: str, iters: int, pop: int, seed: int, n_seeds: int = 3, from_gait
          for ks in (1.0, -1.0) for st in (0.25, 0.5) for lift in (0.3, 0.6)),
         key=lambda g: evaluate(env, g, seeds),
     )
-    mean = np.array([getattr(best, f) for f in FIELDS])
     best_score = evaluate(env, best, seeds)
     if calibrate_first:   # feed-forward gains matched to the body before the search moves them
         best, best_score = calibrate(name, best, env, seeds, best_score)
-        mean = np.array([getattr(best, f) for f in FIELDS])
+    mean = np.array([getattr(best, f) for f in FIELDS])
     std = (HIGH - LOW) * spread
     for it in range(iters):
         cands = np.clip(mean + std * rng.standard_normal((pop, len(FIELDS))), LOW, HIGH)
