@@ -80,13 +80,13 @@ def test_rl_finetune_never_lowers_heldout_score(pinned_panda):
                       eval_episodes=2, lr=3e-4)
     assert m["kept"] in ("tuned", "start")
     assert m["env_steps"] == 2080
-    assert max(m["score_start"], m["score_tuned"]) == pytest.approx(
-        m["score_tuned"] if m["kept"] == "tuned" else m["score_start"])
+    lo = m["tuned_minus_start_ci95"][0]
+    assert (m["kept"] == "tuned") == (lo > 0)       # kept only when clearly better
     # The kept policy scores what the check says on the pass's held-out episodes (its own seed
     # stream, build seed 0): never below the start.
     kept = evaluate(torch_act(load_torch_policy(out.path)), robot, episodes=2, seed=0,
                     stream=rl_mod.KEEP_STREAM).score
-    assert kept == pytest.approx(max(m["score_start"], m["score_tuned"]), abs=1e-4)
+    assert kept == pytest.approx(m[f"score_{m['kept']}"], abs=1e-4)
     assert kept >= m["score_start"] - 1e-4
     # Same kind as the input (export-onnx takes it unchanged), robot recorded, meta names plots.
     assert read_torch_policy(out.path)["spec"]["kind"] == "pinned"
@@ -99,6 +99,52 @@ def test_rl_finetune_never_lowers_heldout_score(pinned_panda):
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     last = doc["curve"][-1]            # 520 steps per env: each ends one 500-step episode
     assert last["episodes"] == 2 and 0 <= last["score"] <= 1 and last["return"] is not None
+
+
+def _sabotaging_ppo(factor: float):
+    """A stand-in for rl-finetune's PPO that hands the guard a worse candidate: the pinned
+    network's two output layers (head and joint skip, whose sum is the action) scaled by
+    `factor`, so every action is `factor` times the start's."""
+    def ppo(policy, cfg, ctx):
+        with torch.no_grad():
+            for layer in (policy.head, policy.skip):
+                for param in layer.parameters():
+                    param.mul_(factor)
+        return []
+    return ppo
+
+
+@pytest.mark.parametrize("robot_name", ["a1", "panda"])
+def test_keep_better_guard_refuses_a_sabotaged_candidate(robot_name, competent_fat_ckpt,
+                                                         tmp_path, monkeypatch):
+    """The guard itself, on a policy that does its task: a candidate whose actions are scaled by
+    0.7 scores lower on the held-out episodes, and the pass keeps (and saves) the start."""
+    robot = load_robot(robot_name)
+    fat = Artifact.create("fat-checkpoint", competent_fat_ckpt, robot.name)
+    pinned, _ = run_pass("pin-embodiment", fat, robot, tmp_path / "pin", n_check_obs=16,
+                         check_episodes=0)
+    monkeypatch.setattr(rl_mod, "_ppo", _sabotaging_ppo(0.7))
+    out, m = run_pass("rl-finetune", pinned, robot, tmp_path / "rl", eval_episodes=3)
+    assert m["score_start"] > 0.3                      # a policy that does its task
+    assert m["score_tuned"] < m["score_start"]         # the candidate is worse
+    assert m["kept"] == "start" and m["tuned_minus_start_ci95"][1] < 0
+    x = torch.as_tensor(random_obs(robot, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(load_torch_policy(out.path)(x),
+                                   load_torch_policy(pinned.path)(x))
+
+
+def test_keep_better_needs_the_paired_interval_above_zero():
+    from xcompile.stats import clearly_better, diff_ci95
+
+    start = [0.5, 0.6, 0.4, 0.55, 0.45, 0.5]
+    assert clearly_better([s + 0.02 for s in start], start)          # every episode better
+    noisy = [0.9, 0.3, 0.6, 0.35, 0.7, 0.3]                           # higher mean, by luck
+    assert np.mean(noisy) > np.mean(start) and not clearly_better(noisy, start)
+    assert not clearly_better(start, start)                           # a tie keeps the start
+    d, ci = diff_ci95([s - 0.1 for s in start], start)
+    assert d == pytest.approx(-0.1) and ci[1] < 0
+    assert diff_ci95([], []) == (None, None) and not clearly_better([1.0], [])
 
 
 def test_split_for_tuning_is_exact(pinned_panda):
