@@ -325,7 +325,7 @@ def _heldout(module: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> EvalResul
 @register_pass
 class RLFinetune(Pass):
     name = "rl-finetune"
-    version = 2
+    version = 3
     input_format = "torch"
     output_format = "torch"
     input_formats = ("torch", "onnx")
