@@ -5,16 +5,13 @@ The slim int8 policy is built exactly as bench/quality.py builds it (same plan, 
 and the slim one are then scored here, nominally and under each fault, on the same episodes:
 episodes 0..n-1 of seed stream "bench" (xcompile/seeds.py; xcompile.evaluate.evaluate with
 xcompile.sim.env.Faults), which no build trains, checks or reports on. (The build's own report
-scores, on its "report" stream, are kept in the JSON as `nominal_report`.) The faults:
+scores, on its "report" stream, are kept in the JSON as `nominal_report`.)
 
-- motors 30% weaker: torque_scale=0.7;
-- one joint locked: joint 2 in policy order (a knee on every quadruped here, an arm's third
-  joint), held at its default angle;
-- payload: 20% of the body's total mass (summed over its links in PyBullet) added to the base.
-  The simulator puts the payload on the base link, which a fixed-base arm does not move: arms get
-  "n/a" for this row rather than a meaningless number;
-- 20 ms action latency: action_delay_steps = round(0.02 * control_hz);
-- observation noise: Gaussian, std 0.05 on every observation entry.
+The faults are xcompile's fault suite (`xcompile.sim.fault_suite`, the same that `xcompile eval
+--fault NAME` runs): a locked joint (joint 2 held at its default angle), one weak leg (a
+quadruped's first leg, an arm's joint 1, at 55% torque), a payload (+25% of the body's mass on
+the base; "n/a" on a fixed-base arm, whose base does not move), actions one control step late,
+and observation noise (std 0.05 on every entry).
 
 Retained = faulted score / nominal score of the same policy, on the same episodes (a paired ratio:
 the JSON gives its bootstrap 95% interval, `xcompile.stats.ratio_ci95`, and each score's,
@@ -28,6 +25,7 @@ exactly what the fat one loses under that fault, below 1 that compilation made i
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 import common
@@ -35,44 +33,10 @@ import numpy as np
 from quality import quality_plan
 
 from xcompile.evaluate import torch_single_thread
-from xcompile.sim.env import Faults, RobotEnv
+from xcompile.sim.env import Faults
+from xcompile.sim.fault_suite import fault_suite
 from xcompile.stats import mean_ci95, ratio_ci95
 from xcompile.targets import RobotTarget, list_robots, load_robot
-
-LOCKED_JOINT = 2
-PAYLOAD_FRACTION = 0.2
-DELAY_S = 0.02
-OBS_NOISE_STD = 0.05
-
-
-def body_mass_kg(robot: RobotTarget) -> float:
-    """Total mass of the robot's links as PyBullet loads them (base included)."""
-    env = RobotEnv(robot)
-    try:
-        p, body, cid = env.p, env.body, env.cid
-        return float(sum(p.getDynamicsInfo(body, link, physicsClientId=cid)[0]
-                         for link in range(-1, p.getNumJoints(body, physicsClientId=cid))))
-    finally:
-        env.close()
-
-
-def faults_for(robot: RobotTarget) -> list[tuple[str, Faults | None, str]]:
-    """(name, faults or None when it does not apply, detail) for one robot."""
-    delay = round(DELAY_S * robot.control_hz)
-    joint = robot.joints.names[LOCKED_JOINT]
-    out: list[tuple[str, Faults | None, str]] = [
-        ("motors 30% weaker", Faults(torque_scale=0.7), "torque_scale=0.7"),
-        ("one joint locked", Faults(locked_joint=LOCKED_JOINT), f"{joint} held at default"),
-    ]
-    if robot.fixed_base:
-        out.append(("payload +20% mass", None, "n/a: fixed base (payload goes on the base link)"))
-    else:
-        kg = round(PAYLOAD_FRACTION * body_mass_kg(robot), 2)
-        out.append(("payload +20% mass", Faults(payload_kg=kg), f"{kg} kg on the base"))
-    out += [("20 ms action latency", Faults(action_delay_steps=delay),
-             f"{delay} step(s) at {robot.control_hz:g} Hz"),
-            ("obs noise std 0.05", Faults(obs_noise_std=OBS_NOISE_STD), "Gaussian, every entry")]
-    return out
 
 
 def score(path: Any, robot: RobotTarget, episodes: int, seed: int,
@@ -114,7 +78,8 @@ def bench_robot(args: Any, robot_name: str, names: list[str]) -> tuple[dict[str,
                  common.fmt(slim_nom, ".3f"), one, common.fmt(common.ratio(slim_nom, slim_nom),
                                                               ".2f"), one,
                  common.fmt(common.ratio(slim_nom, fat_nom), ".2f")])
-    for name, faults, detail in faults_for(robot):
+    for fault in fault_suite(robot):
+        name, faults, detail = fault.name, fault.faults, fault.detail
         if faults is None:
             cells.append({"fault": name, "detail": detail, "applies": False})
             rows.append([robot.name, name, detail] + ["n/a"] * 6)
@@ -124,7 +89,7 @@ def bench_robot(args: Any, robot_name: str, names: list[str]) -> tuple[dict[str,
         fat_s, slim_s = _mean(fat_ss), _mean(slim_ss)
         fat_ret, slim_ret = common.ratio(fat_s, fat_nom), common.ratio(slim_s, slim_nom)
         keeps = common.ratio(slim_ret, fat_ret)
-        cells.append({"fault": name, "detail": detail, "applies": True, "faults": vars(faults),
+        cells.append({"fault": name, "detail": detail, "applies": True, "faults": asdict(faults),
                       "fat": fat_s, "slim_int8": slim_s,
                       "fat_ci95": mean_ci95(fat_ss), "slim_int8_ci95": mean_ci95(slim_ss),
                       "fat_scores": [round(x, 4) for x in fat_ss],

@@ -96,3 +96,20 @@ def test_eval_errors_are_one_clear_line(tmp_path, tiny_fat_ckpt):
         assert r.exit_code != 0, args
         assert needle in r.output, (args, r.output)
         assert "Traceback" not in r.output
+
+
+def test_eval_under_a_fault_of_the_suite(competent_fat_ckpt):
+    """`--fault` runs the suite's fault (sized for the body) and says so; a locked knee costs the
+    walking fixture score on the same episodes, and a fault a body cannot have is one clear
+    error."""
+    base = ["eval", competent_fat_ckpt, "--target", "a1", "--episodes", "2", "--json"]
+    nominal = json.loads(runner.invoke(app, base).stdout)
+    r = runner.invoke(app, [*base, "--fault", "locked-joint"])
+    assert r.exit_code == 0, r.output
+    locked = json.loads(r.stdout)
+    assert nominal["fault"] is None and locked["fault"] == "locked-joint"
+    assert locked["score"] < nominal["score"] - 0.05
+    r = runner.invoke(app, ["eval", competent_fat_ckpt, "--target", "panda", "--fault", "payload"])
+    assert r.exit_code != 0 and "does not apply to panda" in r.output
+    r = runner.invoke(app, [*base, "--fault", "wobble"])
+    assert r.exit_code != 0 and "unknown fault 'wobble'" in r.output

@@ -94,6 +94,17 @@ InterfaceOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP007
 TargetOpt = Annotated[str, typer.Option(
     "--target", "-t",
     help="Robot: a built-in name (see `xcompile targets`) or a path to a robot TOML.")]
+ExecutorOpt = Annotated[str, typer.Option(
+    "--executor", help="Where the work runs: serial (this process), process (a local process "
+                       "pool) or ray (Ray: a local instance, or the cluster at --ray-address; "
+                       "pip install 'xcompile[ray]'). Results are the same on each.")]
+WorkersOpt = Annotated[Optional[int], typer.Option(  # noqa: UP007
+    "--workers", min=1, max=256, help="Workers of the process or ray executor. Default: the "
+                                      "cores this process may use (ray with an address: the "
+                                      "cluster's CPUs).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(  # noqa: UP007
+    "--ray-address", help="With --executor ray: join this running cluster (auto, or HOST:PORT "
+                          "as `ray start --head` prints it) instead of starting a local Ray.")]
 
 
 def print_report(doc: dict) -> None:

@@ -86,6 +86,7 @@ class RobotEnv(PyBulletEnv):
         self.kp = np.asarray(j.kp, dtype=np.float64)
         self.kd = np.asarray(j.kd, dtype=np.float64)
         self.tau_nominal = np.asarray(j.torque_limit, dtype=np.float64) * self.faults.torque_scale
+        self.tau_nominal[list(self.faults.weak_joints)] *= self.faults.weak_scale
         self.tau_max = self.tau_nominal.copy()
         self.energy_j = 0.0            # |torque x joint speed| summed by _apply_pd, J
 
@@ -123,10 +124,14 @@ class RobotEnv(PyBulletEnv):
             p.changeDynamics(self.body, link, linearDamping=0, angularDamping=0,
                              activationState=p.ACTIVATION_STATE_DISABLE_SLEEPING,
                              physicsClientId=self.cid)
-        if self.faults.payload_kg:
+        extra = self.faults.payload_kg
+        if self.faults.payload_share:
+            extra += self.faults.payload_share * sum(
+                p.getDynamicsInfo(self.body, link, physicsClientId=self.cid)[0]
+                for link in range(-1, p.getNumJoints(self.body, physicsClientId=self.cid)))
+        if extra:
             mass = p.getDynamicsInfo(self.body, -1, physicsClientId=self.cid)[0]
-            p.changeDynamics(self.body, -1, mass=mass + self.faults.payload_kg,
-                             physicsClientId=self.cid)
+            p.changeDynamics(self.body, -1, mass=mass + extra, physicsClientId=self.cid)
         # Real PD: switch off the default velocity motors, we apply torques ourselves.
         p.setJointMotorControlArray(self.body, self.jids, p.VELOCITY_CONTROL,
                                     forces=[0.0] * self.n, physicsClientId=self.cid)
@@ -272,12 +277,18 @@ class RobotEnv(PyBulletEnv):
             if self.robot.gravity_compensation:
                 tau += self._gravity_torque(q)
             tau = np.clip(tau, -self.tau_max, self.tau_max)
-            if self.faults.locked_joint is not None:
-                # A seized joint: held at its current angle by a stiff motor, whatever we command.
-                k = self.faults.locked_joint
-                tau[k] = 20 * self.kp[k] * (self.q0[k] - q[k]) - 5 * self.kd[k] * qd[k]
+            locked = self.faults.locked_joint
+            if locked is not None:
+                tau[locked] = 0.0       # held by the solver below, whatever is commanded
             self.energy_j += float(np.sum(np.abs(tau * qd))) * self.dt / self.substeps
             p.setJointMotorControlArray(self.body, self.jids, p.TORQUE_CONTROL, forces=tau,
+                                        physicsClientId=c)
+            if locked is not None:
+                # A seized joint: the solver's motor holds it at its default angle with 50x the
+                # motor's torque (an explicit stiff PD here was unstable on light links).
+                p.setJointMotorControl2(self.body, self.jids[locked], p.POSITION_CONTROL,
+                                        targetPosition=self.q0[locked], targetVelocity=0.0,
+                                        force=50.0 * float(self.tau_nominal[locked]),
                                         physicsClientId=c)
             if self.family == "reach" and self.other_jids:
                 p.setJointMotorControlArray(self.body, self.other_jids, p.POSITION_CONTROL,

@@ -70,10 +70,13 @@ class QuadrotorEnv(PyBulletEnv):
 
         self.robot, self.p = robot, p
         self.faults = faults or Faults()
-        if self.faults.locked_joint is not None:
+        if (self.faults.locked_joint is not None or self.faults.weak_joints
+                or self.faults.payload_share):
             from xcompile.errors import TargetError
 
-            raise TargetError(f"{robot.name}: a locked joint is not a fault a quadrotor has")
+            raise TargetError(f"{robot.name}: a locked joint, a weak joint or a payload given as a "
+                              "share, is not a fault this quadrotor model has (torque_scale and "
+                              "payload_kg are)")
         self.randomization = randomization or Randomization()
         self.render_mode = render_mode
         self.family = "quadrotor"

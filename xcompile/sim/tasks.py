@@ -75,7 +75,8 @@ def check_numbers(robot: RobotTarget, faults: Faults) -> None:
               "joints.default": j.default, "joints.kp": j.kp, "joints.kd": j.kd,
               "joints.torque_limit": j.torque_limit, "joints.action_scale": [j.action_scale],
               "joints.action_clip": [j.action_clip], "task.episode_s": [task.episode_s],
-              "faults": [faults.torque_scale, faults.payload_kg, faults.obs_noise_std]}
+              "faults": [faults.torque_scale, faults.payload_kg, faults.obs_noise_std,
+                         faults.weak_scale, faults.payload_share]}
     for field in ("command_vx_mps", "command_vy_mps", "command_yaw_rps", "command_period_s",
                   "goal_period_s", "gait_hz", "spawn_height_m", "fall_height_m", "tolerance_m",
                   "goal_joint_range"):
@@ -87,6 +88,11 @@ def check_numbers(robot: RobotTarget, faults: Faults) -> None:
             raise TargetError(f"{robot.name}: {field} has a value that is not a finite number")
     if robot.control_hz <= 0 or robot.physics_hz <= 0 or task.episode_s <= 0:
         raise TargetError(f"{robot.name}: control_hz, physics_hz and task.episode_s must be > 0")
+    bad = [k for k in (*faults.weak_joints, faults.locked_joint)
+           if k is not None and not 0 <= k < robot.n_joints]
+    if bad:
+        raise TargetError(f"{robot.name}: fault names joint {bad[0]}, and the robot has joints "
+                          f"0..{robot.n_joints - 1}")
     if len(j.default) != robot.n_joints or not all(
             len(v) == robot.n_joints for v in (j.kp, j.kd, j.torque_limit)):
         raise TargetError(f"{robot.name}: joints.default, kp, kd and torque_limit need one value "
@@ -114,13 +120,27 @@ class Randomization:
 
 @dataclass(frozen=True)
 class Faults:
-    """Perturbations a deployed robot meets (used by robustness benchmarks)."""
+    """Perturbations a deployed robot meets, one episode long (the named suite sized for each
+    body is `xcompile.sim.fault_suite`).
+
+    torque_scale        every motor's torque limit x this
+    weak_joints         joints (policy order) whose torque limit is also x weak_scale: a weak
+    weak_scale          leg or motor
+    locked_joint        a seized joint, held at its default angle whatever is commanded
+    payload_kg          mass added to the base link
+    payload_share       mass added to the base link, as a share of the body's total mass
+    action_delay_steps  the actuators get the action this many control steps late
+    obs_noise_std       Gaussian noise on every observation entry
+    """
 
     torque_scale: float = 1.0
     locked_joint: int | None = None
     payload_kg: float = 0.0
     action_delay_steps: int = 0
     obs_noise_std: float = 0.0
+    weak_joints: tuple[int, ...] = ()
+    weak_scale: float = 1.0
+    payload_share: float = 0.0
 
 
 def sample_command(rng: np.random.Generator, task) -> np.ndarray:
