@@ -8,7 +8,14 @@ import pytest
 
 from xcompile.errors import TargetError, XCompileError
 from xcompile.sim.env import Faults, RobotEnv
-from xcompile.sim.fault_suite import FAULT_NAMES, PAYLOAD_SHARE, WEAK_SCALE, fault_suite, named_fault
+from xcompile.sim.fault_suite import (
+    FAULT_NAMES,
+    PAYLOAD_SHARE,
+    WEAK_SCALE,
+    fault_suite,
+    named_fault,
+    training_schedule,
+)
 from xcompile.sim.tasks import Randomization
 from xcompile.targets import list_robots, load_robot
 
@@ -108,3 +115,51 @@ def test_bad_faults_are_refused():
         named_fault(robot, "wobble")
     with pytest.raises(TargetError, match="joint 12"):
         RobotEnv(robot, faults=Faults(weak_joints=(12,), weak_scale=0.5))
+
+
+# ------------------------------------------------------------------------ robust training
+
+
+def test_the_training_schedule_alternates_nominal_and_each_fault():
+    robot = load_robot("a1")
+    sched = training_schedule(robot)
+    suite = [f.faults for f in fault_suite(robot)]
+    assert [sched(i) for i in range(0, 12, 2)] == [None] * 6
+    assert [sched(i) for i in range(1, 11, 2)] == suite           # every fault, in turn
+    assert len(training_schedule(load_robot("panda")).faults) == 4   # no payload on an arm
+
+
+def test_episodes_run_under_their_scheduled_faults():
+    """evaluate and LockstepEnvs give episode i the schedule's faults: scores equal those of the
+    same episode run with that fault fixed."""
+    from xcompile.evaluate import evaluate
+    from xcompile.sim.vec import LockstepEnvs
+
+    robot = load_robot("a1")
+    sched = training_schedule(robot)
+
+    def policy(obs):                                  # stand still, a little wobble from obs
+        return 0.5 * np.tanh(obs[:, -robot.n_joints:])
+
+    mixed = evaluate(policy, robot, episodes=4, stream="finetune-train", faults=sched).scores
+    for i in range(4):
+        alone = evaluate(policy, robot, episodes=1, stream="finetune-train", first_episode=i,
+                         faults=sched(i)).scores[0]
+        assert mixed[i] == pytest.approx(alone, abs=1e-9)
+    with LockstepEnvs(robot, 3, 0, sched, stream="finetune-train") as vec:
+        vec.reset()
+        assert [e.faults for e in vec.envs] == [Faults(), sched(1), Faults()]
+
+
+def test_robust_sets_faults_on_the_passes_that_train():
+    from xcompile.errors import PlanError
+    from xcompile.manager.settings import resolve_settings
+
+    s = resolve_settings(cli_cfg={"robust": True})
+    cfg = {step.name: step.config for step in s.plan}
+    assert cfg["rl-finetune"].faults == "suite" and cfg["distill"].faults == "suite"
+    assert s.sources["rl-finetune.faults"] == "cli"
+    assert resolve_settings().plan[1].config.faults == "none"     # not robust by default
+    with pytest.raises(PlanError, match="--robust"):
+        resolve_settings(cli_cfg={"robust": True,
+                                  "passes": ["pin-embodiment", "export-onnx"]})

@@ -19,6 +19,7 @@ from xcompile.passes import dagger_collect
 from xcompile.passes import rl_finetune as rl_mod
 from xcompile.passes.base import BuildContext, seeded_torch
 from xcompile.sim.env import obs_dim
+from xcompile.sim.fault_suite import training_schedule
 from xcompile.sim.procvec import ProcessVecEnvs
 from xcompile.sim.vec import LockstepEnvs
 from xcompile.targets import RobotTarget, load_hardware, load_robot
@@ -38,14 +39,16 @@ def assert_same_step(a, b) -> None:
         np.testing.assert_array_equal(x, y, err_msg=f.name)   # NaN == NaN here; exact otherwise
 
 
-@pytest.mark.parametrize("name,episode_s", [("a1", 0.3), ("panda", 0.3)])
-def test_process_vec_envs_equal_lockstep_envs(name, episode_s):
+@pytest.mark.parametrize("name,episode_s,robust", [("a1", 0.3, False), ("panda", 0.3, False),
+                                                   ("a1", 0.3, True)])
+def test_process_vec_envs_equal_lockstep_envs(name, episode_s, robust):
     robot = short(name, episode_s)
+    faults = training_schedule(robot) if robust else None   # a robust build's episodes
     rng = np.random.default_rng(0)
     n, steps = 4, 45
     actions = rng.uniform(-1.5, 1.5, (steps, n, robot.n_joints)).astype(np.float32)
-    with LockstepEnvs(robot, n, seed=3, stream="finetune-train") as ref, \
-            ProcessVecEnvs(robot, n, seed=3, stream="finetune-train", workers=2) as par:
+    with LockstepEnvs(robot, n, 3, faults, stream="finetune-train") as ref, \
+            ProcessVecEnvs(robot, n, 3, faults, stream="finetune-train", workers=2) as par:
         assert par.slices == [(0, 2), (2, 4)]
         np.testing.assert_array_equal(ref.reset(), par.reset())
         ends = 0
@@ -104,13 +107,13 @@ def test_ppo_learns_the_same_under_the_process_executor(tmp_path, monkeypatch):
         policy = MLPPolicy(obs_dim(robot), [16, 16], robot.n_joints, normalize=True)
         with seeded_torch(0):
             if ex is None:
-                envs = rl_mod._vec_envs(robot, 4, 0)
+                envs = rl_mod._vec_envs(robot, 4, 0, None)
                 envs.close()
                 assert isinstance(envs, LockstepEnvs)
                 curve = rl_mod._ppo(policy, cfg, ctx)
             else:
                 with ex, use_executor(ex):
-                    envs = rl_mod._vec_envs(robot, 4, 0)
+                    envs = rl_mod._vec_envs(robot, 4, 0, None)
                     envs.close()
                     assert isinstance(envs, ProcessVecEnvs) and envs.workers == 2
                     curve = rl_mod._ppo(policy, cfg, ctx)

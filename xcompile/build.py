@@ -121,7 +121,8 @@ def prepare(checkpoint: Path | None, target: str | None, hardware: str | None, *
         fixed = [flag for flag, v in (
             ("--passes", cli.get("passes")), ("--config", config), ("--seed", cli.get("seed")),
             ("--profile", cli.get("profile")), ("--episodes", cli.get("episodes")),
-            ("--" + str(cli.get("precision")), cli.get("precision"))) if v is not None] + [
+            ("--" + str(cli.get("precision")), cli.get("precision")),
+            ("--robust", cli.get("robust") or None)) if v is not None] + [
             f"{flag} {v} (with --from, {flag} gives the path of a TOML file the build "
             "used, checked by hash, not a name)"
             for flag, v in (("--target", target), ("--hardware", hardware))

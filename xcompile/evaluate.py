@@ -36,7 +36,8 @@ import numpy as np
 
 from xcompile.errors import ContractError, XCompileError
 from xcompile.seeds import episode_seed
-from xcompile.sim.env import Faults, RobotEnv, make_env
+from xcompile.sim.env import RobotEnv, make_env
+from xcompile.sim.fault_suite import FaultsArg, episode_options, fixed_faults
 from xcompile.sim.render import frame, write_gif
 from xcompile.stats import mean_ci95
 from xcompile.targets import RobotTarget
@@ -169,7 +170,7 @@ def _actions(policy: BatchPolicy, obs: np.ndarray, robot: RobotTarget) -> np.nda
 
 
 def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: int = 0,
-             faults: Faults | None = None, parallel: int = 10, record_obs: bool = False,
+             faults: FaultsArg = None, parallel: int = 10, record_obs: bool = False,
              on_episode: Callable[[], None] | None = None, stream: str = "report",
              first_episode: int = 0,
              on_rows: Callable[[list[int]], None] | None = None) -> EvalResult:
@@ -178,18 +179,20 @@ def evaluate(policy: BatchPolicy, robot: RobotTarget, episodes: int = 20, seed: 
     (`xcompile.seeds.STREAMS`); `first_episode` lets one use draw several disjoint batches from
     its stream (distill's DAgger rounds). `on_rows(episodes)`, before each policy call, says which
     episode (i above) each row of the batch belongs to (DAgger's per-episode randomness); a
-    stateful policy is told the same through its own protocol (the module docstring)."""
+    stateful policy is told the same through its own protocol (the module docstring). `faults`:
+    the same for every episode, or a `FaultSchedule` of episode first_episode + i."""
     seeds = [episode_seed(stream, seed, first_episode + i) for i in range(episodes)]
     res = EvalResult(robot=robot.name, seed=seed, scores=[0.0] * episodes,
                      returns=[0.0] * episodes, stream=stream)
     res.metrics = [{} for _ in range(episodes)]
     nonfinite: set[int] = set()
-    envs = [make_env(robot, faults=faults) for _ in range(min(parallel, episodes))]
+    envs = [make_env(robot, faults=fixed_faults(faults)) for _ in range(min(parallel, episodes))]
     begin_rollout(policy)
     try:
         for start in range(0, episodes, len(envs)):
             batch = list(range(start, min(start + len(envs), episodes)))
-            obs = np.stack([envs[k].reset(seed=seeds[i])[0] for k, i in enumerate(batch)])
+            obs = np.stack([envs[k].reset(seed=seeds[i], options=episode_options(
+                faults, first_episode + i))[0] for k, i in enumerate(batch)])
             live = list(range(len(batch)))
             while live:
                 if record_obs:

@@ -132,6 +132,11 @@ def build(
     )] = False,
     cache_dir: Annotated[Path, typer.Option(help="Pass and measurement cache.")] = Path(
         ".xcompile/cache"),
+    robust: Annotated[bool, typer.Option(
+        "--robust", help="Fine-tune and distill with the fault suite in the training "
+                         "distribution (a locked joint, a weak leg, a payload, a delay, "
+                         "observation noise; `xcompile eval --fault`), so that the slim policy "
+                         "keeps the fat policy's fault tolerance.")] = False,
     tensorrt: Annotated[bool, typer.Option(
         "--tensorrt", help="Require TensorRT: fail instead of skipping build-tensorrt when "
                            "TensorRT or a GPU is missing.")] = False,
@@ -175,7 +180,7 @@ def build(
                                 "fat policy is not supported yet")
         if fleet is not None or (target is not None and "," in target):
             cli = {"passes": parse_plan(passes) if passes is not None else None, "seed": seed,
-                   "profile": profile, "episodes": episodes,
+                   "profile": profile, "episodes": episodes, "robust": robust,
                    "precision": chosen[0] if chosen else None, "emit": emit}
             return _build_fleet(
                 checkpoint, target, fleet, from_manifest, hardware, config, cli, out, force,
@@ -186,7 +191,8 @@ def build(
         req = prepare(checkpoint, target, hardware, from_manifest=from_manifest, config=config,
                       cli={"passes": parse_plan(passes) if passes is not None else None,
                            "seed": seed, "profile": profile, "episodes": episodes,
-                           "precision": chosen[0] if chosen else None, "emit": emit},
+                           "robust": robust, "precision": chosen[0] if chosen else None,
+                           "emit": emit},
                       interface=interface)
         for note in req.notes:
             err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

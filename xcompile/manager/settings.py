@@ -161,7 +161,8 @@ def resolve_settings(defaults: Mapping[str, Any] | None = None,
     Each layer is a dict with optional keys `passes` (list of names), `seed`, `profile`,
     `episodes` and `options` ({pass name: {field: value}}); a key that is absent or None leaves the
     lower layer's value. Options merge field by field. The command line may also carry
-    `precision`: "int8"/"fp16" set `quantize.precision`; "fp32" drops quantize from the plan.
+    `precision`: "int8"/"fp16" set `quantize.precision`; "fp32" drops quantize from the plan;
+    and `robust`: True sets `faults = "suite"` on every pass of the plan that has that option.
     Pass options are validated by each pass's Config (only for passes in the plan).
     `recurrent`: the input is a recurrent policy (`validate_plan`).
     """
@@ -196,6 +197,16 @@ def resolve_settings(defaults: Mapping[str, Any] | None = None,
         opt = get_pass(q).precision_option
         options.setdefault(q, {})[opt] = precision
         sources[f"{q}.{opt}"] = "cli"
+
+    if (cli_cfg or {}).get("robust"):
+        robust = [n for n in passes if n in all_passes()
+                  and "faults" in get_pass(n).Config.model_fields]
+        if not robust:
+            raise PlanError(f"--robust trains under the fault suite, and no pass of the plan "
+                            f"{format_plan(passes)} trains (add rl-finetune or distill)")
+        for n in robust:
+            options.setdefault(n, {})["faults"] = "suite"
+            sources[f"{n}.faults"] = "cli"
 
     emit_notes: list[str] = []
     emit = (cli_cfg or {}).get("emit")

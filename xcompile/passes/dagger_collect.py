@@ -30,6 +30,7 @@ from xcompile.executors.factory import current_executor
 from xcompile.executors.pools import Executor, SerialExecutor
 from xcompile.executors.rollouts import DEFAULT_CHUNK, PolicyRef
 from xcompile.seeds import episode_seed
+from xcompile.sim.fault_suite import FaultSchedule
 
 CHUNK = DEFAULT_CHUNK
 MIX_KEY = 0xDA66E          # second entropy word of an episode's mixing generator
@@ -48,6 +49,7 @@ class CollectChunk:
     stream: str
     first: int
     count: int
+    faults: FaultSchedule | None = None     # a robust build's episodes' faults
 
 
 @dataclass
@@ -95,20 +97,20 @@ def run_collect_chunk(task: CollectChunk) -> Collected:
         return out
 
     res = score_policy(act, robot, task.count, task.seed, stream=task.stream,
-                       first_episode=task.first, on_rows=set_rows)
+                       first_episode=task.first, on_rows=set_rows, faults=task.faults)
     return Collected([np.stack(x) for x in xs], [np.stack(y) for y in ys], res.scores)
 
 
 def collect(teacher: PolicyRef, student: PolicyRef | None, beta: float, noise_std: float,
             seed: int, episodes: int, stream: str, first_episode: int = 0,
-            executor: Executor | None = None) -> Collected:
+            executor: Executor | None = None, faults: FaultSchedule | None = None) -> Collected:
     """Episodes first_episode .. +episodes-1 of `stream` on `executor` (default: the current
     one): the visited observations and the teacher's labels per episode, and the scores."""
     ex = executor or current_executor()
     if isinstance(ex, str):
         ex = SerialExecutor()
     tasks = [CollectChunk(teacher, student, beta, noise_std, seed, stream, first_episode + s,
-                          min(CHUNK, episodes - s)) for s in range(0, episodes, CHUNK)]
+                          min(CHUNK, episodes - s), faults) for s in range(0, episodes, CHUNK)]
     parts = ex.map(run_collect_chunk, tasks, stateful=True)
     return Collected([o for p in parts for o in p.obs], [y for p in parts for y in p.labels],
                      [s for p in parts for s in p.scores])

@@ -83,9 +83,10 @@ from xcompile.passes.base import (
 )
 from xcompile.passes.dagger_collect import Collected, collect
 from xcompile.passes.students import action_error, fit_student, latency_us, new_student
-from xcompile.passes.training import start_training
+from xcompile.passes.training import FAULTS_HELP, fault_schedule, start_training
 from xcompile.policy import onnx_act, torch_act
 from xcompile.sim.env import obs_dim
+from xcompile.sim.fault_suite import FaultSchedule
 from xcompile.sim.observations import random_obs
 from xcompile.targets import RobotTarget
 
@@ -159,6 +160,7 @@ class DistillConfig(PassConfig):
     batch: int = Field(256, ge=1, description="samples per gradient step")
     heldout_episodes: int = Field(2, ge=1, description="teacher episodes whose labelled states "
                                   "measure the action error after each round")
+    faults: Literal["none", "suite"] = Field("none", description=FAULTS_HELP)
     eval_episodes: int = Field(6, ge=1, description="episodes that score teacher and student "
                                "(the same episodes for both, seed stream distill-score)")
 
@@ -297,18 +299,20 @@ class Distill(Pass):
 
 
 def _collect(teacher: PolicyRef, student: nn.Module | None, beta: float, noise_std: float,
-             ctx: BuildContext, episodes: int, stream: str, first_episode: int = 0
-             ) -> Collected:
+             ctx: BuildContext, episodes: int, stream: str, first_episode: int = 0,
+             faults: FaultSchedule | None = None) -> Collected:
     """Roll out (student, teacher with probability beta, or the noisy teacher when student is
-    None) on episodes first_episode.. of `stream`, on the build's executor; the visited
+    None) on episodes first_episode.. of `stream` (under `faults`' schedule), on the build's
+    executor; the visited
     observations and the teacher's labels per episode, and the scores. The student goes to the
     workers as a temporary file in the work folder."""
     if student is None:
-        return collect(teacher, None, beta, noise_std, ctx.seed, episodes, stream, first_episode)
+        return collect(teacher, None, beta, noise_std, ctx.seed, episodes, stream, first_episode,
+                       faults=faults)
     with tempfile.TemporaryDirectory(dir=ctx.workdir, prefix="dagger-") as tmp:
         path = save_torch_policy(f"{tmp}/student.pt", student, student.spec())
         return collect(teacher, PolicyRef.of(path, ctx.robot), beta, noise_std, ctx.seed,
-                       episodes, stream, first_episode)
+                       episodes, stream, first_episode, faults=faults)
 
 
 def _latency_us(robot: RobotTarget, hidden: list[int], cfg: DistillConfig, kind: str) -> float:
@@ -319,8 +323,8 @@ def _latency_us(robot: RobotTarget, hidden: list[int], cfg: DistillConfig, kind:
 
 
 def _score(policy: BatchPolicy, cfg: DistillConfig, ctx: BuildContext) -> float:
-    return score_policy(policy, ctx.robot, cfg.eval_episodes, ctx.seed,
-                        stream=SCORE_STREAM).score
+    return score_policy(policy, ctx.robot, cfg.eval_episodes, ctx.seed, stream=SCORE_STREAM,
+                        faults=fault_schedule(cfg, ctx)).score
 
 
 def _dagger(teacher: PolicyRef, kind: str, hidden: list[int], cfg: DistillConfig,
@@ -350,12 +354,13 @@ def _dagger(teacher: PolicyRef, kind: str, hidden: list[int], cfg: DistillConfig
         first = (rnd + cfg.rounds * ci) * cfg.episodes_per_round
         if student is None and len(data) == 0:
             got = _collect(teacher, None, 0.0, cfg.noise_std, ctx, cfg.episodes_per_round,
-                           DAGGER_STREAM, first)
+                           DAGGER_STREAM, first, fault_schedule(cfg, ctx))
         else:
             if student is None:
                 student = fit(new(), cfg.fit_epochs)
             got = _collect(teacher, student, cfg.beta_decay ** max(rnd, 1), 0.0,
-                           ctx, cfg.episodes_per_round, DAGGER_STREAM, first)
+                           ctx, cfg.episodes_per_round, DAGGER_STREAM, first,
+                           fault_schedule(cfg, ctx))
         data.add(got)
         dagger_scores.append(round(float(np.mean(got.scores)), 4))
         # FIT (warm start: the student keeps its weights across rounds)

@@ -25,16 +25,14 @@ UPDATE sections). Body-specific optimisation that a fat network cannot afford fo
   bootstrap 95% interval above 0 (`xcompile.stats.clearly_better`), not merely a higher mean: a
   higher mean on 6 episodes once kept a policy that lost on the report's 50.
 
-Budgets (`env_steps`, `n_envs`, `rollout_steps`, `epochs`, `critic_warmup_iters`, `eval_episodes`)
-come from `PROFILE_DEFAULTS[ctx.profile]` for every field the user did not set (pydantic's
-`model_fields_set`: what the build file or command line gave; see `with_profile_defaults`).
+Budgets come from `PROFILE_DEFAULTS[ctx.profile]` for every field the user did not set
+(`with_profile_defaults`). `faults = "suite"` (`--robust`) trains and keeps-better under the fault
+schedule of `xcompile.passes.training.fault_schedule`.
 
-Writes `tuned.pt` and `learning_curve.png` (shipped beside it, see `learning_curve.py`); the
-summary carries the learning curve (per iteration: env steps, mean score and return of the training
-episodes that ended in it, with exploration noise; losses, KL, std). Network surgery for
-`trainable="last"` is `xcompile.models.tuning.split_for_tuning`.
-Check: the saved policy gives finite actions; measurements score_start, score_tuned, kept, env_steps,
-wall time.
+Writes `tuned.pt` and `learning_curve.png` (`learning_curve.py`); the summary carries the
+learning curve (per iteration: env steps, score and return of the episodes that ended in it,
+losses, KL, std). Network surgery for `trainable="last"`: `xcompile.models.tuning`.
+Check: the saved policy gives finite actions; measurements score_start, score_tuned, kept, ...
 
 An ONNX input (a foreign fat policy pinned to an ONNX graph) is not differentiable torch: the pass
 is skipped with that reason (`ToolUnavailable`) and the plan goes on with the ONNX policy.
@@ -69,7 +67,7 @@ from xcompile.passes.base import (
     seeded_torch,
 )
 from xcompile.passes.learning_curve import plot_learning_curve
-from xcompile.passes.training import start_training
+from xcompile.passes.training import FAULTS_HELP, fault_schedule, start_training
 from xcompile.policy import torch_act
 from xcompile.sim.env import obs_dim
 from xcompile.sim.observations import random_obs
@@ -81,12 +79,10 @@ from xcompile.targets import HardwareTarget
 TRAIN_STREAM = "finetune-train"   # PPO's training episodes (xcompile.seeds)
 KEEP_STREAM = "finetune-keep"     # the keep-better comparison of start and tuned policy
 
-# Budgets per build profile, for fields the user did not set. Sized on 2 busy cores: fast is a
-# smoke run (about 10 s) that keeps the start policy unless it got lucky; default is under a minute
-# or two; thorough is a real fine-tune. lr, anchor_coef and init_std (not budgets) were chosen on
-# a1 and panda: at lr 1e-4, anchor 2, std 0.15 the tuned reach policy fell from 1.0 to 0.78
-# held-out (a reach score is sensitive to small drifts of the final pose); at 3e-5 / 10 / 0.1 both
-# a1 (0.995 -> 1.0) and panda (1.0 -> 1.0, higher return) kept the tuned policy.
+# Budgets per build profile, for fields the user did not set (2 busy cores: fast is a ~10 s smoke
+# run, default a minute or two, thorough a real fine-tune). lr, anchor_coef and init_std were
+# chosen on a1 and panda: at lr 1e-4, anchor 2, std 0.15 the tuned reach policy fell from 1.0 to
+# 0.78 held-out; at 3e-5 / 10 / 0.1 both kept the tuned policy.
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "fast": {"env_steps": 2_048, "n_envs": 8, "rollout_steps": 64, "epochs": 2,
              "critic_warmup_iters": 1, "eval_episodes": 2},
@@ -129,6 +125,7 @@ class RLFinetuneConfig(PassConfig):
                                     "(None: never)")
     eval_episodes: int = Field(10, ge=1, description="held-out episodes (seed stream "
                                "finetune-keep) that score start and tuned policy for keep_better")
+    faults: Literal["none", "suite"] = Field("none", description=FAULTS_HELP)
     keep_better: bool = Field(True, description="keep the start policy unless the tuned one "
                               "scores higher on the held-out episodes with the paired "
                               "difference's 95% interval above 0")
@@ -177,7 +174,7 @@ def _ppo(policy: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> list[dict[str
         if not torch.allclose(tail(features(x)), policy(x), atol=1e-5):
             raise PassCheckError(f"rl-finetune: split {cfg.trainable!r} of "
                                  f"{type(policy).__name__} does not reproduce the policy")
-    envs = _vec_envs(robot, n, ctx.seed)
+    envs = _vec_envs(robot, n, ctx.seed, fault_schedule(cfg, ctx))
     try:
         next_obs = torch.as_tensor(envs.reset())
         for it in range(iters):
@@ -306,20 +303,20 @@ def _ppo(policy: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> list[dict[str
     return curve
 
 
-def _vec_envs(robot: Any, n: int, seed: int) -> LockstepEnvs | ProcessVecEnvs:
+def _vec_envs(robot: Any, n: int, seed: int, faults: Any) -> LockstepEnvs | ProcessVecEnvs:
     """The training envs: in this process, or, under a pool executor (`use_executor`, e.g.
     `xcompile build --executor process`), sliced over up to one process per local core. The same
     VecSteps either way (global episode seeds), so the same training run."""
     ex = current_executor()
     workers = 1 if isinstance(ex, str) else min(ex.workers, n, default_workers())
     if workers > 1:
-        return ProcessVecEnvs(robot, n, seed, stream=TRAIN_STREAM, workers=workers)
-    return LockstepEnvs(robot, n, seed=seed, stream=TRAIN_STREAM)
+        return ProcessVecEnvs(robot, n, seed, faults, stream=TRAIN_STREAM, workers=workers)
+    return LockstepEnvs(robot, n, seed, faults, stream=TRAIN_STREAM)
 
 
 def _heldout(module: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> EvalResult:
     return score_policy(torch_act(module.eval()), ctx.robot, cfg.eval_episodes, ctx.seed,
-                        stream=KEEP_STREAM)
+                        stream=KEEP_STREAM, faults=fault_schedule(cfg, ctx))
 
 
 @register_pass
@@ -415,6 +412,7 @@ class RLFinetune(Pass):
         kept = (f"; the pass kept the {c['kept']} policy (its own held-out episodes: start "
                 f"{c['score_start']:.3f}, tuned {c['score_tuned']:.3f}{ci_txt})"
                 if "kept" in c else "")
+        body += " under the fault suite (--robust)" if getattr(cfg, "faults", "") == "suite" else ""
         return [f"RL fine-tuning on {body}: start ({start['name']}) {start['score']:.3f} → tuned "
                 f"{stage['score']:.3f} ({stage['score'] - start['score']:+.3f}) on the report's "
                 f"episodes{kept}"]

@@ -1,4 +1,5 @@
-"""The start of a run of a pass that trains from a torch policy (distill, rl-finetune).
+"""The start of a run of a pass that trains from a torch policy (distill, rl-finetune), and the
+fault schedule of a robust build's training (`faults = "suite"`).
 
 Torch's RNG and thread count for the training itself come from `base.seeded_torch`.
 """
@@ -15,6 +16,7 @@ from xcompile.onnx.contract import check_contract
 from xcompile.onnx.model import get_metadata
 from xcompile.onnx.session import read_onnx
 from xcompile.passes.base import BuildContext, PassConfig, with_profile_defaults
+from xcompile.sim.fault_suite import FaultSchedule, training_schedule
 
 C = TypeVar("C", bound=PassConfig)
 
@@ -35,3 +37,14 @@ def start_training(art: Artifact, cfg: PassConfig, cls: type[C], ctx: BuildConte
                 "source_checkpoint_sha256": meta.get("source_checkpoint_sha256", "")}
         return budgeted, spec, t0
     return budgeted, read_torch_policy(art.path)["spec"], t0
+
+
+FAULTS_HELP = ("'suite': train with the fault suite in the distribution (every other episode "
+               "under one of xcompile.sim.fault_suite's faults in turn; `xcompile build "
+               "--robust`), so that the result keeps the fault tolerance it started with; "
+               "'none': the nominal world only")
+
+
+def fault_schedule(cfg: Any, ctx: BuildContext) -> FaultSchedule | None:
+    """The episodes' faults of a pass whose config has `faults` ("none" or "suite")."""
+    return training_schedule(ctx.robot) if getattr(cfg, "faults", "none") == "suite" else None

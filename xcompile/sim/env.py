@@ -65,12 +65,11 @@ class RobotEnv(PyBulletEnv):
         import pybullet as p
 
         self.robot = robot if isinstance(robot, RobotTarget) else load_robot(robot)
-        self.faults = faults or Faults()
         self.randomization = randomization or Randomization()
         self.render_mode = render_mode
         r = self.robot
-        check_numbers(r, self.faults)
         self.n = r.n_joints
+        self.set_faults(faults)
         self.family = r.family
         self.substeps = max(1, round(r.physics_hz / r.control_hz))
         self.dt = 1.0 / r.control_hz
@@ -85,8 +84,6 @@ class RobotEnv(PyBulletEnv):
         self.q0 = np.asarray(j.default, dtype=np.float64)
         self.kp = np.asarray(j.kp, dtype=np.float64)
         self.kd = np.asarray(j.kd, dtype=np.float64)
-        self.tau_nominal = np.asarray(j.torque_limit, dtype=np.float64) * self.faults.torque_scale
-        self.tau_nominal[list(self.faults.weak_joints)] *= self.faults.weak_scale
         self.tau_max = self.tau_nominal.copy()
         self.energy_j = 0.0            # |torque x joint speed| summed by _apply_pd, J
 
@@ -102,6 +99,15 @@ class RobotEnv(PyBulletEnv):
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (od,), np.float32)
         self.action_space = gym.spaces.Box(-j.action_clip, j.action_clip, (self.n,), np.float32)
         self._pending: list[np.ndarray] = []
+
+    def set_faults(self, faults: Faults | None) -> None:
+        """The faults of the episodes from the next reset on (None: none); `reset(options=
+        {"faults": ...})` does the same for one episode's schedule."""
+        self.faults = faults or Faults()
+        check_numbers(self.robot, self.faults)
+        self.tau_nominal = (np.asarray(self.robot.joints.torque_limit, dtype=np.float64)
+                            * self.faults.torque_scale)
+        self.tau_nominal[list(self.faults.weak_joints)] *= self.faults.weak_scale
 
     def _build_world(self) -> None:
         """(Re)create the world in our client. Done at every reset: hand-resetting joints leaves
@@ -187,6 +193,8 @@ class RobotEnv(PyBulletEnv):
     # ---------------------------------------------------------------- gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
+        if options and "faults" in options:
+            self.set_faults(options["faults"])
         p, c, rng = self.p, self.cid, self.np_random
         r, rand = self.robot, self.randomization
         self.t = 0

@@ -10,7 +10,10 @@
     obs-noise     Gaussian noise of std 0.05 on every observation entry
 
 `fault_suite(robot)` lists them, with None where a fault does not apply to the body;
-`named_fault(robot, name)` is one of them, for `xcompile eval --fault NAME`. The quadrotor model
+`named_fault(robot, name)` is one of them, for `xcompile eval --fault NAME`; `training_schedule
+(robot)` the faults robust training runs episode by episode (`faults = "suite"` of rl-finetune and
+distill, `xcompile build --robust`): every even episode nominal, the odd ones each applicable
+fault in turn, so half the data is of a healthy body and the rest covers every fault. The quadrotor model
 has none of the joint faults; it gets `delay` and `obs-noise`.
 """
 
@@ -74,3 +77,35 @@ def named_fault(robot: RobotTarget, name: str) -> Faults:
     if fault.faults is None:
         raise XCompileError(f"fault {name!r} does not apply to {robot.name} ({fault.detail})")
     return fault.faults
+
+
+@dataclass(frozen=True)
+class FaultSchedule:
+    """Episode i's faults: None on even episodes, else `faults[(i // 2) % len(faults)]`.
+    Picklable, so simulator worker processes get it as it is."""
+
+    faults: tuple[Faults, ...]
+
+    def __call__(self, episode: int) -> Faults | None:
+        if episode % 2 == 0 or not self.faults:
+            return None
+        return self.faults[(episode // 2) % len(self.faults)]
+
+
+FaultsArg = Faults | FaultSchedule | None
+"""What an env batch takes: the same faults for every episode, a schedule, or none."""
+
+
+def training_schedule(robot: RobotTarget) -> FaultSchedule:
+    return FaultSchedule(tuple(f.faults for f in fault_suite(robot) if f.faults is not None))
+
+
+def episode_options(faults: FaultsArg, episode: int) -> dict | None:
+    """`reset(options=...)` of episode `episode` under `faults` (None where the env's own
+    faults, fixed at construction, hold)."""
+    return {"faults": faults(episode)} if isinstance(faults, FaultSchedule) else None
+
+
+def fixed_faults(faults: FaultsArg) -> Faults | None:
+    """The faults an env is built with: a schedule sets them per episode instead."""
+    return None if isinstance(faults, FaultSchedule) else faults

@@ -32,6 +32,7 @@ import numpy as np
 from xcompile.errors import XCompileError
 from xcompile.seeds import episode_seed
 from xcompile.sim.env import Faults, RobotEnv, make_env
+from xcompile.sim.fault_suite import FaultsArg, episode_options, fixed_faults
 from xcompile.sim.vec import VecStep, obs_dim_of
 from xcompile.targets import RobotTarget, check_robot_urdf
 
@@ -39,7 +40,7 @@ _JOIN_S = 5.0
 
 
 def _worker(conn: Connection, robot_json: str, faults: dict[str, Any] | None, count: int) -> None:
-    """One worker: `count` envs, stepped on ("step", actions) and reset on ("reset", [(k, seed)])."""
+    """One worker: `count` envs, stepped on ("step", actions), reset on ("reset", [(k, seed, opts)])."""
     envs: list[RobotEnv] = []
     try:
         robot = RobotTarget.model_validate_json(robot_json)
@@ -52,7 +53,7 @@ def _worker(conn: Connection, robot_json: str, faults: dict[str, Any] | None, co
             if cmd == "close":
                 break
             if cmd == "reset":
-                conn.send(("ok", [envs[k].reset(seed=s)[0] for k, s in arg]))
+                conn.send(("ok", [envs[k].reset(seed=s, options=o)[0] for k, s, o in arg]))
                 continue
             out = []
             for k, env in enumerate(envs):
@@ -77,13 +78,14 @@ def _worker(conn: Connection, robot_json: str, faults: dict[str, Any] | None, co
 class ProcessVecEnvs:
     """`LockstepEnvs(robot, n, seed, faults, stream=...)` over `workers` processes."""
 
-    def __init__(self, robot: RobotTarget, n: int, seed: int, faults: Faults | None = None, *,
+    def __init__(self, robot: RobotTarget, n: int, seed: int, faults: FaultsArg = None, *,
                  stream: str, workers: int = 2):
         if n < 1:
             raise ValueError("ProcessVecEnvs needs n >= 1")
         episode_seed(stream, seed, 0)     # refuses an unknown stream or a bad seed up front
         self.robot, self.stream, self.seed, self.n = robot, stream, seed, n
         self.episodes_started = 0
+        self.faults = faults
         self._ret = np.zeros(n)
         parts = np.array_split(np.arange(n), max(1, min(workers, n)))
         self.slices = [(int(p[0]), int(p[-1]) + 1) for p in parts]
@@ -95,7 +97,8 @@ class ProcessVecEnvs:
                 parent, child = mp.Pipe()
                 p = mp.Process(target=_worker, daemon=True, name=f"xcompile-env-{a}-{b}",
                                args=(child, robot.model_dump_json(),
-                                     asdict(faults) if faults else None, b - a))
+                                     asdict(fixed) if (fixed := fixed_faults(faults)) else None,
+                                     b - a))
                 p.start()
                 child.close()
                 self._conns.append(parent)
@@ -131,14 +134,16 @@ class ProcessVecEnvs:
         todo: dict[int, list[tuple[int, int]]] = {}
         for k in ks:
             w = next(i for i, (a, b) in enumerate(self.slices) if a <= k < b)
-            s = episode_seed(self.stream, self.seed, self.episodes_started)
+            i = self.episodes_started
             self.episodes_started += 1
             self._ret[k] = 0.0
-            todo.setdefault(w, []).append((k - self.slices[w][0], s))
+            todo.setdefault(w, []).append((k - self.slices[w][0],
+                                           episode_seed(self.stream, self.seed, i),
+                                           episode_options(self.faults, i)))
         for w, items in todo.items():
             self._conns[w].send(("reset", items))
         for w, items in todo.items():
-            for (local, _), o in zip(items, self._recv(w)):
+            for (local, _, _), o in zip(items, self._recv(w)):
                 self.obs[self.slices[w][0] + local] = o
 
     def reset(self) -> np.ndarray:

@@ -69,14 +69,7 @@ class QuadrotorEnv(PyBulletEnv):
         import pybullet as p
 
         self.robot, self.p = robot, p
-        self.faults = faults or Faults()
-        if (self.faults.locked_joint is not None or self.faults.weak_joints
-                or self.faults.payload_share):
-            from xcompile.errors import TargetError
-
-            raise TargetError(f"{robot.name}: a locked joint, a weak joint or a payload given as a "
-                              "share, is not a fault this quadrotor model has (torque_scale and "
-                              "payload_kg are)")
+        self.set_faults(faults)
         self.randomization = randomization or Randomization()
         self.render_mode = render_mode
         self.family = "quadrotor"
@@ -156,8 +149,21 @@ class QuadrotorEnv(PyBulletEnv):
         return obs
 
     # ---------------------------------------------------------------- gym API
+    def set_faults(self, faults: Faults | None) -> None:
+        """The faults of the episodes from the next reset on (None: none)."""
+        faults = faults or Faults()
+        if faults.locked_joint is not None or faults.weak_joints or faults.payload_share:
+            from xcompile.errors import TargetError
+
+            raise TargetError(f"{self.robot.name}: a locked joint, a weak joint or a payload given "
+                              "as a share, is not a fault this quadrotor model has (torque_scale "
+                              "and payload_kg are)")
+        self.faults = faults
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
+        if options and "faults" in options:
+            self.set_faults(options["faults"])
         p, c, rng = self.p, self.cid, self.np_random
         task, rand = self.robot.task, self.randomization
         mass = self.af.mass_kg * (rng.uniform(*MASS_SCALE) if rand.enabled else 1.0) \

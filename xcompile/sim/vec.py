@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from xcompile.seeds import episode_seed
-from xcompile.sim.env import Faults, RobotEnv, make_env
+from xcompile.sim.env import RobotEnv, make_env
+from xcompile.sim.fault_suite import FaultsArg, episode_options, fixed_faults
 from xcompile.targets import RobotTarget
 
 
@@ -42,7 +43,7 @@ class VecStep:
 
 
 class LockstepEnvs:
-    def __init__(self, robot: RobotTarget, n: int, seed: int, faults: Faults | None = None, *,
+    def __init__(self, robot: RobotTarget, n: int, seed: int, faults: FaultsArg = None, *,
                  stream: str):
         if n < 1:
             raise ValueError("LockstepEnvs needs n >= 1")
@@ -50,7 +51,8 @@ class LockstepEnvs:
         self.robot = robot
         self.stream = stream
         self.seed = seed
-        self.envs = [make_env(robot, faults=faults) for _ in range(n)]
+        self.faults = faults
+        self.envs = [make_env(robot, faults=fixed_faults(faults)) for _ in range(n)]
         self.episodes_started = 0
         self._ret = np.zeros(n)
         self.obs = np.zeros((n, obs_dim_of(self.envs[0])), dtype=np.float32)
@@ -62,8 +64,9 @@ class LockstepEnvs:
         self.close()
 
     def _reset_one(self, k: int) -> np.ndarray:
-        obs, _ = self.envs[k].reset(seed=episode_seed(self.stream, self.seed,
-                                                      self.episodes_started))
+        i = self.episodes_started
+        obs, _ = self.envs[k].reset(seed=episode_seed(self.stream, self.seed, i),
+                                    options=episode_options(self.faults, i))
         self.episodes_started += 1
         self._ret[k] = 0.0
         return obs
