@@ -109,17 +109,20 @@ def test_quality(competent_fat_ckpt, bench_work, tmp_path):
     assert all(s["latency_p50_us"] > 0 for s in res["stages"].values())
 
 
-def test_robustness(tiny_fat_ckpt, bench_work, tmp_path):
-    doc = run_script("robustness", tiny_fat_ckpt, bench_work, tmp_path / "r.json")
+def test_robustness(competent_fat_ckpt, bench_work, tmp_path):
+    doc = run_script("robustness", competent_fat_ckpt, bench_work, tmp_path / "r.json")
     (res,) = doc["results"]
     cells = {c["fault"]: c for c in res["faults"]}
-    assert len(cells) == 5 and all(c["applies"] for c in cells.values())   # a1 is free-base
+    assert len(cells) == 6 and all(c["applies"] for c in cells.values())   # a1 is free-base
+    assert cells["none (nominal)"]["fat"] > 0.3                   # a policy that walks
     assert cells["delay"]["faults"]["action_delay_steps"] == 1
     assert cells["payload"]["faults"]["payload_share"] == 0.25
     assert cells["weak-leg"]["faults"]["weak_joints"] == [0, 1, 2]
     assert cells["locked-joint"]["faults"]["locked_joint"] == 2
     for c in cells.values():
-        assert 0.0 <= c["fat"] <= 1.0 and 0.0 <= c["slim_int8"] <= 1.0
+        assert 0.0 <= c["fat"] <= 1.0 and 0.0 <= c["final"] <= 1.0
+        assert len(c["final_scores"]) == len(c["fat_scores"]) == 2
+    assert res["final_over_fat_under_faults"] > 0 and res["final_over_fat_under_faults_ci95"]
 
 
 @pytest.mark.slow
