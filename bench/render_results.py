@@ -20,8 +20,10 @@ SECTIONS = [  # script, title, command
     ("quality-default", "Default builds: every stage of `xcompile build --int8`, all robots",
      "python bench/quality.py --profile default"),
     ("quality", "Quality: score per stage, all robots (profile fast)", "python bench/quality.py"),
-    ("robustness", "Robustness: scores under faults, fat vs slim int8",
-     "python bench/robustness.py"),
+    ("robustness", "Robustness: the fault suite, fat vs tuned vs final int8 (default builds)",
+     "python bench/robustness.py --profile default --episodes 30 --workers 2"),
+    ("robustness-robust", "Robustness: the fault suite, robust builds (`xcompile build --robust`)",
+     "python bench/robustness.py --profile default --episodes 30 --workers 2 --robust"),
     ("build_cost", "Build cost: time and memory per pass (profile fast)",
      "python bench/build_cost.py --profiles fast --bodies 2,8"),
     ("build_cost-default", "Build cost: time and memory per pass (profile default)",
@@ -74,7 +76,8 @@ lone run's.
 """
 
 
-SCORED = ("quality", "quality-thin", "quality-default", "robustness")   # sections with scores
+SCORED = ("quality", "quality-thin", "quality-default", "robustness",   # sections with scores
+          "robustness-robust")
 WORLD_FREE = ("raptor", "quadrotor")   # sections that use neither the sample fat policy nor
                                         # its worlds
 # What changed since a section was measured, where it touches its numbers.
