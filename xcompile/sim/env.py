@@ -90,10 +90,6 @@ class RobotEnv(PyBulletEnv):
         self.p = p
         self.cid = p.connect(p.DIRECT)
         self._build_world()
-        # The body's nominal mass with any payload fault (the cost of transport's divisor).
-        self.total_mass = sum(
-            p.getDynamicsInfo(self.body, link, physicsClientId=self.cid)[0]
-            for link in range(-1, p.getNumJoints(self.body, physicsClientId=self.cid)))
 
         od = obs_dim(r)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (od,), np.float32)
@@ -130,14 +126,15 @@ class RobotEnv(PyBulletEnv):
             p.changeDynamics(self.body, link, linearDamping=0, angularDamping=0,
                              activationState=p.ACTIVATION_STATE_DISABLE_SLEEPING,
                              physicsClientId=self.cid)
-        extra = self.faults.payload_kg
-        if self.faults.payload_share:
-            extra += self.faults.payload_share * sum(
-                p.getDynamicsInfo(self.body, link, physicsClientId=self.cid)[0]
-                for link in range(-1, p.getNumJoints(self.body, physicsClientId=self.cid)))
+        links = range(-1, p.getNumJoints(self.body, physicsClientId=self.cid))
+        body_mass = sum(p.getDynamicsInfo(self.body, link, physicsClientId=self.cid)[0]
+                        for link in links)
+        extra = self.faults.payload_kg + self.faults.payload_share * body_mass
         if extra:
             mass = p.getDynamicsInfo(self.body, -1, physicsClientId=self.cid)[0]
             p.changeDynamics(self.body, -1, mass=mass + extra, physicsClientId=self.cid)
+        # The body's nominal mass with any payload fault (the cost of transport's divisor).
+        self.total_mass = body_mass + extra
         # Real PD: switch off the default velocity motors, we apply torques ourselves.
         p.setJointMotorControlArray(self.body, self.jids, p.VELOCITY_CONTROL,
                                     forces=[0.0] * self.n, physicsClientId=self.cid)
