@@ -73,6 +73,12 @@ its top: its scores are that policy's; its bytes are the same (same architecture
 and thin builds were re-run on the new sample with `--workers 2` (two robots built at a time; the
 test suite ran beside the thin builds): their scores are exact, their latencies noisier than a
 lone run's.
+
+The default builds were re-run again the same day after rl-finetune's keep-better guard changed
+(it keeps the tuned policy only when the paired difference's 95% interval is above 0, on 10
+held-out episodes): 2674 s for 8 robots, on a machine shared with niced robustness and distill
+runs, so their build times (up to 964 s, laikago) and latency ratios are inflated; their scores
+are exact.
 """
 
 
