@@ -162,3 +162,20 @@ def test_cached_artifacts_exist_and_ids_do_not_depend_on_the_work_folder(tiny_fa
     assert runs[0] == runs[1]
     assert sorted(p.name for p in (tmp_path / "out0").iterdir()) == [
         "manifest.json", "policy.onnx", "report.json", "report.md", "stages.png"]
+
+
+def test_a_budget_set_to_its_class_default_is_not_the_profiles():
+    """The build profile fills only the fields a user did not set, so `episodes_per_round = 8`
+    in a build file (the class default; the default profile's is 4) is another build than none:
+    the cache must not hand back the profile's result for it (it once did)."""
+    from xcompile.artifact import Artifact
+    from xcompile.manager import cache as cache_mod
+    from xcompile.manager.settings import PlanStep
+    from xcompile.passes.distill import DistillConfig
+
+    art = Artifact.create("onnx", Path(__file__), "a1")
+    unset = PlanStep("distill", DistillConfig())
+    given = PlanStep("distill", DistillConfig(episodes_per_round=8))
+    assert unset.config.model_dump() == given.config.model_dump()
+    keys = {cache_mod.cache_key(art, s, {"robot": "x"}, 0, "default") for s in (unset, given)}
+    assert len(keys) == 2

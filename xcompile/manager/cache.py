@@ -130,6 +130,9 @@ def cache_key(inp: Artifact, step: PlanStep, fingerprint: Mapping[str, str], see
     return _sha({"layout": CACHE_LAYOUT, "input": inp.id, "pass": step.name,
                  "version": cls.version, "code": code_sha256(cls),
                  "config": step.config.model_dump(mode="json"),
+                 # A field the user set to its class default differs from one left unset: the
+                 # build profile fills only unset fields (`with_profile_defaults`).
+                 "set": sorted(step.config.model_fields_set),
                  "target": dict(fingerprint), "seed": seed, "profile": profile})
 
 
