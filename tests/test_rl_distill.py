@@ -68,6 +68,22 @@ def test_profile_budgets_fill_only_unset_fields():
             cls.model_validate(table)
 
 
+def test_arms_get_more_dagger_episodes_unless_the_user_says():
+    def effective(cfg, family, profile):
+        cfg = distill_mod.family_defaults(cfg, family, profile)
+        return with_profile_defaults(cfg, profile, distill_mod.PROFILE_DEFAULTS)
+
+    default = distill_mod.PROFILE_DEFAULTS["default"]["episodes_per_round"]
+    cfg = distill_mod.DistillConfig()
+    assert effective(cfg, "locomotion", "default").episodes_per_round == default
+    assert effective(cfg, "reach", "default").episodes_per_round == 2 * default
+    assert effective(cfg, "reach", "fast").episodes_per_round == \
+        distill_mod.PROFILE_DEFAULTS["fast"]["episodes_per_round"]
+    mine = distill_mod.DistillConfig(episodes_per_round=3)
+    assert effective(mine, "reach", "default").episodes_per_round == 3
+    assert effective(distill_mod.DistillConfig(), "quadrotor", "default").hidden == [32]
+
+
 # ------------------------------------------------------------------------------ rl-finetune
 
 
