@@ -27,6 +27,12 @@ SECTIONS = [  # script, title, command
      "python bench/robustness.py --profile default --episodes 50 --workers 2"),
     ("robustness-robust", "Robustness: the fault suite, robust builds (`xcompile build --robust`)",
      "python bench/robustness.py --profile default --episodes 50 --workers 2 --robust"),
+    ("robustness-arms", "Robustness of the arms' default builds, with 8 DAgger episodes per round",
+     "python bench/robustness.py --profile default --episodes 50 --workers 2 --robots panda "
+     "kuka_iiwa --out bench/results/robustness-arms.json"),
+    ("robustness-robust-arms", "Robustness of the arms' robust builds, with 8 DAgger episodes per "
+     "round", "python bench/robustness.py --profile default --episodes 50 --workers 2 --robust "
+     "--robots panda kuka_iiwa --out bench/results/robustness-robust-arms.json"),
     ("build_cost", "Build cost: time and memory per pass (profile fast)",
      "python bench/build_cost.py --profiles fast --bodies 2,8"),
     ("build_cost-default", "Build cost: time and memory per pass (profile default)",
@@ -86,13 +92,13 @@ are exact.
 
 
 SCORED = ("quality", "quality-thin", "quality-default", "quality-default-arms",  # with scores
-          "robustness", "robustness-robust")
+          "robustness", "robustness-robust", "robustness-arms", "robustness-robust-arms")
 WORLD_FREE = ("raptor", "quadrotor")   # sections that use neither the sample fat policy nor
                                         # its worlds
 # What changed since a section was measured, where it touches its numbers.
 ARMS_4 = ("**Built before the arms' distillation default went to 8 DAgger episodes per round** "
-          "(4 here): the arms' final policies are the weaker students of the previous section's "
-          "superseded rows; the quadrupeds' are what a build makes today. Not re-run.")
+          "(4 here): the arms' rows are superseded by the two sections that follow the robust "
+          "builds' (the arms re-run); the quadrupeds' rows are what a build makes today.")
 CHANGED_SINCE = {
     "robustness": ARMS_4,
     "robustness-robust": ARMS_4,
