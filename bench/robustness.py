@@ -38,6 +38,7 @@ from quality import quality_plan
 
 from xcompile.evaluate import torch_single_thread
 from xcompile.executors import make_executor
+from xcompile.policy import load_policy
 from xcompile.sim.env import Faults
 from xcompile.sim.fault_suite import fault_suite
 from xcompile.stats import mean_ci95, ratio_ci95
@@ -46,16 +47,14 @@ from xcompile.targets import RobotTarget, list_robots, load_robot
 ROBUST = {"rl-finetune": {"faults": "suite"}, "distill": {"faults": "suite"}}
 
 
-def score(path: Any, robot: RobotTarget, episodes: int, seed: int,
+def score(act: Any, robot: RobotTarget, episodes: int, seed: int,
           faults: Faults | None) -> list[float]:
-    """Per-episode scores of the policy at `path` on episodes 0..episodes-1 of the "bench" seed
-    stream (None: no fault)."""
+    """Per-episode scores of the batch policy `act` on episodes 0..episodes-1 of the "bench"
+    seed stream (None: no fault)."""
     from xcompile.evaluate import evaluate
-    from xcompile.policy import load_policy
 
-    policy = load_policy(path, robot)
     with torch_single_thread():
-        return evaluate(policy.act, robot, episodes=episodes, seed=seed, faults=faults,
+        return evaluate(act, robot, episodes=episodes, seed=seed, faults=faults,
                         stream=common.BENCH_STREAM).scores
 
 
@@ -84,7 +83,9 @@ def bench_robot(args: Any, robot_name: str, names: list[str]
     paths = {"fat": b.artifact("fat"), "final": b.artifact("quantize")}
     if kept == "tuned":
         paths["tuned"] = b.artifact("rl-finetune")
-    cells, rows, faulted = [], [], {k: [] for k in paths}
+    # Each policy loaded once, scored under every fault.
+    policies = {k: load_policy(a.path, robot).act for k, a in paths.items() if a is not None}
+    cells, rows, faulted = [], [], {k: [] for k in policies}
     for fault in [None, *fault_suite(robot)]:
         name = "none (nominal)" if fault is None else fault.name
         detail = "" if fault is None else fault.detail
@@ -93,8 +94,8 @@ def bench_robot(args: Any, robot_name: str, names: list[str]
             rows.append([robot.name, name, detail] + ["n/a"] * 4)
             continue
         faults = None if fault is None else fault.faults
-        got = {k: score(a.path, robot, args.episodes, args.seed, faults)
-               for k, a in paths.items() if a is not None}
+        got = {k: score(act, robot, args.episodes, args.seed, faults)
+               for k, act in policies.items()}
         if fault is not None:
             for k, s in got.items():
                 faulted[k] += s
