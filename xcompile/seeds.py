@@ -23,6 +23,7 @@ STREAMS: dict[str, int] = {
     "expert-tuning": 14,       # examples/tune_gaits.py's search over the experts' gait shapes
     "fat-dagger": 15,          # the sample fat policy's own DAgger rounds (and the test fixture's)
     "finetune-train": 2,       # rl-finetune's PPO episodes
+    "gain-search": 16,         # rl-finetune's gain search (xcompile.passes.gain_search)
     "dagger": 3,               # distill's DAgger rounds
     "calibration": 4,          # quantize's int8 calibration episodes
     # checks a pass makes of its own result (each its own, so no pass tunes on another's)

@@ -1,5 +1,6 @@
-"""The learning-curve plot of rl-finetune: env steps against the score and return of the
-training episodes, with the held-out scores of the start and the tuned policy."""
+"""The learning-curve plot of rl-finetune: env steps against the score and return of PPO's
+training episodes (without PPO: the gain search's generations against their candidates' scores),
+with the held-out scores of the start and the kept policy."""
 
 from __future__ import annotations
 
@@ -24,12 +25,19 @@ def plot_learning_curve(curve: list[dict[str, Any]], summary: dict[str, Any], pa
         ax2 = ax.twinx()
         extra = ax2.plot(x, ret, "s--", color="#dd8452", label="return (training episodes)")
         ax2.set_ylabel("return", color="#dd8452")
+    search = summary.get("search") or []
+    if not pts and search:
+        gens = [r["generation"] for r in search]
+        ax.plot(gens, [r["score_mean_candidate"] for r in search], "o-", color="#4c72b0",
+                label="search: mean candidate")
+        ax.plot(gens, [r["score_best"] for r in search], "s--", color="#dd8452",
+                label="search: best candidate")
     warm = [r["env_steps"] for r in curve if r["phase"] == "warmup"]
     if warm:
         ax.axvspan(0, max(warm), color="0.9", label="critic warm-up")
     ax.axhline(summary["score_start"], color="0.4", ls=":", label="start, held-out")
-    ax.axhline(summary["score_tuned"], color="#55a868", ls=":", label="tuned, held-out")
-    ax.set_xlabel("env steps")
+    ax.axhline(summary["score_tuned"], color="#55a868", ls=":", label=f"{summary['kept']}, held-out")
+    ax.set_xlabel("env steps" if pts or not search else "gain-search generation")
     ax.set_ylabel("score")
     ax.set_ylim(-0.02, 1.05)
     handles, labels = ax.get_legend_handles_labels()

@@ -1,13 +1,17 @@
-"""rl-finetune: PPO on the target's own task, starting from the given policy and anchored to it.
+"""rl-finetune: body-specific fine-tuning on the target's own task, in two phases, each optional:
+a search over the gains on the task inputs (`xcompile.passes.gain_search`: CEM, folded exactly
+into the first layer), then PPO from the calibrated policy, anchored to it. The default profile
+spends its budget on the gain search (PPO at that budget moved held-out scores by under 1% on
+every built-in robot, below what the guard can resolve); thorough runs both.
 
 torch -> torch, of the same kind as the input (a pinned fat network stays a `PinnedPolicy`, an MLP
-stays an `MLPPolicy`), so export-onnx takes the result unchanged. Cost: `env_steps` simulator steps
-(about 400/s on a busy core) plus the PPO updates; `trainable="last"` caches the frozen front of the
-network per sample and makes an update epoch a fraction of a full backward pass.
+stays an `MLPPolicy`), so export-onnx takes the result unchanged. Cost: the search runs
+`search_generations * search_population * search_episodes` episodes; PPO `env_steps` simulator
+steps (about 400/s on a busy core) plus its updates; `trainable="last"` caches the frozen front of
+the network per sample and makes an update epoch a fraction of a full backward pass.
 
-Method: PPO (Schulman et al. 2017) with the clipped surrogate and GAE(λ) (Schulman et al. 2016),
-laid out like CleanRL's `ppo_continuous_action.py` (options, networks, one loop with ROLLOUT / GAE /
-UPDATE sections). Body-specific optimisation that a fat network cannot afford for every body:
+PPO (`xcompile.passes.ppo`) is body-specific optimisation that a fat network cannot afford for
+every body:
 
 - actor: a Gaussian whose mean is the given network (all its weights, or with `trainable="last"`
   only its last block / last hidden layer and head) and whose log-std is one learned vector,
@@ -18,12 +22,13 @@ UPDATE sections). Body-specific optimisation that a fat network cannot afford fo
 - anchor: `anchor_coef * mean((mu - mu_start)^2)` over the batch observations, `mu_start` from a
   frozen copy of the starting network. With equal fixed stds this is the KL between the two
   Gaussians up to a factor: it keeps the policy near its start, so it improves rather than forgets.
-- keep_better: at the end the start and the tuned policy (deterministic: the mean action) run the
-  same `eval_episodes` held-out episodes of seed stream "finetune-keep" (`xcompile.seeds`; the
-  training episodes come from "finetune-train", the report scores on "report", and no other pass
-  checks on these); the tuned one is kept only if it is better with the paired difference's
-  bootstrap 95% interval above 0 (`xcompile.stats.clearly_better`), not merely a higher mean: a
-  higher mean on 6 episodes once kept a policy that lost on the report's 50.
+- keep_better: at the end the start, the calibrated and the tuned policy (deterministic: the mean
+  action) run the same `eval_episodes` held-out episodes of seed stream "finetune-keep"
+  (`xcompile.seeds`; training runs on "finetune-train" and "gain-search", the report scores on
+  "report", and no other pass checks on these); a candidate is kept only if it is better than the
+  start with the paired difference's bootstrap 95% interval above 0
+  (`xcompile.stats.clearly_better`), not merely a higher mean (a higher mean on 6 episodes once
+  kept a policy that lost on the report's 50); of two such, the higher mean.
 
 Budgets come from `PROFILE_DEFAULTS[ctx.profile]` for every field the user did not set
 (`with_profile_defaults`). `faults = "suite"` (`--robust`) trains and keeps-better under the fault
@@ -49,15 +54,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import Field
-from torch import nn
 
 from xcompile.artifact import Artifact
 from xcompile.errors import PassCheckError, ToolUnavailable
 from xcompile.evaluate import EvalResult, score_policy
-from xcompile.executors.factory import current_executor
-from xcompile.executors.pools import default_workers
 from xcompile.models.slim import load_torch_policy, save_torch_policy
-from xcompile.models.tuning import split_for_tuning
+from xcompile.passes import ppo
 from xcompile.passes.base import (
     BuildContext,
     Pass,
@@ -66,17 +68,15 @@ from xcompile.passes.base import (
     register_pass,
     seeded_torch,
 )
+from xcompile.passes.gain_search import can_fold, fold_input_gains, gain_indices, search_gains
 from xcompile.passes.learning_curve import plot_learning_curve
+from xcompile.passes.ppo import TRAIN_STREAM  # noqa: F401  (the streams rl-finetune uses)
 from xcompile.passes.training import FAULTS_HELP, fault_schedule, start_training
 from xcompile.policy import torch_act
-from xcompile.sim.env import obs_dim
 from xcompile.sim.observations import random_obs
-from xcompile.sim.procvec import ProcessVecEnvs
-from xcompile.sim.vec import LockstepEnvs
 from xcompile.stats import clearly_better, diff_ci95
 from xcompile.targets import HardwareTarget
 
-TRAIN_STREAM = "finetune-train"   # PPO's training episodes (xcompile.seeds)
 KEEP_STREAM = "finetune-keep"     # the keep-better comparison of start and tuned policy
 
 # Budgets per build profile, for fields the user did not set (2 busy cores: fast is a ~10 s smoke
@@ -85,19 +85,27 @@ KEEP_STREAM = "finetune-keep"     # the keep-better comparison of start and tune
 # 0.78 held-out; at 3e-5 / 10 / 0.1 both kept the tuned policy.
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "fast": {"env_steps": 2_048, "n_envs": 8, "rollout_steps": 64, "epochs": 2,
-             "critic_warmup_iters": 1, "eval_episodes": 2},
-    "default": {"env_steps": 24_576, "n_envs": 8, "rollout_steps": 128, "epochs": 4,
-                "critic_warmup_iters": 2, "eval_episodes": 10},
+             "critic_warmup_iters": 1, "eval_episodes": 2,
+             "search_generations": 1, "search_population": 2, "search_episodes": 2},
+    "default": {"env_steps": 0, "eval_episodes": 10,
+                "search_generations": 4, "search_population": 6, "search_episodes": 10},
     "thorough": {"env_steps": 200_000, "n_envs": 16, "rollout_steps": 128, "epochs": 5,
-                 "critic_warmup_iters": 4, "eval_episodes": 20},
+                 "critic_warmup_iters": 4, "eval_episodes": 20,
+                 "search_generations": 6, "search_population": 8, "search_episodes": 16},
 }
 
 
 # OPTIONS
 class RLFinetuneConfig(PassConfig):
-    env_steps: int = Field(24_576, ge=0, description="simulator steps of the whole run, critic "
-                           "warm-up included (profile default: fast 2048, default 24576, "
-                           "thorough 200000)")
+    search_generations: int = Field(4, ge=0, description="generations of the gain search "
+                                    "(0: no search; profile: fast 1, default 4, thorough 6)")
+    search_population: int = Field(6, ge=2, description="candidates per generation, the "
+                                   "current mean among them")
+    search_episodes: int = Field(10, ge=1, description="episodes each candidate runs (the same "
+                                 "for every candidate of a generation)")
+    search_sigma: float = Field(0.2, gt=0, description="initial std of the log-gains")
+    env_steps: int = Field(24_576, ge=0, description="PPO's simulator steps, critic warm-up "
+                           "included (0: no PPO; profile: fast 2048, default 0, thorough 200000)")
     n_envs: int = Field(8, ge=1, description="simulators stepped in lock-step (one batched "
                         "forward pass per step; in worker processes under a pool executor)")
     rollout_steps: int = Field(128, ge=1, description="steps per simulator per PPO iteration "
@@ -131,187 +139,18 @@ class RLFinetuneConfig(PassConfig):
                               "difference's 95% interval above 0")
 
 
-# NETWORK
-def make_critic(n_obs: int, hidden: list[int]) -> nn.Module:
-    layers: list[nn.Module] = []
-    for a, b in zip([n_obs, *hidden[:-1]], hidden):
-        layers += [nn.Linear(a, b), nn.Tanh()]
-    layers.append(nn.Linear(hidden[-1], 1))
-    return nn.Sequential(*layers)
-
-
-# LOOP
-def _ppo(policy: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> list[dict[str, Any]]:
-    """Train `policy` (in place) with PPO; return the learning curve, one row per iteration."""
-    robot = ctx.robot
-    n_obs, n_act = obs_dim(robot), robot.n_joints
-    features, tail = split_for_tuning(policy, cfg.trainable)
-    start_tail = copy.deepcopy(tail).eval().requires_grad_(False)
-    for p in policy.parameters():
-        p.requires_grad_(False)
-    for p in tail.parameters():
-        p.requires_grad_(True)
-    log_std = torch.nn.Parameter(torch.full((n_act,), math.log(cfg.init_std)))
-    critic = make_critic(n_obs, cfg.critic_hidden)
-    actor_opt = torch.optim.Adam([*tail.parameters(), log_std], lr=cfg.lr, eps=1e-5)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, eps=1e-5)
-    gen = torch.Generator().manual_seed(ctx.seed)
-    obs_mean = torch.zeros(n_obs)
-    obs_std = torch.ones(n_obs)
-    ret_scale = 1.0
-
-    def value(o: torch.Tensor) -> torch.Tensor:
-        return critic((o - obs_mean) / obs_std).squeeze(-1)
-
-    n, steps = cfg.n_envs, cfg.rollout_steps
-    batch = n * steps
-    iters = cfg.env_steps // batch
-    curve: list[dict[str, Any]] = []
-    recent_scores: list[float] = []
-    done_steps = 0
-    with torch.inference_mode():   # the split must be exact before we train through it
-        x = torch.randn(4, n_obs)
-        if not torch.allclose(tail(features(x)), policy(x), atol=1e-5):
-            raise PassCheckError(f"rl-finetune: split {cfg.trainable!r} of "
-                                 f"{type(policy).__name__} does not reproduce the policy")
-    envs = _vec_envs(robot, n, ctx.seed, fault_schedule(cfg, ctx))
-    try:
-        next_obs = torch.as_tensor(envs.reset())
-        for it in range(iters):
-            warmup = it < cfg.critic_warmup_iters
-            # ROLLOUT
-            obs_b = torch.zeros(steps, n, n_obs)
-            act_b = torch.zeros(steps, n, n_act)
-            logp_b = torch.zeros(steps, n)
-            rew_b = torch.zeros(steps, n)
-            done_b = torch.zeros(steps, n)
-            trunc_obs: list[tuple[int, int, np.ndarray]] = []
-            feats: list[torch.Tensor] = []
-            ended_scores: list[float] = []
-            ended_returns: list[float] = []
-            with torch.no_grad():
-                std = log_std.exp()
-                for t in range(steps):
-                    f = features(next_obs)
-                    mu = tail(f)
-                    a = mu + std * torch.randn(mu.shape, generator=gen)
-                    obs_b[t], act_b[t], feats = next_obs, a, [*feats, f]
-                    logp_b[t] = torch.distributions.Normal(mu, std).log_prob(a).sum(-1)
-                    st = envs.step(a.numpy())
-                    rew_b[t] = torch.as_tensor(st.reward, dtype=torch.float32)
-                    ended = st.terminated | st.truncated
-                    done_b[t] = torch.as_tensor(ended, dtype=torch.float32)
-                    for k in np.flatnonzero(st.truncated & ~st.terminated):
-                        trunc_obs.append((t, int(k), st.final_obs[k]))
-                    ended_scores += [float(s) for s in st.score[ended]]
-                    ended_returns += [float(r) for r in st.ret[ended]]
-                    next_obs = torch.as_tensor(st.obs)
-            done_steps += batch
-            if it == 0:     # critic input and target scales from the first (start-policy) batch
-                flat = obs_b.reshape(-1, n_obs)
-                obs_mean, obs_std = flat.mean(0), flat.std(0).clamp_min(1e-2)
-                # about the size of a discounted return, so the critic regresses O(1) targets
-                ret_scale = float(rew_b.abs().mean().clamp_min(1e-3)) / (1 - cfg.gamma)
-
-            # GAE (returns bootstrapped at time limits: r += gamma * V(final obs))
-            with torch.no_grad():
-                values = value(obs_b.reshape(-1, n_obs)).reshape(steps, n) * ret_scale
-                if trunc_obs:
-                    v_final = value(torch.as_tensor(np.stack([o for *_, o in trunc_obs])))
-                    for (t, k, _), v in zip(trunc_obs, v_final * ret_scale):
-                        rew_b[t, k] += cfg.gamma * v
-                last_value = value(next_obs) * ret_scale
-                adv = torch.zeros(steps, n)
-                gae = torch.zeros(n)
-                for t in reversed(range(steps)):
-                    nxt = last_value if t == steps - 1 else values[t + 1]
-                    keep = 1.0 - done_b[t]
-                    delta = rew_b[t] + cfg.gamma * nxt * keep - values[t]
-                    gae = delta + cfg.gamma * cfg.gae_lambda * keep * gae
-                    adv[t] = gae
-                ret_b = adv + values
-                b_feat = torch.cat(feats).detach()
-                b_mu_start = start_tail(b_feat)
-
-            # UPDATE
-            b_obs, b_act = obs_b.reshape(-1, n_obs), act_b.reshape(-1, n_act)
-            b_logp, b_adv = logp_b.reshape(-1), adv.reshape(-1)
-            b_ret = ret_b.reshape(-1) / ret_scale
-            stats: dict[str, list[float]] = {"pg_loss": [], "v_loss": [], "anchor_loss": [],
-                                             "approx_kl": [], "clipfrac": []}
-            for _epoch in range(cfg.epochs):
-                perm = torch.randperm(batch, generator=gen)
-                kl_epoch = []
-                for s in range(0, batch, cfg.minibatch):
-                    mb = perm[s:s + cfg.minibatch]
-                    v_loss = 0.5 * ((value(b_obs[mb]) - b_ret[mb]) ** 2).mean()
-                    critic_opt.zero_grad()
-                    v_loss.backward()
-                    torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
-                    critic_opt.step()
-                    stats["v_loss"].append(v_loss.item())
-                    if warmup:
-                        continue
-                    mu = tail(b_feat[mb])
-                    dist = torch.distributions.Normal(mu, log_std.exp())
-                    logratio = dist.log_prob(b_act[mb]).sum(-1) - b_logp[mb]
-                    ratio = logratio.exp()
-                    a_mb = b_adv[mb]
-                    a_mb = (a_mb - a_mb.mean()) / (a_mb.std() + 1e-8)
-                    pg_loss = torch.max(-a_mb * ratio,
-                                        -a_mb * ratio.clamp(1 - cfg.clip, 1 + cfg.clip)).mean()
-                    anchor = ((mu - b_mu_start[mb]) ** 2).mean()
-                    entropy = dist.entropy().sum(-1).mean()
-                    loss = pg_loss + cfg.anchor_coef * anchor - cfg.ent_coef * entropy
-                    actor_opt.zero_grad()
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_([*tail.parameters(), log_std],
-                                                   cfg.max_grad_norm)
-                    actor_opt.step()
-                    with torch.no_grad():
-                        kl = float(((ratio - 1) - logratio).mean())
-                    kl_epoch.append(kl)
-                    stats["pg_loss"].append(pg_loss.item())
-                    stats["anchor_loss"].append(anchor.item())
-                    stats["approx_kl"].append(kl)
-                    stats["clipfrac"].append(float(((ratio - 1).abs() > cfg.clip).float().mean()))
-                    if not math.isfinite(loss.item()):
-                        raise PassCheckError(
-                            f"rl-finetune: the loss became {loss.item()} at iteration {it}; "
-                            "lower lr or raise anchor_coef")
-                if cfg.target_kl is not None and kl_epoch and np.mean(kl_epoch) > cfg.target_kl:
-                    break
-
-            recent_scores = (recent_scores + ended_scores)[-20:]
-            running = float(np.mean(recent_scores)) if recent_scores else float("nan")
-            row: dict[str, Any] = {
-                "iteration": it, "env_steps": done_steps, "phase": "warmup" if warmup else "ppo",
-                "episodes": len(ended_scores),
-                "score": float(np.mean(ended_scores)) if ended_scores else None,
-                "return": float(np.mean(ended_returns)) if ended_returns else None,
-                "running_score": running if recent_scores else None,
-                "std": round(log_std.exp().mean().item(), 5)}
-            for k, v in stats.items():
-                row[k] = float(np.mean(v)) if v else None
-            curve.append(row)
-            ctx.progress(f"rl-finetune score {running:.2f}", done_steps / max(1, cfg.env_steps))
-    finally:
-        envs.close()
-    policy.eval()
-    for p in policy.parameters():
-        p.requires_grad_(False)
-    return curve
-
-
-def _vec_envs(robot: Any, n: int, seed: int, faults: Any) -> LockstepEnvs | ProcessVecEnvs:
-    """The training envs: in this process, or, under a pool executor (`use_executor`, e.g.
-    `xcompile build --executor process`), sliced over up to one process per local core. The same
-    VecSteps either way (global episode seeds), so the same training run."""
-    ex = current_executor()
-    workers = 1 if isinstance(ex, str) else min(ex.workers, n, default_workers())
-    if workers > 1:
-        return ProcessVecEnvs(robot, n, seed, faults, stream=TRAIN_STREAM, workers=workers)
-    return LockstepEnvs(robot, n, seed, faults, stream=TRAIN_STREAM)
+def _search(start: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> tuple[Any, dict[str, Any]]:
+    """The gain search's calibrated copy of `start` and its record ({} when it did not run)."""
+    idx = gain_indices(ctx.robot)
+    if cfg.search_generations == 0 or not idx or not can_fold(start, idx):
+        return copy.deepcopy(start), {}
+    gains, rows = search_gains(
+        start, ctx.robot, generations=cfg.search_generations, population=cfg.search_population,
+        episodes=cfg.search_episodes, sigma=cfg.search_sigma, seed=ctx.seed,
+        faults=fault_schedule(cfg, ctx),
+        progress=lambda i, n: ctx.progress("rl-finetune gain search", i / n))
+    return fold_input_gains(start, idx, gains), {
+        "gains": np.round(gains, 4).tolist(), "gain_entries": idx, "search": rows}
 
 
 def _heldout(module: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> EvalResult:
@@ -322,7 +161,7 @@ def _heldout(module: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> EvalResul
 @register_pass
 class RLFinetune(Pass):
     name = "rl-finetune"
-    version = 3
+    version = 4
     input_format = "torch"
     output_format = "torch"
     input_formats = ("torch", "onnx")
@@ -340,23 +179,37 @@ class RLFinetune(Pass):
                 f"{art.format} graph (a foreign fat policy pinned to ONNX); skipped")
         cfg, spec, t_start = start_training(art, cfg, RLFinetuneConfig, ctx, PROFILE_DEFAULTS)
         start = load_torch_policy(art.path)
-        policy = load_torch_policy(art.path)
-        with seeded_torch(ctx.seed):     # rollouts and updates alike on one thread
-            curve = _ppo(policy, cfg, ctx)
+        policy, search = _search(start, cfg, ctx)
+        calibrated = copy.deepcopy(policy) if search else None
+        curve: list[dict[str, Any]] = []
+        if cfg.env_steps >= cfg.n_envs * cfg.rollout_steps:
+            with seeded_torch(ctx.seed):     # rollouts and updates alike on one thread
+                curve = ppo.train_ppo(policy, cfg, ctx)
         train_s = time.perf_counter() - t_start
 
         t_eval = time.perf_counter()
-        res_start, res_tuned = (_heldout(m, cfg, ctx) for m in (start, policy))
+        cands = {**({"calibrated": calibrated} if calibrated is not None else {}),
+                 **({"tuned": policy} if curve else {})}
+        res_start = _heldout(start, cfg, ctx)
+        results = {k: _heldout(m, cfg, ctx) for k, m in cands.items()}
         # Better with the paired interval above 0; a tie or a noisy gain keeps the start.
+        better = [k for k, r in results.items() if clearly_better(r.scores, res_start.scores)]
+        last = list(cands)[-1] if cands else "start"
+        if not cfg.keep_better:
+            kept = last
+        else:
+            kept = max(better, key=lambda k: results[k].score) if better else "start"
+        res_tuned = results.get(kept if kept != "start" else last, res_start)
         diff, diff_ci = diff_ci95(res_tuned.scores, res_start.scores)
-        kept = ("tuned" if clearly_better(res_tuned.scores, res_start.scores)
-                or not cfg.keep_better else "start")
         eval_s = time.perf_counter() - t_eval
 
-        path = save_torch_policy(ctx.workdir / "tuned.pt", policy if kept == "tuned" else start,
-                                 spec)
+        path = save_torch_policy(ctx.workdir / "tuned.pt", cands.get(kept, start), spec)
         summary = {"kept": kept, "score_start": round(res_start.score, 4),
                    "score_tuned": round(res_tuned.score, 4),
+                   "candidates": {k: {"score": round(r.score, 4),
+                                      "minus_start_ci95": diff_ci95(r.scores, res_start.scores)[1]}
+                                  for k, r in results.items()},
+                   **search,
                    "tuned_minus_start": diff, "tuned_minus_start_ci95": diff_ci,
                    "return_start": round(float(np.mean(res_start.returns)), 3),
                    "return_tuned": round(float(np.mean(res_tuned.returns)), 3),
@@ -391,7 +244,8 @@ class RLFinetune(Pass):
                 "score_tuned": s["score_tuned"], "heldout_episodes": s["heldout_episodes"],
                 "tuned_minus_start_ci95": s["tuned_minus_start_ci95"],
                 "env_steps": s["env_steps"], "train_s": s["train_s"], "eval_s": s["eval_s"],
-                "wall_s": round(s["train_s"] + s["eval_s"], 2), "final_std": s["final_std"]}
+                "wall_s": round(s["train_s"] + s["eval_s"], 2), "final_std": s["final_std"],
+                **({"gains": s["gains"]} if "gains" in s else {})}
 
     @classmethod
     def notes(cls, stage: Mapping[str, Any], stages: list[Mapping[str, Any]], cfg: PassConfig,
@@ -410,9 +264,12 @@ class RLFinetune(Pass):
         ci = c.get("tuned_minus_start_ci95")
         ci_txt = f", difference 95% [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
         kept = (f"; the pass kept the {c['kept']} policy (its own held-out episodes: start "
-                f"{c['score_start']:.3f}, tuned {c['score_tuned']:.3f}{ci_txt})"
-                if "kept" in c else "")
+                f"{c['score_start']:.3f}, {c['kept'] if c['kept'] != 'start' else 'tuned'} "
+                f"{c['score_tuned']:.3f}{ci_txt})" if "kept" in c else "")
+        kept += f"; input gains {c['gains']}" if c.get("kept") == "calibrated" else ""
         body += " under the fault suite (--robust)" if getattr(cfg, "faults", "") == "suite" else ""
+        _, rep = diff_ci95(stage.get("scores") or [], start.get("scores") or [])
+        rep_txt = f", paired 95% [{rep[0]:+.3f}, {rep[1]:+.3f}]" if rep else ""
         return [f"RL fine-tuning on {body}: start ({start['name']}) {start['score']:.3f} → tuned "
-                f"{stage['score']:.3f} ({stage['score'] - start['score']:+.3f}) on the report's "
-                f"episodes{kept}"]
+                f"{stage['score']:.3f} ({stage['score'] - start['score']:+.3f}{rep_txt}) on the "
+                f"report's episodes{kept}"]
