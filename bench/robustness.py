@@ -81,7 +81,7 @@ def bench_robot(args: Any, robot_name: str, names: list[str]
     tuned_row = b.row("rl-finetune")
     kept = (tuned_row or {}).get("checks", {}).get("kept", "start")
     paths = {"fat": b.artifact("fat"), "final": b.artifact("quantize")}
-    if kept == "tuned":
+    if kept != "start":     # "calibrated" or "tuned": rl-finetune changed the policy
         paths["tuned"] = b.artifact("rl-finetune")
     # Each policy loaded once, scored under every fault.
     policies = {k: load_policy(a.path, robot).act for k, a in paths.items() if a is not None}

@@ -16,6 +16,7 @@ from xcompile.executors.pools import ProcessExecutor, SerialExecutor
 from xcompile.executors.rollouts import PolicyRef
 from xcompile.models.slim import MLPPolicy, save_torch_policy
 from xcompile.passes import dagger_collect
+from xcompile.passes import ppo as ppo_mod
 from xcompile.passes import rl_finetune as rl_mod
 from xcompile.passes.base import BuildContext, seeded_torch
 from xcompile.sim.env import obs_dim
@@ -95,7 +96,7 @@ def test_dagger_collection_is_the_same_on_serial_and_process(mlp_files):
 
 
 def test_ppo_learns_the_same_under_the_process_executor(tmp_path, monkeypatch):
-    monkeypatch.setattr(rl_mod, "default_workers", lambda: 2)     # whatever cores CI has
+    monkeypatch.setattr(ppo_mod, "default_workers", lambda: 2)     # whatever cores CI has
     robot = short("panda", 0.3)        # 15-step episodes: each env ends 2 per iteration
     cfg = rl_mod.RLFinetuneConfig(env_steps=2 * 4 * 30, n_envs=4, rollout_steps=30, epochs=2,
                                   minibatch=40, critic_warmup_iters=1, critic_hidden=[16],
@@ -107,16 +108,16 @@ def test_ppo_learns_the_same_under_the_process_executor(tmp_path, monkeypatch):
         policy = MLPPolicy(obs_dim(robot), [16, 16], robot.n_joints, normalize=True)
         with seeded_torch(0):
             if ex is None:
-                envs = rl_mod._vec_envs(robot, 4, 0, None)
+                envs = ppo_mod.vec_envs(robot, 4, 0, None)
                 envs.close()
                 assert isinstance(envs, LockstepEnvs)
-                curve = rl_mod._ppo(policy, cfg, ctx)
+                curve = ppo_mod.train_ppo(policy, cfg, ctx)
             else:
                 with ex, use_executor(ex):
-                    envs = rl_mod._vec_envs(robot, 4, 0, None)
+                    envs = ppo_mod.vec_envs(robot, 4, 0, None)
                     envs.close()
                     assert isinstance(envs, ProcessVecEnvs) and envs.workers == 2
-                    curve = rl_mod._ppo(policy, cfg, ctx)
+                    curve = ppo_mod.train_ppo(policy, cfg, ctx)
         runs.append((curve, policy.state_dict()))
     (c0, w0), (c1, w1) = runs
     assert [r["phase"] for r in c0] == ["warmup", "ppo"] and c0[-1]["episodes"] == 8

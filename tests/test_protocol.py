@@ -88,6 +88,7 @@ def test_every_stream_the_code_names_exists_and_each_use_has_its_own():
     assert len(set(uses.values())) == len(uses), uses       # no two uses share a stream
     # The uses the protocol lists, each on the stream written down for it.
     assert rl_mod.KEEP_STREAM == "finetune-keep" and rl_mod.TRAIN_STREAM == "finetune-train"
+    assert rl_mod.SEARCH_STREAM == "gain-search"
     assert quantize_mod.CHOICE_STREAM == "quantize-choice"     # no longer rl-finetune's episodes
     assert measure_mod.REPORT_STREAM == "report"
     # The scripts that make the sample fat policy and its experts use the rest.
@@ -266,9 +267,13 @@ def test_rl_finetune_trains_and_keeps_on_its_streams(panda_pinned, reset_seeds):
     # episodes.
     result, checks = run_pass("rl-finetune", pinned, robot, tmp / "rl", env_steps=550, n_envs=1,
                               rollout_steps=550, epochs=1, minibatch=64, critic_warmup_iters=1,
-                              eval_episodes=1)
+                              eval_episodes=1, search_generations=2, search_population=2,
+                              search_episodes=1)
     got = streams_of(reset_seeds)
-    assert got == {"finetune-train": [0, 1], "finetune-keep": [0, 0]}   # start, tuned
+    # The search: 2 generations of 2 candidates, each generation on its own episode; keep-better:
+    # start, calibrated and tuned on the same held-out episode.
+    assert got == {"gain-search": [0, 0, 1, 1], "finetune-train": [0, 1],
+                   "finetune-keep": [0, 0, 0]}
     assert result.summary["heldout_stream"] == "finetune-keep"
     # The kept policy's held-out score is reproduced on the pass's stream.
     from xcompile.models.slim import load_torch_policy
@@ -276,7 +281,8 @@ def test_rl_finetune_trains_and_keeps_on_its_streams(panda_pinned, reset_seeds):
 
     kept = evaluate(torch_act(load_torch_policy(result.artifact.path)), robot, episodes=1,
                     seed=3, stream=rl_mod.KEEP_STREAM).score
-    assert kept == pytest.approx(checks[f"score_{checks['kept']}"], abs=1e-4)
+    want = checks["score_start" if checks["kept"] == "start" else "score_tuned"]
+    assert kept == pytest.approx(want, abs=1e-4)
 
 
 def test_distill_rounds_and_rungs_never_share_episodes(panda_pinned, reset_seeds, monkeypatch):

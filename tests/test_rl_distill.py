@@ -16,6 +16,7 @@ from xcompile.evaluate import evaluate
 from xcompile.models.slim import MLPPolicy, load_torch_policy, read_torch_policy
 from xcompile.models.tuning import split_for_tuning
 from xcompile.passes import distill as distill_mod
+from xcompile.passes import ppo as ppo_mod
 from xcompile.passes import rl_finetune as rl_mod
 from xcompile.passes.base import BuildContext, get_pass, with_profile_defaults
 from xcompile.policy import load_policy, torch_act
@@ -93,7 +94,7 @@ def test_rl_finetune_never_lowers_heldout_score(pinned_panda):
     # episode (500 steps) in each.
     out, m = run_pass("rl-finetune", pinned, robot, tmp / "rl", env_steps=2080, n_envs=2,
                       rollout_steps=520, epochs=2, minibatch=64, critic_warmup_iters=1,
-                      eval_episodes=2, lr=3e-4)
+                      eval_episodes=2, lr=3e-4, search_generations=0)
     assert m["kept"] in ("tuned", "start")
     assert m["env_steps"] == 2080
     lo = m["tuned_minus_start_ci95"][0]
@@ -139,8 +140,9 @@ def test_keep_better_guard_refuses_a_sabotaged_candidate(robot_name, competent_f
     fat = Artifact.create("fat-checkpoint", competent_fat_ckpt, robot.name)
     pinned, _ = run_pass("pin-embodiment", fat, robot, tmp_path / "pin", n_check_obs=16,
                          check_episodes=0)
-    monkeypatch.setattr(rl_mod, "_ppo", _sabotaging_ppo(0.7))
-    out, m = run_pass("rl-finetune", pinned, robot, tmp_path / "rl", eval_episodes=3)
+    monkeypatch.setattr(ppo_mod, "train_ppo", _sabotaging_ppo(0.7))
+    out, m = run_pass("rl-finetune", pinned, robot, tmp_path / "rl", eval_episodes=3,
+                      search_generations=0, env_steps=1024, n_envs=8, rollout_steps=128)
     assert m["score_start"] > 0.3                      # a policy that does its task
     assert m["score_tuned"] < m["score_start"]         # the candidate is worse
     assert m["kept"] == "start" and m["tuned_minus_start_ci95"][1] < 0
@@ -269,7 +271,7 @@ def test_fast_build_runs_the_default_plan(name, tiny_fat_ckpt, tmp_path):
     assert {"rl-finetune", "distill", "export-onnx", "quantize"} <= set(stages)
     rl = stages["rl-finetune"]["checks"]
     assert rl["env_steps"] == rl_mod.PROFILE_DEFAULTS["fast"]["env_steps"]
-    assert rl["score_tuned" if rl["kept"] == "tuned" else "score_start"] >= rl["score_start"]
+    assert rl["kept"] == "start" or rl["tuned_minus_start_ci95"][0] > 0
     assert stages["distill"]["checks"]["samples"] > 0
     assert (res.out_dir / "learning_curve.png").is_file()
     # The report says what fine-tuning added over the pinned policy (a1 and panda are in the

@@ -38,7 +38,7 @@ from xcompile.policy import torch_act
 from xcompile.sim.tasks import obs_dim, obs_layout
 from xcompile.targets import RobotTarget
 
-STREAM = "gain-search"
+SEARCH_STREAM = "gain-search"
 MAX_GAIN = 2.0
 MIN_SIGMA = 0.03    # log-gain std floor: the search keeps exploring a little
 # The observation slices (names of `xcompile.sim.tasks.obs_layout`) whose entries get a gain.
@@ -110,7 +110,7 @@ def search_gains(module: nn.Module, robot: RobotTarget, *, generations: int, pop
             g = np.ones(obs_dim(robot), dtype=np.float32)
             g[idx] = np.exp(c)
             res = score_policy(lambda obs, g=g: base(obs * g), robot, episodes, seed,
-                               stream=STREAM, first_episode=gen * episodes, faults=faults)
+                               stream=SEARCH_STREAM, first_episode=gen * episodes, faults=faults)
             scores.append(res.score)
             if progress:
                 progress(gen * population + len(scores), generations * population)

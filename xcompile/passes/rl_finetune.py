@@ -68,9 +68,15 @@ from xcompile.passes.base import (
     register_pass,
     seeded_torch,
 )
-from xcompile.passes.gain_search import can_fold, fold_input_gains, gain_indices, search_gains
+from xcompile.passes.gain_search import (
+    SEARCH_STREAM,  # noqa: F401  (the streams it uses)
+    can_fold,
+    fold_input_gains,
+    gain_indices,
+    search_gains,
+)
 from xcompile.passes.learning_curve import plot_learning_curve
-from xcompile.passes.ppo import TRAIN_STREAM  # noqa: F401  (the streams rl-finetune uses)
+from xcompile.passes.ppo import TRAIN_STREAM  # noqa: F401
 from xcompile.passes.training import FAULTS_HELP, fault_schedule, start_training
 from xcompile.policy import torch_act
 from xcompile.sim.observations import random_obs
@@ -150,7 +156,7 @@ def _search(start: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> tuple[Any, 
         faults=fault_schedule(cfg, ctx),
         progress=lambda i, n: ctx.progress("rl-finetune gain search", i / n))
     return fold_input_gains(start, idx, gains), {
-        "gains": np.round(gains, 4).tolist(), "gain_entries": idx, "search": rows}
+        "gains": [float(g) for g in gains], "gain_entries": idx, "search": rows}
 
 
 def _heldout(module: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> EvalResult:
@@ -182,14 +188,15 @@ class RLFinetune(Pass):
         policy, search = _search(start, cfg, ctx)
         calibrated = copy.deepcopy(policy) if search else None
         curve: list[dict[str, Any]] = []
-        if cfg.env_steps >= cfg.n_envs * cfg.rollout_steps:
+        ran_ppo = cfg.env_steps >= cfg.n_envs * cfg.rollout_steps
+        if ran_ppo:
             with seeded_torch(ctx.seed):     # rollouts and updates alike on one thread
                 curve = ppo.train_ppo(policy, cfg, ctx)
         train_s = time.perf_counter() - t_start
 
         t_eval = time.perf_counter()
         cands = {**({"calibrated": calibrated} if calibrated is not None else {}),
-                 **({"tuned": policy} if curve else {})}
+                 **({"tuned": policy} if ran_ppo else {})}
         res_start = _heldout(start, cfg, ctx)
         results = {k: _heldout(m, cfg, ctx) for k, m in cands.items()}
         # Better with the paired interval above 0; a tie or a noisy gain keeps the start.
@@ -266,7 +273,8 @@ class RLFinetune(Pass):
         kept = (f"; the pass kept the {c['kept']} policy (its own held-out episodes: start "
                 f"{c['score_start']:.3f}, {c['kept'] if c['kept'] != 'start' else 'tuned'} "
                 f"{c['score_tuned']:.3f}{ci_txt})" if "kept" in c else "")
-        kept += f"; input gains {c['gains']}" if c.get("kept") == "calibrated" else ""
+        if c.get("kept") == "calibrated":
+            kept += f"; input gains {[round(g, 3) for g in c['gains']]}"
         body += " under the fault suite (--robust)" if getattr(cfg, "faults", "") == "suite" else ""
         _, rep = diff_ci95(stage.get("scores") or [], start.get("scores") or [])
         rep_txt = f", paired 95% [{rep[0]:+.3f}, {rep[1]:+.3f}]" if rep else ""
