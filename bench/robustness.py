@@ -29,43 +29,18 @@ averaged over faults"), with its paired interval.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from typing import Any
 
 import common
-import numpy as np
 from quality import quality_plan
 
-from xcompile.evaluate import torch_single_thread
 from xcompile.executors import make_executor
 from xcompile.policy import load_policy
-from xcompile.sim.env import Faults
-from xcompile.sim.fault_suite import fault_suite
-from xcompile.stats import mean_ci95, ratio_ci95
-from xcompile.targets import RobotTarget, list_robots, load_robot
+from xcompile.render import ratio_text
+from xcompile.robustness import fault_table
+from xcompile.targets import list_robots, load_robot
 
 ROBUST = {"rl-finetune": {"faults": "suite"}, "distill": {"faults": "suite"}}
-
-
-def score(act: Any, robot: RobotTarget, episodes: int, seed: int,
-          faults: Faults | None) -> list[float]:
-    """Per-episode scores of the batch policy `act` on episodes 0..episodes-1 of the "bench"
-    seed stream (None: no fault)."""
-    from xcompile.evaluate import evaluate
-
-    with torch_single_thread():
-        return evaluate(act, robot, episodes=episodes, seed=seed, faults=faults,
-                        stream=common.BENCH_STREAM).scores
-
-
-def _cell(scores: dict[str, list[float]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, s in scores.items():
-        out[k] = round(float(np.mean(s)), 4)
-        out[f"{k}_ci95"] = mean_ci95(s)
-        out[f"{k}_scores"] = [round(x, 4) for x in s]
-    out["final_over_fat"], out["final_over_fat_ci95"] = ratio_ci95(scores["final"], scores["fat"])
-    return out
 
 
 def bench_robot(args: Any, robot_name: str, names: list[str]
@@ -83,40 +58,24 @@ def bench_robot(args: Any, robot_name: str, names: list[str]
     paths = {"fat": b.artifact("fat"), "final": b.artifact("quantize")}
     if kept != "start":     # "calibrated" or "tuned": rl-finetune changed the policy
         paths["tuned"] = b.artifact("rl-finetune")
-    # Each policy loaded once, scored under every fault.
-    policies = {k: load_policy(a.path, robot).act for k, a in paths.items() if a is not None}
-    cells, rows, faulted = [], [], {k: [] for k in policies}
-    for fault in [None, *fault_suite(robot)]:
-        name = "none (nominal)" if fault is None else fault.name
-        detail = "" if fault is None else fault.detail
-        if fault is not None and fault.faults is None:
-            cells.append({"fault": name, "detail": detail, "applies": False})
-            rows.append([robot.name, name, detail] + ["n/a"] * 4)
+    # Each policy loaded once, scored under every fault (xcompile.robustness, as a build's report).
+    policies = {k: load_policy(paths[k].path, robot).act for k in ("fat", "tuned", "final")
+                if paths.get(k) is not None}
+    table = fault_table(policies, robot, args.episodes, args.seed, stream=common.BENCH_STREAM)
+    rows = []
+    for c in table["faults"]:
+        if not c["applies"]:
+            rows.append([robot.name, c["fault"], c["detail"]] + ["n/a"] * 4)
             continue
-        faults = None if fault is None else fault.faults
-        got = {k: score(act, robot, args.episodes, args.seed, faults)
-               for k, act in policies.items()}
-        if fault is not None:
-            for k, s in got.items():
-                faulted[k] += s
-        c = _cell(got)
-        cells.append({"fault": name, "detail": detail, "applies": True,
-                      "faults": asdict(faults) if faults else None, **c})
-        rows.append([robot.name, name, detail, f"{c['fat']:.3f}",
+        rows.append([robot.name, c["fault"], c["detail"], f"{c['fat']:.3f}",
                      f"{c['tuned']:.3f}" if "tuned" in c else "= fat (start kept)",
-                     f"{c['final']:.3f}", _ratio(c["final_over_fat"], c["final_over_fat_ci95"])])
-    under = ratio_ci95(faulted["final"], faulted["fat"])
+                     f"{c['final']:.3f}", ratio_text(c["final_over_fat"], c["final_over_fat_ci95"])])
     notes = [f"{robot.name}: {n}" for n in b.notes]
     return ({"robot": robot.name, "robust": bool(args.robust), "tuned_kept": kept,
              "stream": common.BENCH_STREAM, "seed": args.seed, "episodes": args.episodes,
-             "final_over_fat_under_faults": under[0],
-             "final_over_fat_under_faults_ci95": under[1], "faults": cells}, rows, notes)
-
-
-def _ratio(r: float | None, ci: list[float] | None) -> str:
-    if r is None:
-        return "n/a"
-    return f"{r:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+             "final_over_fat_under_faults": table["final_over_fat_under_faults"],
+             "final_over_fat_under_faults_ci95": table["final_over_fat_under_faults_ci95"],
+             "faults": table["faults"]}, rows, notes)
 
 
 def _job(job: tuple[Any, str, list[str]]):
@@ -148,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes += n
         if "error" not in res:
             summary.append([res["robot"], res["tuned_kept"],
-                            _ratio(res["final_over_fat_under_faults"],
+                            ratio_text(res["final_over_fat_under_faults"],
                                    res["final_over_fat_under_faults_ci95"])])
     build = "robust (`--robust`)" if args.robust else "default"
     md = (f"{build} builds; scores in [0, 1], mean of {args.episodes} episodes per cell (episodes "

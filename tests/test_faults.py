@@ -163,3 +163,35 @@ def test_robust_sets_faults_on_the_passes_that_train():
     with pytest.raises(PlanError, match="--robust"):
         resolve_settings(cli_cfg={"robust": True,
                                   "passes": ["pin-embodiment", "export-onnx"]})
+
+
+def test_build_report_has_the_robustness_table(competent_fat_ckpt, tmp_path):
+    """`xcompile build --robustness`: every fault of the suite × (fat, final) on the report's
+    episodes, paired ratios, in report.json and report.md; a fixed arm's payload is n/a."""
+    from xcompile.build import run_build
+    from xcompile.manager.settings import resolve_settings
+    from xcompile.robustness import fault_table
+    from xcompile.sim.fault_suite import fault_suite
+
+    s = resolve_settings(None, {}, {"profile": "fast",
+                                    "passes": ["pin-embodiment", "export-onnx", "quantize"]})
+    res = run_build(competent_fat_ckpt, "panda", None, s.plan, tmp_path / "out",
+                    tmp_path / "cache", profile=s.profile, episodes=2, rollout=False,
+                    robustness=True)
+    rb = res.report["robustness"]
+    robot = load_robot("panda")
+    assert [r["fault"] for r in rb["faults"]] == ["none (nominal)"] + [
+        f.name for f in fault_suite(robot)]
+    assert rb["policies"] == ["fat", "final"]            # no rl-finetune in this plan
+    rows = {r["fault"]: r for r in rb["faults"]}
+    assert not rows["payload"]["applies"]
+    nominal = next(st for st in res.report["stages"] if st["name"] == "quantize")
+    assert rows["none (nominal)"]["final"] == pytest.approx(nominal["score"], abs=1e-3)
+    assert rows["locked-joint"]["fat"] < rows["none (nominal)"]["fat"]   # the fault bites
+    for r in rb["faults"]:
+        if r["applies"]:
+            assert r["final_over_fat"] == pytest.approx(r["final"] / r["fat"], rel=1e-2)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Robustness: the fault suite" in md and "| locked-joint |" in md
+    with pytest.raises(ValueError, match="fat"):
+        fault_table({"final": lambda o: o}, robot, 1, 0)

@@ -43,6 +43,7 @@ from xcompile.outdir import MANIFEST, check_replaceable, check_writable_parent, 
 from xcompile.policy import load_policy
 from xcompile.render import plot_stages, render_markdown
 from xcompile.report import Gates, build_report, policy_file_name
+from xcompile.robustness import build_policies, fault_table
 from xcompile.sim.env import obs_dim
 from xcompile.targets import HardwareTarget, RobotTarget, load_hardware, load_robot
 
@@ -172,7 +173,7 @@ def run_build(ckpt_path: str | Path | Artifact, robot: str | Path | RobotTarget,
               episodes: int = 10, gates: Gates | None = None, measure: Measure | None = None,
               runtime_floor: Callable[[], float] | None = None, rollout: bool = True,
               extra_manifest: Mapping[str, Any] | None = None, force: bool = False,
-              interface: str | Path | None = None
+              interface: str | Path | None = None, robustness: bool = False
               ) -> BuildResult:
     """Run `plan` on a fat checkpoint (or any artifact) for one robot; write `out_dir`.
 
@@ -180,7 +181,8 @@ def run_build(ckpt_path: str | Path | Artifact, robot: str | Path | RobotTarget,
     replaces an earlier build that holds files it did not write); that, and whether its parent
     is writable, are checked before any work. Gates are evaluated into the report; call
     `result.raise_for_gates()` to turn a miss into GateError. `measure` and `runtime_floor`
-    default to the real measurements (`xcompile.measure`).
+    default to the real measurements (`xcompile.measure`). `robustness`: the report also scores
+    the fat, tuned and final policy under the fault suite (`xcompile.robustness`).
     """
     robot_t, hw = as_targets(robot, hardware)
     out_dir = Path(out_dir)
@@ -195,6 +197,15 @@ def run_build(ckpt_path: str | Path | Artifact, robot: str | Path | RobotTarget,
     doc = build_report(robot_t, hw, plan, run.stages, seed=seed, profile=profile,
                        episodes=episodes, gates=gates or Gates(), runtime_floor_us=floor)
     doc["notes"] = list(doc["notes"]) + run.notes
+    if robustness:      # shown as one more stage of the progress display
+        for h in hooks:
+            h.before_pass("robustness", len(run.stages), len(run.stages) + 1)
+        doc["robustness"] = fault_table(
+            build_policies(run.stages, robot_t), robot_t, episodes, seed,
+            progress=lambda i, n: [h.progress("robustness", f"fault {i}/{n}", i / n)
+                                   for h in hooks])
+        for h in hooks:
+            h.after_pass(StageRecord(name="robustness", format="report"))
     write_folder(out_dir, lambda tmp: write_outputs(
         tmp, doc, run.stages, inp, robot_t, hw, plan, seed=seed, profile=profile,
         episodes=episodes, rollout=rollout, extra_manifest=extra_manifest), force=force)

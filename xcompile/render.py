@@ -97,6 +97,32 @@ def render_table(report: Mapping[str, Any]) -> Table:
     return t
 
 
+def ratio_text(r: float | None, ci: list[float] | None) -> str:
+    if r is None:
+        return "n/a"
+    return f"{r:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def render_fault_table(table: Mapping[str, Any]) -> list[str]:
+    """Markdown lines: one row per fault, each policy's score [95%] and final / fat."""
+    names = list(table["policies"])
+    lines = ["| fault | detail | " + " | ".join(names) + " | final / fat [95%] |",
+             "|---|---|" + "---|" * len(names) + "---|"]
+    for row in table["faults"]:
+        if not row["applies"]:
+            lines.append(f"| {row['fault']} | {row['detail']} | " + "n/a | " * len(names)
+                         + "n/a |")
+            continue
+        cells = [f"{row[k]:.3f} [{row[k + '_ci95'][0]:.3f}, {row[k + '_ci95'][1]:.3f}]"
+                 if row.get(k + "_ci95") else f"{row[k]:.3f}" for k in names]
+        lines.append(f"| {row['fault']} | {row['detail']} | " + " | ".join(cells) + " | "
+                     + ratio_text(row["final_over_fat"], row["final_over_fat_ci95"]) + " |")
+    lines += ["", "Final / fat under faults (every faulted episode of every fault that applies, "
+              "paired): " + ratio_text(table["final_over_fat_under_faults"],
+                                   table["final_over_fat_under_faults_ci95"])]
+    return lines
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# xcompile build: {report['robot']} on {report['hardware']}", "",
              f"Plan `{','.join(s['name'] for s in report['plan'])}`, seed {report['seed']}, "
@@ -114,6 +140,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                   "| ratio | value | 95% CI |", "|---|---|---|"]
         lines += [f"| {r['final']} / {r['stage']} | {r['ratio']:.3f} | {_ci(r['ci95'])} |"
                   for r in report["score_ratios"]]
+    if report.get("robustness"):
+        rb = report["robustness"]
+        lines += ["", "## Robustness: the fault suite", "",
+                  f"Each policy on the same {rb['episodes']} report episodes per fault, "
+                  "score [95%]; final / fat is the paired ratio.", ""]
+        lines += render_fault_table(rb)
     if report["gates"]:
         lines += ["", "## Gates", ""]
         lines += [f"- {'pass' if g['passed'] else '**MISSED**'}: {g['message']}"

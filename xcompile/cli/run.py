@@ -136,7 +136,11 @@ def build(
         "--robust", help="Fine-tune and distill with the fault suite in the training "
                          "distribution (a locked joint, a weak leg, a payload, a delay, "
                          "observation noise; `xcompile eval --fault`), so that the slim policy "
-                         "keeps the fat policy's fault tolerance.")] = False,
+                         "keeps the fat policy's fault tolerance. Implies --robustness.")] = False,
+    robustness: Annotated[bool, typer.Option(
+        "--robustness", help="Also score the fat, tuned and final policy under every fault of "
+                             "the suite on the report's episodes and put that table in the "
+                             "report (costs up to 6 x 3 x --episodes episodes).")] = False,
     tensorrt: Annotated[bool, typer.Option(
         "--tensorrt", help="Require TensorRT: fail instead of skipping build-tensorrt when "
                            "TensorRT or a GPU is missing.")] = False,
@@ -210,7 +214,8 @@ def build(
                 req.inp, req.robot, req.hardware, s.plan, out_dir, cache_dir,
                 use_cache=not no_cache, seed=s.seed, profile=s.profile, episodes=s.episodes,
                 hooks=[_RichHooks(prog)], required=("build-tensorrt",) if tensorrt else (),
-                gates=gates, extra_manifest={"command": sys.argv}, force=force)
+                gates=gates, extra_manifest={"command": sys.argv}, force=force,
+                robustness=robustness or robust)
     if as_json:
         print_json(result.report)
     else:
