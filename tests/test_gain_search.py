@@ -77,13 +77,47 @@ def test_folded_gains_equal_scaled_inputs(name, tiny_fat_ckpt, tmp_path):
 def test_search_is_deterministic_and_bounded(competent_fat_ckpt, tmp_path):
     robot = load_robot("panda")
     pinned = load_torch_policy(_pinned(competent_fat_ckpt, robot, tmp_path).path)
-    runs = [search_gains(pinned, robot, generations=2, population=3, episodes=1, sigma=2.0,
-                         seed=4) for _ in range(2)]
+    runs = [search_gains(pinned, robot, iterations=2, episodes=1, step=0.69, seed=4)
+            for _ in range(2)]
     (g0, rows0), (g1, rows1) = runs
     np.testing.assert_array_equal(g0, g1)
-    assert rows0 == rows1 and len(rows0) == 2
-    assert np.all(g0 <= 2.0 + 1e-6) and np.all(g0 >= 0.5 - 1e-6)   # sigma 2 would leave [1/2, 2]
-    assert not np.allclose(g0, 1.0)
+    assert rows0 == rows1 and [r["step"] for r in rows0] == [0.69, 0.414]
+    assert np.all(g0 <= 2.0 + 1e-6) and np.all(g0 >= 0.5 - 1e-6)   # two steps could leave [1/2, 2]
+    for r in rows0:                        # the current gains were among the candidates
+        assert r["score_best"] >= r["score_center"]
+
+
+def test_search_climbs_a_known_slope(monkeypatch):
+    """On a score that is a known function of the gains, the search moves each gain the right
+    way: to the top of a parabola, up a slope, and not at all on a flat one."""
+    import xcompile.passes.gain_search as gs
+
+    robot = load_robot("panda")
+    idx = gain_indices(robot)
+    best = np.log([1.2, 1.0, 0.8])           # gain 0 peaks at 1.2, gain 2 at 0.8; gain 1 flat
+
+    class Res:
+        def __init__(self, score):
+            self.score = score
+
+    def fake_score(act, robot, episodes, seed, **kw):
+        # The candidate scales the observation before the network: a ones observation shows
+        # the network its gains.
+        act(np.ones((1, obs_dim(robot)), dtype=np.float32))
+        logg = np.log(recorded[-1][0, idx])
+        return Res(1.0 - float(((logg - best)[[0, 2]] ** 2).sum()))
+
+    recorded: list[np.ndarray] = []
+
+    class Net(torch.nn.Module):
+        def forward(self, obs):
+            recorded.append(obs.numpy().copy())
+            return torch.zeros(len(obs), robot.n_joints)
+
+    monkeypatch.setattr(gs, "score_policy", fake_score)
+    gains, rows = gs.search_gains(Net(), robot, iterations=3, episodes=1, step=0.25, seed=0)
+    np.testing.assert_allclose(gains, [1.2, 1.0, 0.8], rtol=1e-3)   # a parabola: exact
+    assert rows[0]["gains"][1] == 1.0
 
 
 def test_pass_keeps_a_calibrated_policy_only_when_clearly_better(competent_fat_ckpt, tmp_path):
@@ -92,8 +126,7 @@ def test_pass_keeps_a_calibrated_policy_only_when_clearly_better(competent_fat_c
     cls = get_pass("rl-finetune")
     ctx = BuildContext(robot=robot, hardware=load_hardware("cpu"), workdir=tmp_path / "rl")
     ctx.workdir.mkdir()
-    cfg = cls.Config(search_generations=2, search_population=3, search_episodes=2, env_steps=0,
-                     eval_episodes=4)
+    cfg = cls.Config(search_iterations=1, search_episodes=2, env_steps=0, eval_episodes=4)
     res = cls().run(pinned, cfg, ctx)
     s = cls().check(pinned, res, cfg, ctx)
     assert set(res.summary["candidates"]) == {"calibrated"}        # no PPO at env_steps 0
@@ -106,3 +139,25 @@ def test_pass_keeps_a_calibrated_policy_only_when_clearly_better(competent_fat_c
         torch.testing.assert_close(load_torch_policy(res.artifact.path)(x), want(x),
                                    atol=1e-5, rtol=1e-5)
     assert (ctx.workdir / "learning_curve.png").stat().st_size > 1000
+
+
+def test_search_and_keep_returns_the_gains_only_when_clearly_better():
+    """distill's use: an MLP student searched and kept-or-not on held-out episodes; kept means
+    the returned module is the student with exactly the reported gains."""
+    from xcompile.passes.gain_search import search_and_keep
+
+    robot = load_robot("panda")
+    torch.manual_seed(0)
+    student = MLPPolicy(obs_dim(robot), [16], robot.n_joints, normalize=True).eval()
+    out, rec = search_and_keep(student, robot, iterations=1, episodes=1, keep_episodes=2,
+                               seed=0, faults=None, streams=("distill-search", "distill-keep"))
+    assert set(rec) >= {"gains", "kept", "search", "score_with", "score_without"}
+    assert rec["kept"] == (rec["with_minus_without_ci95"][0] > 0)
+    x = torch.as_tensor(random_obs(robot, 16))
+    want = (fold_input_gains(student, gain_indices(robot), np.asarray(rec["gains"]))
+            if rec["kept"] else student)
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), want(x))
+    gru = torch.nn.GRU(4, 4)                  # cannot be folded: handed back, no search
+    assert search_and_keep(gru, robot, iterations=1, episodes=1, keep_episodes=1, seed=0,
+                           faults=None, streams=("distill-search", "distill-keep")) == (gru, {})

@@ -267,12 +267,11 @@ def test_rl_finetune_trains_and_keeps_on_its_streams(panda_pinned, reset_seeds):
     # episodes.
     result, checks = run_pass("rl-finetune", pinned, robot, tmp / "rl", env_steps=550, n_envs=1,
                               rollout_steps=550, epochs=1, minibatch=64, critic_warmup_iters=1,
-                              eval_episodes=1, search_generations=2, search_population=2,
-                              search_episodes=1)
+                              eval_episodes=1, search_iterations=2, search_episodes=1)
     got = streams_of(reset_seeds)
-    # The search: 2 generations of 2 candidates, each generation on its own episode; keep-better:
-    # start, calibrated and tuned on the same held-out episode.
-    assert got == {"gain-search": [0, 0, 1, 1], "finetune-train": [0, 1],
+    # The search: 2 iterations of 1 + 2 x 3 candidates (panda's 3 gains), each iteration on its
+    # own episode; keep-better: start, calibrated and tuned on the same held-out episode.
+    assert got == {"gain-search": [0] * 7 + [1] * 7, "finetune-train": [0, 1],
                    "finetune-keep": [0, 0, 0]}
     assert result.summary["heldout_stream"] == "finetune-keep"
     # The kept policy's held-out score is reproduced on the pass's stream.

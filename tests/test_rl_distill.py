@@ -94,7 +94,7 @@ def test_rl_finetune_never_lowers_heldout_score(pinned_panda):
     # episode (500 steps) in each.
     out, m = run_pass("rl-finetune", pinned, robot, tmp / "rl", env_steps=2080, n_envs=2,
                       rollout_steps=520, epochs=2, minibatch=64, critic_warmup_iters=1,
-                      eval_episodes=2, lr=3e-4, search_generations=0)
+                      eval_episodes=2, lr=3e-4, search_iterations=0)
     assert m["kept"] in ("tuned", "start")
     assert m["env_steps"] == 2080
     lo = m["tuned_minus_start_ci95"][0]
@@ -142,7 +142,7 @@ def test_keep_better_guard_refuses_a_sabotaged_candidate(robot_name, competent_f
                          check_episodes=0)
     monkeypatch.setattr(ppo_mod, "train_ppo", _sabotaging_ppo(0.7))
     out, m = run_pass("rl-finetune", pinned, robot, tmp_path / "rl", eval_episodes=3,
-                      search_generations=0, env_steps=1024, n_envs=8, rollout_steps=128)
+                      search_iterations=0, env_steps=1024, n_envs=8, rollout_steps=128)
     assert m["score_start"] > 0.3                      # a policy that does its task
     assert m["score_tuned"] < m["score_start"]         # the candidate is worse
     assert m["kept"] == "start" and m["tuned_minus_start_ci95"][1] < 0

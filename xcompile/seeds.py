@@ -24,12 +24,14 @@ STREAMS: dict[str, int] = {
     "fat-dagger": 15,          # the sample fat policy's own DAgger rounds (and the test fixture's)
     "finetune-train": 2,       # rl-finetune's PPO episodes
     "gain-search": 16,         # rl-finetune's gain search (xcompile.passes.gain_search)
+    "distill-search": 17,      # distill's gain search on the student
     "dagger": 3,               # distill's DAgger rounds
     "calibration": 4,          # quantize's int8 calibration episodes
     # checks a pass makes of its own result (each its own, so no pass tunes on another's)
     "finetune-keep": 5,        # rl-finetune's keep-better comparison
     "distill-heldout": 6,      # distill's held-out teacher-labelled states
     "distill-score": 7,        # distill's teacher/student scores (ladder choice)
+    "distill-keep": 18,        # distill's keep-better comparison of the student's gains
     "quantize-check": 8,       # quantize's action-error check
     "quantize-choice": 9,      # quantize's closed-loop choice of what stays in float
     "pin-check": 10,           # pin-embodiment's closed-loop equality check

@@ -27,9 +27,9 @@ def plot_learning_curve(curve: list[dict[str, Any]], summary: dict[str, Any], pa
         ax2.set_ylabel("return", color="#dd8452")
     search = summary.get("search") or []
     if not pts and search:
-        gens = [r["generation"] for r in search]
-        ax.plot(gens, [r["score_mean_candidate"] for r in search], "o-", color="#4c72b0",
-                label="search: mean candidate")
+        gens = [r["iteration"] for r in search]
+        ax.plot(gens, [r["score_center"] for r in search], "o-", color="#4c72b0",
+                label="search: current gains")
         ax.plot(gens, [r["score_best"] for r in search], "s--", color="#dd8452",
                 label="search: best candidate")
     warm = [r["env_steps"] for r in curve if r["phase"] == "warmup"]
@@ -37,7 +37,7 @@ def plot_learning_curve(curve: list[dict[str, Any]], summary: dict[str, Any], pa
         ax.axvspan(0, max(warm), color="0.9", label="critic warm-up")
     ax.axhline(summary["score_start"], color="0.4", ls=":", label="start, held-out")
     ax.axhline(summary["score_tuned"], color="#55a868", ls=":", label=f"{summary['kept']}, held-out")
-    ax.set_xlabel("env steps" if pts or not search else "gain-search generation")
+    ax.set_xlabel("env steps" if pts or not search else "gain-search iteration")
     ax.set_ylabel("score")
     ax.set_ylim(-0.02, 1.05)
     handles, labels = ax.get_legend_handles_labels()

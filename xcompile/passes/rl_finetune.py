@@ -1,12 +1,13 @@
 """rl-finetune: body-specific fine-tuning on the target's own task, in two phases, each optional:
-a search over the gains on the task inputs (`xcompile.passes.gain_search`: CEM, folded exactly
+a search over the gains on the task inputs (`xcompile.passes.gain_search`: a coordinate search, folded exactly
 into the first layer), then PPO from the calibrated policy, anchored to it. The default profile
 spends its budget on the gain search (PPO at that budget moved held-out scores by under 1% on
 every built-in robot, below what the guard can resolve); thorough runs both.
 
 torch -> torch, of the same kind as the input (a pinned fat network stays a `PinnedPolicy`, an MLP
 stays an `MLPPolicy`), so export-onnx takes the result unchanged. Cost: the search runs
-`search_generations * search_population * search_episodes` episodes; PPO `env_steps` simulator
+`search_iterations * (1 + 2 x gains) * search_episodes` episodes (gains: 6 for locomotion, 3 for
+reach); PPO `env_steps` simulator
 steps (about 400/s on a busy core) plus its updates; `trainable="last"` caches the frozen front of
 the network per sample and makes an update epoch a fraction of a full backward pass.
 
@@ -92,24 +93,24 @@ KEEP_STREAM = "finetune-keep"     # the keep-better comparison of start and tune
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "fast": {"env_steps": 2_048, "n_envs": 8, "rollout_steps": 64, "epochs": 2,
              "critic_warmup_iters": 1, "eval_episodes": 2,
-             "search_generations": 1, "search_population": 2, "search_episodes": 2},
+             "search_iterations": 1, "search_episodes": 1},
     "default": {"env_steps": 0, "eval_episodes": 10,
-                "search_generations": 4, "search_population": 6, "search_episodes": 10},
+                "search_iterations": 2, "search_episodes": 8},
     "thorough": {"env_steps": 200_000, "n_envs": 16, "rollout_steps": 128, "epochs": 5,
                  "critic_warmup_iters": 4, "eval_episodes": 20,
-                 "search_generations": 6, "search_population": 8, "search_episodes": 16},
+                 "search_iterations": 4, "search_episodes": 16},
 }
 
 
 # OPTIONS
 class RLFinetuneConfig(PassConfig):
-    search_generations: int = Field(4, ge=0, description="generations of the gain search "
-                                    "(0: no search; profile: fast 1, default 4, thorough 6)")
-    search_population: int = Field(6, ge=2, description="candidates per generation, the "
-                                   "current mean among them")
-    search_episodes: int = Field(10, ge=1, description="episodes each candidate runs (the same "
-                                 "for every candidate of a generation)")
-    search_sigma: float = Field(0.2, gt=0, description="initial std of the log-gains")
+    search_iterations: int = Field(2, ge=0, description="iterations of the gain search, each "
+                                   "1 + 2 x (number of gains) candidates (0: no search; profile: "
+                                   "fast 1, default 2, thorough 4)")
+    search_episodes: int = Field(8, ge=1, description="episodes each candidate runs (the same "
+                                 "for every candidate of an iteration)")
+    search_step: float = Field(0.25, gt=0, le=0.69, description="the first iteration's step of "
+                               "the log-gains (0.25: gains x 1.28 and / 1.28); later ones shrink")
     env_steps: int = Field(24_576, ge=0, description="PPO's simulator steps, critic warm-up "
                            "included (0: no PPO; profile: fast 2048, default 0, thorough 200000)")
     n_envs: int = Field(8, ge=1, description="simulators stepped in lock-step (one batched "
@@ -148,11 +149,11 @@ class RLFinetuneConfig(PassConfig):
 def _search(start: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> tuple[Any, dict[str, Any]]:
     """The gain search's calibrated copy of `start` and its record ({} when it did not run)."""
     idx = gain_indices(ctx.robot)
-    if cfg.search_generations == 0 or not idx or not can_fold(start, idx):
+    if cfg.search_iterations == 0 or not idx or not can_fold(start, idx):
         return copy.deepcopy(start), {}
     gains, rows = search_gains(
-        start, ctx.robot, generations=cfg.search_generations, population=cfg.search_population,
-        episodes=cfg.search_episodes, sigma=cfg.search_sigma, seed=ctx.seed,
+        start, ctx.robot, iterations=cfg.search_iterations, episodes=cfg.search_episodes,
+        step=cfg.search_step, seed=ctx.seed,
         faults=fault_schedule(cfg, ctx),
         progress=lambda i, n: ctx.progress("rl-finetune gain search", i / n))
     return fold_input_gains(start, idx, gains), {
