@@ -19,6 +19,8 @@ SECTIONS = [  # script, title, command
      "python bench/quality.py --plan thin"),
     ("quality-default", "Default builds: every stage of `xcompile build --int8`, all robots",
      "python bench/quality.py --profile default"),
+    ("finetune", "Fine-tuning for the body: what it adds, and what the slim policy keeps "
+     "(default builds)", "python bench/finetune.py   # after quality.py --profile default"),
     ("quality-default-arms", "Default builds of the arms, with 8 DAgger episodes per round",
      "python bench/quality.py --profile default --episodes 50 --workers 2 --robots kuka_iiwa "
      "panda xarm6 --out bench/results/quality-default-arms.json"),
@@ -92,20 +94,26 @@ are exact.
 
 
 SCORED = ("quality", "quality-thin", "quality-default", "quality-default-arms",  # with scores
-          "robustness", "robustness-robust", "robustness-arms", "robustness-robust-arms")
+          "finetune", "robustness", "robustness-robust", "robustness-arms",
+          "robustness-robust-arms")
 WORLD_FREE = ("raptor", "quadrotor")   # sections that use neither the sample fat policy nor
                                         # its worlds
 # What changed since a section was measured, where it touches its numbers.
 ARMS_4 = ("**Built before the arms' distillation default went to 8 DAgger episodes per round** "
           "(4 here): the arms' rows are superseded by the two sections that follow the robust "
           "builds' (the arms re-run); the quadrupeds' rows are what a build makes today.")
+BEFORE_SEARCH = ("**Built before rl-finetune's gain search** (2026-11-27): rl-finetune then ran "
+                 "PPO only and its guard kept the start on every robot, so \"tuned\" = fat "
+                 "here; distill had no gain search on the arms' students. A build today changes "
+                 "the policy (see the default builds above). Not re-run. ")
 CHANGED_SINCE = {
-    "robustness": ARMS_4,
-    "robustness-robust": ARMS_4,
-    "quality-default": ("**The arms' rows (kuka_iiwa, panda, xarm6) are superseded** by the next "
-                        "section: distill now gives the arms 8 DAgger episodes per round in the "
-                        "default profile (4 here). The quadrupeds' rows are what a build makes "
-                        "today."),
+    "robustness": BEFORE_SEARCH + ARMS_4,
+    "robustness-robust": BEFORE_SEARCH + ARMS_4,
+    "robustness-arms": BEFORE_SEARCH,
+    "robustness-robust-arms": BEFORE_SEARCH,
+    "quality-default-arms": ("**Superseded by the default builds above**, which include the arms "
+                             "and the gain searches. Built before them (PPO only, guard kept the "
+                             "start). Not re-run."),
     "foreign": ("**Part 2's int8 rows were measured before 2026-11-27,** when quantize kept a "
                 "recurrent student's recurrent weights in float (its first/last-layer walk "
                 "started at the state's inputs and outputs): the GRU's int8 file is 0.91x its "
