@@ -90,6 +90,12 @@ The default builds were re-run again the same day after rl-finetune's keep-bette
 held-out episodes): 2674 s for 8 robots, on a machine shared with niced robustness and distill
 runs, so their build times (up to 964 s, laikago) and latency ratios are inflated; their scores
 are exact.
+
+The default builds were re-run on 2026-11-27 after rl-finetune's gain search and distill's search
+on the arms' students (`python bench/finetune.py` turns that run into the fine-tuning table):
+4007 s for 8 robots, on a machine shared with the test suite, a robustness run and an unseen-arm
+build (load average 4-6 on 2 cores), so their pass times (rl-finetune up to 979 s, mini cheetah)
+and latency ratios are inflated; their scores are exact.
 """
 
 
