@@ -93,7 +93,7 @@ are exact.
 
 The default builds were re-run on 2026-11-27 after rl-finetune's gain search and distill's search
 on the arms' students (`python bench/finetune.py` turns that run into the fine-tuning table):
-4007 s for 8 robots, on a machine shared with the test suite, a robustness run and an unseen-arm
+4005 s for 8 robots, on a machine shared with the test suite, a robustness run and an unseen-arm
 build (load average 4-6 on 2 cores), so their pass times (rl-finetune up to 979 s, mini cheetah)
 and latency ratios are inflated; their scores are exact.
 """
