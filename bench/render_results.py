@@ -35,6 +35,9 @@ SECTIONS = [  # script, title, command
     ("robustness-robust-arms", "Robustness of the arms' robust builds, with 8 DAgger episodes per "
      "round", "python bench/robustness.py --profile default --episodes 50 --workers 2 --robust "
      "--robots panda kuka_iiwa --out bench/results/robustness-robust-arms.json"),
+    ("robustness-robust-xarm6", "Robustness of xarm6's robust build, with the gain searches",
+     "python bench/robustness.py --profile default --episodes 50 --workers 1 --robust --robots "
+     "xarm6 --out bench/results/robustness-robust-xarm6.json"),
     ("build_cost", "Build cost: time and memory per pass (profile fast)",
      "python bench/build_cost.py --profiles fast --bodies 2,8"),
     ("build_cost-default", "Build cost: time and memory per pass (profile default)",
@@ -101,7 +104,7 @@ and latency ratios are inflated; their scores are exact.
 
 SCORED = ("quality", "quality-thin", "quality-default", "quality-default-arms",  # with scores
           "finetune", "robustness", "robustness-robust", "robustness-arms",
-          "robustness-robust-arms")
+          "robustness-robust-arms", "robustness-robust-xarm6")
 WORLD_FREE = ("raptor", "quadrotor")   # sections that use neither the sample fat policy nor
                                         # its worlds
 # What changed since a section was measured, where it touches its numbers.
