@@ -254,6 +254,22 @@ def test_weight_only_activations(mlp_onnx, tmp_path):
     assert rwo["bytes_quantized"] < rwo["bytes_float"]
 
 
+def test_weight_only_scales_per_output_channel(mlp_onnx, tmp_path):
+    """Weight-only int8 keeps one scale per output channel of each hidden weight matrix (the
+    default), which is closer to float than one scale per matrix on the same observations."""
+    robot = load_robot("a1")
+    opts = dict(calibration_episodes=1, heldout_episodes=1, activations="float")
+    runs = {pc: run_pass("quantize", mlp_onnx, robot, tmp_path / f"pc{pc}", per_channel=pc,
+                         **opts) for pc in (True, False)}
+    for pc, (q, _) in runs.items():
+        model = onnx.load(str(q.path))
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        assert dqs and all(inits[n.input[1]].size == (inits[n.input[0]].shape[1] if pc else 1)
+                           for n in dqs)
+    assert runs[True][1]["mean_action_err"] < runs[False][1]["mean_action_err"]
+
+
 def test_cpu_default_is_weight_only_and_folds_at_load(mlp_onnx, tmp_path):
     """On the cpu hardware target (onnxruntime-cpu) `auto` gives weight-only int8, marked in the
     metadata; `ort_session` folds its DequantizeLinears at load and still computes the same."""

@@ -77,7 +77,8 @@ def test_arms_get_more_dagger_episodes_unless_the_user_says():
     default = distill_mod.PROFILE_DEFAULTS["default"]["episodes_per_round"]
     cfg = distill_mod.DistillConfig()
     assert effective(cfg, "locomotion", "default").episodes_per_round == default
-    assert effective(cfg, "reach", "default").episodes_per_round == 2 * default
+    assert effective(cfg, "reach", "default").episodes_per_round == 4 * default
+    assert effective(cfg, "reach", "default").search_iterations == 0
     assert effective(cfg, "reach", "fast").episodes_per_round == \
         distill_mod.PROFILE_DEFAULTS["fast"]["episodes_per_round"]
     mine = distill_mod.DistillConfig(episodes_per_round=3)

@@ -130,17 +130,17 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "quadrotor": {"hidden": [32], "ladder": [[16], [32], [64]]},
 }
-# Budgets per task family and profile, over the profile's. The arms are short of data, not of
-# width: kuka_iiwa's default build (report stream, 50 episodes; teacher = tuned 0.417) gave a
-# student of 0.258 with 4 episodes per round (action error 0.0117), 0.254 with hidden [256, 256],
-# and 0.402 (int8 / tuned 0.956 [0.915, 1.001], action error 0.0059) with 8, for 80 s more; 12
-# gave 0.405 (action error 0.0044) for 75 s more again.
-# The arms' students then still fell 4-9% short of their teachers (report stream, 50 episodes);
-# the gain search on the student (xcompile.passes.gain_search) measured +0.014 [+0.009, +0.018]
-# on xarm6's student (30 held-out episodes), for about a minute.
+# Budgets per family and profile, over the profile's. Arms are short of data, not width: kuka's
+# student (teacher 0.417) was 0.258 with 4 episodes per round, 0.254 with [256, 256], 0.402
+# with 8 (report stream, 50 episodes). With 8 the arms' students still fell 4-9% short; their
+# held-out action error was far above the training error (panda: 0.067 vs 0.002 on 8 teacher
+# episodes, 0.017 on 32): too few goals seen. 16 per round, with
+# fewer epochs per fit, closed the gap (bench stream, 30 episodes, paired, student / tuned):
+# xarm6 0.957 [0.92, 0.99] -> 1.001 [0.97, 1.03], panda 0.946 [0.91, 0.98] -> 1.004 [0.98, 1.03],
+# for ~50% more time, which the student's gain search gave up (kept on no arm on 2026-11-27).
 FAMILY_PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "reach/default": {"episodes_per_round": 8, "search_iterations": 2},
-    "reach/thorough": {"episodes_per_round": 8, "search_iterations": 3},
+    "reach/default": {"episodes_per_round": 16, "fit_epochs": 50, "final_fit_epochs": 300},
+    "reach/thorough": {"episodes_per_round": 16, "fit_epochs": 50},
 }
 
 
@@ -187,7 +187,7 @@ class DistillConfig(PassConfig):
                                "(the same episodes for both, seed stream distill-score)")
     search_iterations: int = Field(0, ge=0, description="an MLP student: iterations of a search "
                                    "over the gains on its task inputs, as rl-finetune's "
-                                   "(0: none; default and thorough profiles: 2 and 3 for arms)")
+                                   "(0: none)")
     search_episodes: int = Field(8, ge=1, description="episodes per candidate of that search")
     keep_episodes: int = Field(10, ge=1, description="held-out episodes (seed stream "
                                "distill-keep) on which the student with gains must beat the "
