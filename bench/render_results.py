@@ -21,9 +21,12 @@ SECTIONS = [  # script, title, command
      "python bench/quality.py --profile default"),
     ("finetune", "Fine-tuning for the body: what it adds, and what the slim policy keeps "
      "(default builds)", "python bench/finetune.py   # after quality.py --profile default"),
-    ("quality-default-arms", "Default builds of the arms, with 8 DAgger episodes per round",
-     "python bench/quality.py --profile default --episodes 50 --workers 2 --robots kuka_iiwa "
-     "panda xarm6 --out bench/results/quality-default-arms.json"),
+    ("quality-default-arms", "Default builds of the arms, with 16 DAgger episodes per round and "
+     "per-channel int8", "python bench/quality.py --profile default --episodes 50 --workers 2 "
+     "--robots xarm6 panda kuka_iiwa --out bench/results/quality-default-arms.json"),
+    ("finetune-arms", "Fine-tuning for the body, the arms with 16 DAgger episodes per round",
+     "python bench/finetune.py --source bench/results/quality-default-arms.json "
+     "--out bench/results/finetune-arms.json"),
     ("quality", "Quality: score per stage, all robots (profile fast)", "python bench/quality.py"),
     ("robustness", "Robustness: the fault suite, fat vs tuned vs final int8 (default builds)",
      "python bench/robustness.py --profile default --episodes 50 --workers 2"),
@@ -103,7 +106,7 @@ and latency ratios are inflated; their scores are exact.
 
 
 SCORED = ("quality", "quality-thin", "quality-default", "quality-default-arms",  # with scores
-          "finetune", "robustness", "robustness-robust", "robustness-arms",
+          "finetune", "finetune-arms", "robustness", "robustness-robust", "robustness-arms",
           "robustness-robust-arms", "robustness-robust-xarm6")
 WORLD_FREE = ("raptor", "quadrotor")   # sections that use neither the sample fat policy nor
                                         # its worlds
@@ -115,14 +118,22 @@ BEFORE_SEARCH = ("**Built before rl-finetune's gain search** (2026-11-27): rl-fi
                  "PPO only and its guard kept the start on every robot, so \"tuned\" = fat "
                  "here; distill had no gain search on the arms' students. A build today changes "
                  "the policy (see the default builds above). Not re-run. ")
+PER_CHANNEL = ("**Built before weight-only int8 kept one scale per output channel** "
+               "(2026-11-27, quantize `per_channel`): its int8 rows had one scale per weight "
+               "matrix. Not re-run. ")
+ARMS_16 = ("**The arms' rows are superseded** by the arms' section below (16 DAgger episodes per "
+           "round instead of 8 and the student's gain search, per-channel int8). ")
 CHANGED_SINCE = {
-    "robustness": BEFORE_SEARCH + ARMS_4,
-    "robustness-robust": BEFORE_SEARCH + ARMS_4,
-    "robustness-arms": BEFORE_SEARCH,
-    "robustness-robust-arms": BEFORE_SEARCH,
-    "quality-default-arms": ("**Superseded by the default builds above**, which include the arms "
-                             "and the gain searches. Built before them (PPO only, guard kept the "
-                             "start). Not re-run."),
+    "robustness": BEFORE_SEARCH + ARMS_4 + PER_CHANNEL,
+    "robustness-robust": BEFORE_SEARCH + ARMS_4 + PER_CHANNEL,
+    "robustness-arms": BEFORE_SEARCH + PER_CHANNEL,
+    "robustness-robust-arms": BEFORE_SEARCH + PER_CHANNEL,
+    "robustness-robust-xarm6": ARMS_16 + PER_CHANNEL,
+    "quality-default": ARMS_16 + PER_CHANNEL,
+    "finetune": ARMS_16 + PER_CHANNEL,
+    "quality-thin": PER_CHANNEL,
+    "inference": PER_CHANNEL,
+    "c_backend": PER_CHANNEL,
     "foreign": ("**Part 2's int8 rows were measured before 2026-11-27,** when quantize kept a "
                 "recurrent student's recurrent weights in float (its first/last-layer walk "
                 "started at the state's inputs and outputs): the GRU's int8 file is 0.91x its "
