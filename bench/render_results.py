@@ -23,7 +23,7 @@ SECTIONS = [  # script, title, command
      "(default builds)", "python bench/finetune.py   # after quality.py --profile default"),
     ("quality-default-arms", "Default builds of the arms, with 16 DAgger episodes per round and "
      "per-channel int8", "python bench/quality.py --profile default --episodes 50 --workers 2 "
-     "--robots xarm6 panda kuka_iiwa --out bench/results/quality-default-arms.json"),
+     "--robots xarm6 panda --out bench/results/quality-default-arms.json"),
     ("finetune-arms", "Fine-tuning for the body, the arms with 16 DAgger episodes per round",
      "python bench/finetune.py --source bench/results/quality-default-arms.json "
      "--out bench/results/finetune-arms.json"),
