@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,7 +26,7 @@ from xcompile.cgen import (
 )
 from xcompile.errors import ContractError, ToolUnavailable, UnsupportedModel, XCompileError
 from xcompile.onnx.graph import fp16_weights, input_layers, weight_only
-from xcompile.onnx.session import ort_session
+from xcompile.onnx.session import int8_dot_products_exact, ort_session
 
 pytestmark = pytest.mark.skipif(not any(
     __import__("shutil").which(c) for c in ("cc", "gcc", "clang")), reason="no C compiler")
@@ -166,7 +165,7 @@ def test_qdq_activations_match_onnxruntime(fp32_model, tmp_path):
                                       if t.name == "action_scale")).item()
     assert ref.max() <= step and (ref > 0).mean() < 0.001
     fused = np.abs(got - _ort(model, x))
-    if not _has_vnni():
+    if not int8_dot_products_exact():
         # Without VNNI, onnxruntime's fused u8 x s8 kernels add pairs of products in 16 bits
         # (vpmaddubsw), which saturate: its output, not the C's, is off (on an AVX2-only AMD
         # EPYC: median 3 steps, max 42; onnxruntime's quantization docs advise reduce_range on
@@ -174,14 +173,6 @@ def test_qdq_activations_match_onnxruntime(fp32_model, tmp_path):
         pytest.skip("this CPU has no VNNI: onnxruntime's fused int8 kernels saturate here")
     assert fused.max() <= 3 * step and fused.mean() <= 0.05 * step
 
-
-def _has_vnni() -> bool:
-    """Whether this x86 CPU has VNNI (int8 dot products without 16-bit saturation)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return True       # not Linux: keep the strict check
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)) or "avx2" not in flags
 
 
 def test_qdq_asymmetric_uint8(fp32_model, tmp_path):
