@@ -10,8 +10,11 @@ loop (its closed-loop flight, and its compiled students, are bench/quadrotor.py'
   weights only: biases and the GRU's element-wise arithmetic stay float), then the activation
   Q/DQ pairs removed by `xcompile.onnx.graph.weight_only`, as the quantize pass does for onnxruntime-cpu;
   `ort_session` folds the int8 weights to float at load (contract `int8_activations` = "false");
-- int8 dynamic: onnxruntime `quantize_dynamic` (int8 weights; the activations quantized on every
-  call, MatMulInteger);
+- int8 dynamic: onnxruntime `quantize_dynamic` (8-bit weights; the activations quantized to uint8
+  on every call, MatMulInteger). Its weights are int8 where the CPU multiplies u8 x s8 exactly
+  and uint8 where it does not (x86 with AVX2 but no VNNI, `int8_dot_products_exact`): there the
+  u8 x s8 kernel adds pairs of products in 16 bits and saturates (RAPTOR's actions off by 1.0),
+  while u8 x u8 is widened first and stays exact; the row's label says which;
 - fp16: `onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)`, as the
   quantize pass's fp16 (obs, h_in, action, h_out stay float32).
 
@@ -41,11 +44,15 @@ from xcompile import measure as xm
 from xcompile.onnx.contract import extend_contract
 from xcompile.onnx.graph import drop_unused_opsets, weight_only
 from xcompile.onnx.model import get_metadata, save_onnx, set_metadata
-from xcompile.onnx.session import ort_session
+from xcompile.onnx.session import int8_dot_products_exact, ort_session
 
 EXAMPLE = common.REPO / "examples" / "raptor"
+# quantize_dynamic's weight type: int8 where u8 x s8 products are exact on this CPU, else uint8.
+DYNAMIC_WEIGHTS = (("int8 weights", "QInt8") if int8_dot_products_exact()
+                   else ("uint8 weights: u8 x s8 saturates on this CPU", "QUInt8"))
 ROWS = [("fp32", "fp32 (as converted)"), ("int8-weight-only", "int8 weight-only (W8A32)"),
-        ("int8-dynamic", "int8 dynamic (quantize_dynamic)"), ("fp16", "fp16")]
+        ("int8-dynamic", f"int8 dynamic (quantize_dynamic, {DYNAMIC_WEIGHTS[0]})"),
+        ("fp16", "fp16")]
 
 
 def _module(name: str) -> Any:
@@ -90,7 +97,7 @@ def make_variants(fp32: Path, calib: list[dict[str, np.ndarray]]) -> dict[str, P
     paths["int8-weight-only"] = save_onnx(model, folder / "raptor_int8_weight_only.onnx")
 
     dyn = folder / "raptor_int8_dynamic.onnx"
-    q.quantize_dynamic(str(pre), str(dyn), weight_type=q.QuantType.QInt8,
+    q.quantize_dynamic(str(pre), str(dyn), weight_type=q.QuantType[DYNAMIC_WEIGHTS[1]],
                        op_types_to_quantize=["MatMul", "Gemm"], per_channel=False)
     pre.unlink()
     model = onnx.load(str(dyn))
