@@ -5,9 +5,16 @@ and RAPTOR converted to ONNX (tests that use it skip when foundation-policy is n
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One test worker per core (pyproject's addopts): each worker, and the processes its tests
+    # start, runs torch on one thread, as a second thread would wait for the core another worker
+    # holds (and the suite's networks are small: one thread is faster for them anyway).
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
@@ -16,6 +23,9 @@ from xcompile.models.checkpoint import save_checkpoint
 from xcompile.models.descriptors import joint_descriptors
 from xcompile.models.fat import FatConfig, FatPolicy
 from xcompile.targets import load_robot
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 COMPETENT_FAT = Path(__file__).resolve().parent / "fixtures" / "competent_fat.pt"
 TINY = FatConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, desc_hidden=32, desc_layers=1)
@@ -46,6 +56,12 @@ def competent_fat_ckpt() -> str:
         f"{COMPETENT_FAT} is missing: it is a committed test fixture "
         "(python tests/fixtures/make_competent_fat.py makes it again, ~4 min)")
     return str(COMPETENT_FAT)
+
+
+@pytest.fixture(scope="session")
+def bench_work(tmp_path_factory) -> Path:
+    """The work folder the bench scripts of one test worker share (tests/bench_scripts.py)."""
+    return tmp_path_factory.mktemp("bench-work")
 
 
 @pytest.fixture(scope="session")

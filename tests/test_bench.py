@@ -3,41 +3,14 @@ one, whose scores are not 0) and their JSON means what their tables say: sizes s
 should, timings are ordered, scores are scores.
 
 The scripts share one work folder, so later ones reuse the builds of earlier ones (as they do for a
-user); inference.py runs first and builds the most.
+user); inference.py runs first and builds the most. The two longest (build_cost, foreign) are in
+test_bench_builds.py, so that they run on another test worker.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-from xcompile.passes.base import all_passes
-
-REPO = Path(__file__).resolve().parent.parent
-HAVE_STUDENT = "distill" in all_passes()
-
-
-@pytest.fixture(scope="session")
-def bench_work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("bench-work")
-
-
-def run_script(name: str, ckpt: str | None, work: Path, out: Path, *extra: str) -> dict:
-    cmd = [sys.executable, str(REPO / "bench" / f"{name}.py"), "--quick", "--robots", "a1",
-           "--out", str(out), "--work-dir", str(work), *extra]
-    if ckpt:
-        cmd += ["--checkpoint", ckpt]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
-    assert doc["script"] == name and doc["quick"] is True
-    assert doc["markdown"].strip() in proc.stdout        # the table is printed as written
-    assert "| " in proc.stdout and doc["machine"]["nproc"] >= 1
-    return doc
+from bench_scripts import HAVE_STUDENT, run_script
 
 
 def test_inference(tiny_fat_ckpt, bench_work, tmp_path):
@@ -125,19 +98,6 @@ def test_robustness(competent_fat_ckpt, bench_work, tmp_path):
     assert res["final_over_fat_under_faults"] > 0 and res["final_over_fat_under_faults_ci95"]
 
 
-@pytest.mark.slow
-def test_build_cost(bench_work, tmp_path):
-    doc = run_script("build_cost", None, bench_work, tmp_path / "bc.json")
-    rows = doc["results"]["rows"]
-    plan = doc["results"]["plan"]
-    assert plan[0] == "pin-embodiment" and plan[-1] == "quantize"
-    assert {(r["bodies"], r["pass"]) for r in rows} == {(b, p) for b in (2, 8) for p in plan}
-    for r in rows:
-        assert "error" not in r, r
-        assert r["wall_s"] > 0 and not r["cached"]
-        assert r["rss_peak_mb"] >= r["rss_before_mb"] > 0
-
-
 @pytest.mark.skipif(not HAVE_STUDENT, reason="needs the distill pass (a slim student)")
 def test_c_backend(tiny_fat_ckpt, bench_work, tmp_path):
     doc = run_script("c_backend", tiny_fat_ckpt, bench_work, tmp_path / "c.json", "--no-cross")
@@ -151,22 +111,3 @@ def test_c_backend(tiny_fat_ckpt, bench_work, tmp_path):
         assert 0 < lat[k]["p50_us"] <= lat[k]["p99_us"] <= lat[k]["max_us"], k
     assert res["host_object"]["text"] > res["weight_bytes"] > 0 and res["host_stack_bytes"] > 0
     assert all(la["op"] == "dense" for la in res["layers"])
-
-
-@pytest.mark.skipif(not HAVE_STUDENT, reason="needs the distill pass (a slim student)")
-def test_foreign(competent_fat_ckpt, bench_work, tmp_path):
-    """The sample-style policy as a foreign graph through the default plan, and one build per
-    student of a recurrent teacher (tiny distill budgets: plumbing, not the numbers)."""
-    doc = run_script("foreign", competent_fat_ckpt, bench_work, tmp_path / "f.json",
-                     "--episodes", "1")
-    res = doc["results"]
-    stages = [s["name"] for s in res["part1"]["a1"]["stages"]]
-    assert stages == ["fat", "pin-embodiment", "rl-finetune", "distill", "export-onnx",
-                      "quantize", "build-tensorrt"], stages
-    fat, pinned = res["part1"]["a1"]["stages"][:2]
-    assert pinned["score"] == fat["score"] > 0 and pinned["params"] < fat["params"]
-    for kind in ("mlp", "history_mlp", "gru"):
-        st = {s["name"]: s for s in res["part2"][kind]["stages"]}
-        assert st["distill"]["checks"]["student"] == kind
-        assert st["fat"]["format"] == "fat-graph" and st["quantize"]["score"] is not None
-    assert len(res["native"]["scores"]) == len(res["teacher_minus_native"]) == 1
