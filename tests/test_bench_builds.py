@@ -1,7 +1,8 @@
 """The two longest benchmark scripts, end to end (--quick): build_cost.py (every pass of the default
 plan, two fat sizes) and foreign.py (a foreign fat graph through the default plan, and a recurrent
-teacher's students). In their own file so that the suite's workers share the bench scripts out
-(tests run a file per worker); what they check is test_bench.py's kind of check.
+teacher's students). Marked slow (3 min each on 2 cores), so left out of the default run:
+`python -m pytest -m slow` runs them. What they check is test_bench.py's kind of check; the
+passes they drive have their own tests (test_frontends.py, test_recurrent_distill.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def test_build_cost(bench_work, tmp_path):
         assert r["rss_peak_mb"] >= r["rss_before_mb"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_STUDENT, reason="needs the distill pass (a slim student)")
 def test_foreign(competent_fat_ckpt, bench_work, tmp_path):
     """The sample-style policy as a foreign graph through the default plan, and one build per
