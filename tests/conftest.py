@@ -78,3 +78,14 @@ def raptor_dir(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "raptor.onnx").is_file() and (out / "raptor.toml").is_file()
     return out
+
+
+# The files that take longest (minutes on 2 cores), run first: the test workers take files in
+# collection order, and one of these started last leaves the other workers idle while it runs.
+LONGEST_FIRST = ("test_rl_distill.py", "test_bench.py", "test_fidelity.py",
+                 "test_recurrent_distill.py", "test_reliability.py", "test_gain_search.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: else as collected
