@@ -10,12 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # One test worker per core (pyproject's addopts): each worker, and the processes its tests
-    # start, runs torch on one thread, as a second thread would wait for the core another worker
-    # holds (and the suite's networks are small: one thread is faster for them anyway).
-    os.environ["OMP_NUM_THREADS"] = "1"
-
 import pytest
 import torch
 
@@ -25,6 +19,10 @@ from xcompile.models.fat import FatConfig, FatPolicy
 from xcompile.targets import load_robot
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One test worker per core (pyproject's addopts): each worker, and the processes its tests
+    # start (OMP_NUM_THREADS), runs torch on one thread, as a second thread would wait for the
+    # core another worker holds (and the suite's networks are small: one thread is faster anyway).
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
 COMPETENT_FAT = Path(__file__).resolve().parent / "fixtures" / "competent_fat.pt"
