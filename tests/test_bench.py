@@ -10,7 +10,7 @@ test_bench_builds.py, so that they run on another test worker.
 from __future__ import annotations
 
 import pytest
-from bench_scripts import HAVE_STUDENT, run_script
+from bench_scripts import HAVE_STUDENT, REPO, run_script
 
 
 def test_inference(tiny_fat_ckpt, bench_work, tmp_path):
@@ -111,3 +111,36 @@ def test_c_backend(tiny_fat_ckpt, bench_work, tmp_path):
         assert 0 < lat[k]["p50_us"] <= lat[k]["p99_us"] <= lat[k]["max_us"], k
     assert res["host_object"]["text"] > res["weight_bytes"] > 0 and res["host_stack_bytes"] > 0
     assert all(la["op"] == "dense" for la in res["layers"])
+
+
+def test_headroom(competent_fat_ckpt, bench_work, tmp_path):
+    """Each probe is the pinned policy with one slice of its observation (or its action) scaled,
+    paired with the pinned policy on the same episodes."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from headroom import candidates
+
+    from xcompile.sim.tasks import obs_dim
+    from xcompile.targets import load_robot
+
+    robot = load_robot("a1")
+    cands = candidates(robot)
+    scaled = {what for what, _, (g, _) in cands if g is not None}
+    assert "cmd_vx_vy_yaw (gain search)" in scaled and "qdot_x0.1" in scaled
+    assert "gait_sin_cos" not in scaled
+    for what, s, (g, out) in cands:
+        if g is None:
+            assert what == "action (output)" and out == s
+        else:
+            assert g.shape == (obs_dim(robot),) and out == 1.0
+            assert 1 <= int(np.sum(g == np.float32(s))) < obs_dim(robot)   # one slice only
+    doc = run_script("headroom", competent_fat_ckpt, bench_work, tmp_path / "h.json")
+    (res,) = doc["results"]
+    assert len(res["probes"]) == 2 and 0.0 < res["pinned"] <= 1.0
+    for p in res["probes"]:
+        lo, hi = p["minus_pinned_ci95"]
+        assert lo <= p["minus_pinned"] <= hi
+        assert abs(p["score"] - res["pinned"] - p["minus_pinned"]) < 1e-3   # diff_ci95 rounds
