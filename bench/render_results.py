@@ -27,6 +27,9 @@ SECTIONS = [  # script, title, command
     ("finetune-arms", "Fine-tuning for the body, the arms with 16 DAgger episodes per round",
      "python bench/finetune.py --source bench/results/quality-default-arms.json "
      "--out bench/results/finetune-arms.json"),
+    ("headroom", "Headroom: what one-knob calibrations of the pinned fat policy add",
+     "python bench/headroom.py --episodes 16 --workers 2 --robots aliengo mini_cheetah laikago "
+     "panda kuka_iiwa"),
     ("quality", "Quality: score per stage, all robots (profile fast)", "python bench/quality.py"),
     ("robustness", "Robustness: the fault suite, fat vs tuned vs final int8 (default builds)",
      "python bench/robustness.py --profile default --episodes 50 --workers 2"),
@@ -107,7 +110,7 @@ and latency ratios are inflated; their scores are exact.
 
 SCORED = ("quality", "quality-thin", "quality-default", "quality-default-arms",  # with scores
           "finetune", "finetune-arms", "robustness", "robustness-robust", "robustness-arms",
-          "robustness-robust-arms", "robustness-robust-xarm6")
+          "robustness-robust-arms", "robustness-robust-xarm6", "headroom")
 WORLD_FREE = ("raptor", "quadrotor")   # sections that use neither the sample fat policy nor
                                         # its worlds
 # What changed since a section was measured, where it touches its numbers.
