@@ -283,3 +283,21 @@ def test_fast_build_runs_the_default_plan(name, tiny_fat_ckpt, tmp_path):
         if st.artifact is not None and st.artifact.format in ("torch", "onnx"):
             assert load_policy(st.artifact.path, load_robot(name)).act(
                 random_obs(load_robot(name), 2)).shape == (2, load_robot(name).n_joints)
+
+
+def test_a_zero_shot_body_gets_ppo_with_a_loose_anchor_unless_the_user_says():
+    def effective(cfg, profile, zero_shot):
+        cfg = rl_mod.zero_shot_budget(cfg, profile, zero_shot)
+        return with_profile_defaults(cfg, profile, rl_mod.PROFILE_DEFAULTS)
+
+    known = effective(rl_mod.RLFinetuneConfig(), "default", False)
+    unseen = effective(rl_mod.RLFinetuneConfig(), "default", True)
+    assert known.env_steps == 0 and known.search_iterations > 0 and known.anchor_coef == 10.0
+    assert unseen.env_steps >= 100_000 and unseen.search_iterations == 0
+    assert unseen.anchor_coef < known.anchor_coef and unseen.lr > known.lr
+    given = effective(rl_mod.RLFinetuneConfig(anchor_coef=10.0, env_steps=4096), "default", True)
+    assert given.anchor_coef == 10.0 and given.env_steps == 4096 and given.lr == unseen.lr
+    fast = effective(rl_mod.RLFinetuneConfig(), "fast", True)     # the smoke profile stays small
+    assert fast == effective(rl_mod.RLFinetuneConfig(), "fast", False)
+    for table in rl_mod.ZERO_SHOT_DEFAULTS.values():
+        rl_mod.RLFinetuneConfig.model_validate(table)

@@ -1,8 +1,10 @@
 """rl-finetune: body-specific fine-tuning on the target's own task, in two phases, each optional:
 a search over the gains on the task inputs (`xcompile.passes.gain_search`: a coordinate search, folded exactly
-into the first layer), then PPO from the calibrated policy, anchored to it. The default profile
-spends its budget on the gain search (PPO at that budget moved held-out scores by under 1% on
-every built-in robot, below what the guard can resolve); thorough runs both.
+into the first layer), then PPO from the calibrated policy, anchored to it. On a body the fat
+policy was trained on, the default profile spends its budget on the gain search (PPO at that budget
+moved held-out scores by under 1% on every built-in robot, below what the guard can resolve);
+thorough runs both. On a body it never saw, the default profile runs PPO with a loose anchor
+(`ZERO_SHOT_DEFAULTS`).
 
 torch -> torch, of the same kind as the input (a pinned fat network stays a `PinnedPolicy`, an MLP
 stays an `MLPPolicy`), so export-onnx takes the result unchanged. Cost: the search runs
@@ -32,7 +34,9 @@ every body:
   kept a policy that lost on the report's 50); of two such, the higher mean.
 
 Budgets come from `PROFILE_DEFAULTS[ctx.profile]` for every field the user did not set
-(`with_profile_defaults`). `faults = "suite"` (`--robust`) trains and keeps-better under the fault
+(`with_profile_defaults`); for a body the fat policy never saw (a zero-shot pin) first from
+`ZERO_SHOT_DEFAULTS` (PPO with a loose anchor, no gain search: the start is not worth holding to).
+`faults = "suite"` (`--robust`) trains and keeps-better under the fault
 schedule of `xcompile.passes.training.fault_schedule`.
 
 Writes `tuned.pt` and `learning_curve.png` (`learning_curve.py`); the summary carries the
@@ -68,6 +72,7 @@ from xcompile.passes.base import (
     PassResult,
     register_pass,
     seeded_torch,
+    with_profile_defaults,
 )
 from xcompile.passes.gain_search import (
     SEARCH_STREAM,  # noqa: F401  (the streams it uses)
@@ -99,6 +104,22 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "thorough": {"env_steps": 200_000, "n_envs": 16, "rollout_steps": 128, "epochs": 5,
                  "critic_warmup_iters": 4, "eval_episodes": 20,
                  "search_iterations": 4, "search_episodes": 16},
+}
+
+# A body the fat policy never saw (pin-embodiment's `known_body` false: a zero-shot pin) starts
+# far from good, and there the budget goes to PPO with a loose anchor instead of the gain search:
+# on examples/unseen_arm/arm5 the pinned policy scores 0.027, a gain search found nothing (held-out
+# difference [-0.007, +0.007]), and 120k steps of PPO at anchor 1, lr 1e-4, std 0.2 took it to
+# 0.258 (paired, 50 report episodes: +0.231 [+0.208, +0.255]; bench/RESULTS.md). The anchor of
+# the known bodies' settings (10) holds a policy near a start that is worth keeping; here it is not.
+# Applied before the profile's budgets, for fields the user did not set.
+ZERO_SHOT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "default": {"search_iterations": 0, "env_steps": 120_000, "n_envs": 16, "rollout_steps": 128,
+                "epochs": 5, "critic_warmup_iters": 4, "eval_episodes": 20, "anchor_coef": 1.0,
+                "lr": 1e-4, "init_std": 0.2},
+    "thorough": {"search_iterations": 0, "env_steps": 400_000, "n_envs": 16,
+                 "rollout_steps": 128, "epochs": 5, "critic_warmup_iters": 4,
+                 "eval_episodes": 20, "anchor_coef": 1.0, "lr": 1e-4, "init_std": 0.2},
 }
 
 
@@ -146,6 +167,12 @@ class RLFinetuneConfig(PassConfig):
                               "difference's 95% interval above 0")
 
 
+def zero_shot_budget(cfg: PassConfig, profile: str, zero_shot: bool) -> PassConfig:
+    """`cfg` with `ZERO_SHOT_DEFAULTS[profile]` for the fields the user did not set, when the body
+    is one the fat policy never saw; else `cfg` unchanged. The profile's budgets fill the rest."""
+    return with_profile_defaults(cfg, profile, ZERO_SHOT_DEFAULTS) if zero_shot else cfg
+
+
 def _search(start: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> tuple[Any, dict[str, Any]]:
     """The gain search's calibrated copy of `start` and its record ({} when it did not run)."""
     idx = gain_indices(ctx.robot)
@@ -168,7 +195,7 @@ def _heldout(module: Any, cfg: RLFinetuneConfig, ctx: BuildContext) -> EvalResul
 @register_pass
 class RLFinetune(Pass):
     name = "rl-finetune"
-    version = 4
+    version = 5
     input_format = "torch"
     output_format = "torch"
     input_formats = ("torch", "onnx")
@@ -184,6 +211,8 @@ class RLFinetune(Pass):
             raise ToolUnavailable(
                 f"rl-finetune trains a differentiable torch policy, and its input here is an "
                 f"{art.format} graph (a foreign fat policy pinned to ONNX); skipped")
+        zero_shot = art.meta.get("known_body") is False
+        cfg = zero_shot_budget(cfg, ctx.profile, zero_shot)
         cfg, spec, t_start = start_training(art, cfg, RLFinetuneConfig, ctx, PROFILE_DEFAULTS)
         start = load_torch_policy(art.path)
         policy, search = _search(start, cfg, ctx)
@@ -212,7 +241,7 @@ class RLFinetune(Pass):
         eval_s = time.perf_counter() - t_eval
 
         path = save_torch_policy(ctx.workdir / "tuned.pt", cands.get(kept, start), spec)
-        summary = {"kept": kept, "score_start": round(res_start.score, 4),
+        summary = {"kept": kept, "zero_shot": zero_shot, "score_start": round(res_start.score, 4),
                    "score_tuned": round(res_tuned.score, 4),
                    "candidates": {k: {"score": round(r.score, 4),
                                       "minus_start_ci95": diff_ci95(r.scores, res_start.scores)[1]}
@@ -248,7 +277,7 @@ class RLFinetune(Pass):
                   if r.get(k) is not None]
         if not all(math.isfinite(v) for v in losses):
             raise PassCheckError("rl-finetune: a training loss went NaN/Inf")
-        return {"kept": s["kept"], "score_start": s["score_start"],
+        return {"kept": s["kept"], "zero_shot": s["zero_shot"], "score_start": s["score_start"],
                 "score_tuned": s["score_tuned"], "heldout_episodes": s["heldout_episodes"],
                 "tuned_minus_start_ci95": s["tuned_minus_start_ci95"],
                 "env_steps": s["env_steps"], "train_s": s["train_s"], "eval_s": s["eval_s"],
