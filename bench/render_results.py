@@ -27,6 +27,12 @@ SECTIONS = [  # script, title, command
     ("finetune-arms", "Fine-tuning for the body, the arms with 16 DAgger episodes per round",
      "python bench/finetune.py --source bench/results/quality-default-arms.json "
      "--out bench/results/finetune-arms.json"),
+    ("quality-unseen", "A body the fat policy never saw: the default build of the unseen arm",
+     "python bench/quality.py --profile default --episodes 50 --robots "
+     "examples/unseen_arm/arm5.toml --out bench/results/quality-unseen.json"),
+    ("finetune-unseen", "Fine-tuning a body the fat policy never saw (zero-shot PPO)",
+     "python bench/finetune.py --source bench/results/quality-unseen.json "
+     "--out bench/results/finetune-unseen.json"),
     ("headroom", "Headroom: what one-knob calibrations of the pinned fat policy add",
      "python bench/headroom.py --episodes 16 --workers 2 --robots aliengo mini_cheetah laikago "
      "panda kuka_iiwa"),
@@ -110,7 +116,8 @@ and latency ratios are inflated; their scores are exact.
 
 SCORED = ("quality", "quality-thin", "quality-default", "quality-default-arms",  # with scores
           "finetune", "finetune-arms", "robustness", "robustness-robust", "robustness-arms",
-          "robustness-robust-arms", "robustness-robust-xarm6", "headroom")
+          "robustness-robust-arms", "robustness-robust-xarm6", "headroom",
+          "quality-unseen", "finetune-unseen")
 WORLD_FREE = ("raptor", "quadrotor")   # sections that use neither the sample fat policy nor
                                         # its worlds
 # What changed since a section was measured, where it touches its numbers.

@@ -112,6 +112,8 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
 # difference [-0.007, +0.007]), and 120k steps of PPO at anchor 1, lr 1e-4, std 0.2 took it to
 # 0.258 (paired, 50 report episodes: +0.231 [+0.208, +0.255]; bench/RESULTS.md). The anchor of
 # the known bodies' settings (10) holds a policy near a start that is worth keeping; here it is not.
+# On a known body the same PPO does harm: panda fell from 0.422 to 0.341 on the guard's held-out
+# episodes ([-0.115, -0.053]; the guard kept the start), so known bodies keep PROFILE_DEFAULTS.
 # Applied before the profile's budgets, for fields the user did not set.
 ZERO_SHOT_DEFAULTS: dict[str, dict[str, Any]] = {
     "default": {"search_iterations": 0, "env_steps": 120_000, "n_envs": 16, "rollout_steps": 128,
