@@ -66,9 +66,9 @@ def bench_robot(args, name: str) -> tuple[dict[str, Any], list[list[Any]]]:
         cands = cands[:2]
 
     def run(gain, out_scale):
-        pol = act if gain is None else (lambda obs: act(obs * gain))
-        pol2 = pol if out_scale == 1.0 else (lambda obs: pol(obs) * out_scale)
-        return score_policy(pol2, robot, args.episodes, args.seed, stream=common.BENCH_STREAM)
+        def policy(obs):
+            return act(obs if gain is None else obs * gain) * out_scale
+        return score_policy(policy, robot, args.episodes, args.seed, stream=common.BENCH_STREAM)
 
     base = run(None, 1.0)
     probes, rows = [], []

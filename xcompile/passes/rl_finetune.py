@@ -115,13 +115,12 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
 # On a known body the same PPO does harm: panda fell from 0.422 to 0.341 on the guard's held-out
 # episodes ([-0.115, -0.053]; the guard kept the start), so known bodies keep PROFILE_DEFAULTS.
 # Applied before the profile's budgets, for fields the user did not set.
+_ZERO_SHOT_PPO = {"search_iterations": 0, "n_envs": 16, "rollout_steps": 128, "epochs": 5,
+                  "critic_warmup_iters": 4, "eval_episodes": 20, "anchor_coef": 1.0, "lr": 1e-4,
+                  "init_std": 0.2}
 ZERO_SHOT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "default": {"search_iterations": 0, "env_steps": 120_000, "n_envs": 16, "rollout_steps": 128,
-                "epochs": 5, "critic_warmup_iters": 4, "eval_episodes": 20, "anchor_coef": 1.0,
-                "lr": 1e-4, "init_std": 0.2},
-    "thorough": {"search_iterations": 0, "env_steps": 400_000, "n_envs": 16,
-                 "rollout_steps": 128, "epochs": 5, "critic_warmup_iters": 4,
-                 "eval_episodes": 20, "anchor_coef": 1.0, "lr": 1e-4, "init_std": 0.2},
+    "default": {**_ZERO_SHOT_PPO, "env_steps": 120_000},
+    "thorough": {**_ZERO_SHOT_PPO, "env_steps": 400_000},
 }
 
 
