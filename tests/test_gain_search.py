@@ -87,6 +87,23 @@ def test_search_is_deterministic_and_bounded(competent_fat_ckpt, tmp_path):
         assert r["score_best"] >= r["score_center"]
 
 
+def test_search_on_a_process_pool_finds_the_same_gains(competent_fat_ckpt, tmp_path):
+    """Under a pool executor the candidates run as tasks in worker processes (the network as a
+    torch-policy file): the same episodes in the same batches, so the same scores and gains."""
+    from xcompile.executors import make_executor, use_executor
+
+    robot = load_robot("panda")
+    pinned = load_torch_policy(_pinned(competent_fat_ckpt, robot, tmp_path).path)
+    kw = dict(iterations=2, episodes=1, step=0.69, seed=4)
+    here = search_gains(pinned, robot, **kw)
+    ticks: list[int] = []
+    with make_executor("process", 2) as ex, use_executor(ex):
+        pooled = search_gains(pinned, robot, progress=lambda i, n: ticks.append(i), **kw)
+    np.testing.assert_array_equal(here[0], pooled[0])
+    assert here[1] == pooled[1]
+    assert ticks == list(range(1, 2 * (1 + 2 * 3) + 1))   # every candidate reported, in order
+
+
 def test_search_climbs_a_known_slope(monkeypatch):
     """On a score that is a known function of the gains, the search moves each gain the right
     way: to the top of a parabola, up a slope, and not at all on a flat one."""
@@ -98,7 +115,7 @@ def test_search_climbs_a_known_slope(monkeypatch):
 
     class Res:
         def __init__(self, score):
-            self.score = score
+            self.scores = [score]
 
     def fake_score(act, robot, episodes, seed, **kw):
         # The candidate scales the observation before the network: a ones observation shows

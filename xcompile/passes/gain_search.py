@@ -22,6 +22,12 @@ spent its budget learning to leave the sensitive ones alone. Gains stay within
 [1/MAX_GAIN, MAX_GAIN]. rl-finetune's keep-better guard then decides on its own held-out episodes
 whether the calibrated policy is kept.
 
+Candidates are independent, so under a pool executor (`xcompile build --executor process`) an
+iteration's 2 x gains + 1 candidates run as tasks on it, one per worker: the network goes to a
+temporary torch-policy file each worker loads once (`GainTask`; nothing else is pickled but
+gains and seeds), and each candidate runs the same episodes in the same batches as it would here,
+so the scores, and the gains found, are the same on any executor.
+
 The result is folded into the network exactly (`fold_input_gains`): the columns of the first
 layer that read those entries are scaled, so the calibrated policy has the original's
 architecture, size and speed, and export-onnx and distill take it unchanged.
@@ -30,6 +36,9 @@ architecture, size and speed, and export-onnx and distill take it unchanged.
 from __future__ import annotations
 
 import copy
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,8 +46,10 @@ import torch
 from torch import nn
 
 from xcompile.evaluate import score_policy
+from xcompile.executors.factory import current_executor
+from xcompile.executors.rollouts import PolicyRef
 from xcompile.models.fat import PinnedPolicy
-from xcompile.models.slim import MLPPolicy
+from xcompile.models.slim import MLPPolicy, save_torch_policy, spec_of
 from xcompile.policy import torch_act
 from xcompile.sim.tasks import obs_dim, obs_layout
 from xcompile.stats import clearly_better, diff_ci95
@@ -94,6 +105,33 @@ def fold_input_gains(module: nn.Module, idx: list[int], gains: np.ndarray) -> nn
     return out.eval()
 
 
+@dataclass(frozen=True)
+class GainTask:
+    """One candidate, as a worker runs it: `ref`'s policy reading `obs * gains`, on episodes
+    first .. first+count-1 of `stream` (seed `seed`) under `faults`."""
+
+    ref: PolicyRef
+    gains: tuple[float, ...]
+    first: int
+    count: int
+    seed: int
+    stream: str
+    faults: Any = None
+
+
+def run_gain_task(task: GainTask) -> list[float]:
+    """The candidate's per-episode scores (in whatever process the executor chose)."""
+    loaded, robot = task.ref.load()
+    return _scores(loaded.act, np.asarray(task.gains, dtype=np.float32), robot, task.count,
+                   task.seed, task.stream, task.first, task.faults)
+
+
+def _scores(act: Any, g: np.ndarray, robot: RobotTarget, episodes: int, seed: int, stream: str,
+            first: int, faults: Any) -> list[float]:
+    return score_policy(lambda obs: act(obs * g), robot, episodes, seed, stream=stream,
+                        first_episode=first, faults=faults).scores
+
+
 def search_gains(module: nn.Module, robot: RobotTarget, *, iterations: int, episodes: int,
                  step: float, seed: int, faults: Any = None, progress: Any = None,
                  stream: str = SEARCH_STREAM) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -105,39 +143,63 @@ def search_gains(module: nn.Module, robot: RobotTarget, *, iterations: int, epis
     `stream` (rl-finetune's "gain-search"; distill has its own) under the build's `seed`. Each
     gain then moves to the top of the parabola
     through its three scores when it opens downwards (at most h), else by h towards the better
-    side when that side beat the current gains, else stays; all gains move at once."""
+    side when that side beat the current gains, else stays; all gains move at once. The
+    candidates of an iteration run on the current pool executor when there is one (the module
+    docstring); the result is the same."""
     idx = gain_indices(robot)
     d = len(idx)
     x, lim = np.zeros(d), float(np.log(MAX_GAIN))
-    base = torch_act(module.eval())
+    ex = current_executor()
+    pooled = not isinstance(ex, str) and ex.workers > 1
     runs, total = 0, iterations * (1 + 2 * d)
 
-    def score(logg: np.ndarray, it: int) -> float:
-        nonlocal runs
+    def vector(logg: np.ndarray) -> np.ndarray:
         g = np.ones(obs_dim(robot), dtype=np.float32)
         g[idx] = np.exp(np.clip(logg, -lim, lim))
-        res = score_policy(lambda obs: base(obs * g), robot, episodes, seed,
-                           stream=stream, first_episode=it * episodes, faults=faults)
+        return g
+
+    def tick(*_: Any) -> None:
+        nonlocal runs
         runs += 1
         if progress:
             progress(runs, total)
-        return res.score
 
-    rows: list[dict[str, Any]] = []
-    for it in range(iterations):
-        h = step * SHRINK ** it
-        f0 = score(x, it)
-        unit = np.eye(d) * h
-        fp = np.array([score(x + unit[j], it) for j in range(d)])
-        fm = np.array([score(x - unit[j], it) for j in range(d)])
-        slope, curv = (fp - fm) / 2, fp - 2 * f0 + fm      # per gain, in units of h
-        with np.errstate(divide="ignore", invalid="ignore"):
-            vertex = np.clip(-slope / curv, -1.0, 1.0)
-        towards = np.sign(fp - fm) * (np.maximum(fp, fm) > f0)
-        x = np.clip(x + h * np.where(curv < 0, vertex, towards), -lim, lim)
-        rows.append({"iteration": it, "step": round(h, 4), "score_center": round(f0, 4),
-                     "score_best": round(float(max(f0, fp.max(), fm.max())), 4),
-                     "gains": np.round(np.exp(x), 4).tolist()})
+    with tempfile.TemporaryDirectory(prefix="xcompile-gains-") as tmp:
+        if pooled:
+            ref = PolicyRef.of(save_torch_policy(Path(tmp) / "policy.pt", module,
+                                                 spec_of(module)), robot)
+        else:
+            base = torch_act(module.eval())
+
+        def score_all(loggs: list[np.ndarray], it: int) -> np.ndarray:
+            """The mean score of each candidate, all on this iteration's episodes."""
+            if pooled:
+                tasks = [GainTask(ref, tuple(float(v) for v in vector(lg)), it * episodes,
+                                  episodes, seed, stream, faults) for lg in loggs]
+                per = ex.map(run_gain_task, tasks, stateful=True, on_done=tick)
+            else:
+                per = []
+                for lg in loggs:
+                    per.append(_scores(base, vector(lg), robot, episodes, seed, stream,
+                                       it * episodes, faults))
+                    tick()
+            return np.array([float(np.mean(s)) for s in per])
+
+        rows: list[dict[str, Any]] = []
+        for it in range(iterations):
+            h = step * SHRINK ** it
+            unit = np.eye(d) * h
+            f = score_all([x] + [x + unit[j] for j in range(d)] + [x - unit[j] for j in range(d)],
+                          it)
+            f0, fp, fm = f[0], f[1:d + 1], f[d + 1:]
+            slope, curv = (fp - fm) / 2, fp - 2 * f0 + fm      # per gain, in units of h
+            with np.errstate(divide="ignore", invalid="ignore"):
+                vertex = np.clip(-slope / curv, -1.0, 1.0)
+            towards = np.sign(fp - fm) * (np.maximum(fp, fm) > f0)
+            x = np.clip(x + h * np.where(curv < 0, vertex, towards), -lim, lim)
+            rows.append({"iteration": it, "step": round(h, 4), "score_center": round(f0, 4),
+                         "score_best": round(float(max(f0, fp.max(), fm.max())), 4),
+                         "gains": np.round(np.exp(x), 4).tolist()})
     return np.exp(x), rows
 
 
