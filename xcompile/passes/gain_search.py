@@ -35,6 +35,7 @@ architecture, size and speed, and export-onnx and distill take it unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 from dataclasses import dataclass
@@ -132,6 +133,31 @@ def _scores(act: Any, g: np.ndarray, robot: RobotTarget, episodes: int, seed: in
                         first_episode=first, faults=faults).scores
 
 
+def _candidate_scorer(module: nn.Module, robot: RobotTarget, episodes: int, seed: int,
+                      stream: str, faults: Any, tick: Any, stack: contextlib.ExitStack) -> Any:
+    """score(gain vectors, first episode) -> each candidate's per-episode scores: as tasks on the
+    current pool executor (the network as a temporary file that `stack` removes), else here."""
+    ex = current_executor()
+    if isinstance(ex, str) or ex.workers < 2:
+        base = torch_act(module.eval())
+
+        def here(gs: list[np.ndarray], first: int) -> list[list[float]]:
+            out = []
+            for g in gs:
+                out.append(_scores(base, g, robot, episodes, seed, stream, first, faults))
+                tick()
+            return out
+        return here
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="xcompile-gains-")))
+    ref = PolicyRef.of(save_torch_policy(tmp / "policy.pt", module, spec_of(module)), robot)
+
+    def pooled(gs: list[np.ndarray], first: int) -> list[list[float]]:
+        tasks = [GainTask(ref, tuple(float(v) for v in g), first, episodes, seed, stream, faults)
+                 for g in gs]
+        return ex.map(run_gain_task, tasks, stateful=True, on_done=tick)
+    return pooled
+
+
 def search_gains(module: nn.Module, robot: RobotTarget, *, iterations: int, episodes: int,
                  step: float, seed: int, faults: Any = None, progress: Any = None,
                  stream: str = SEARCH_STREAM) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -149,8 +175,6 @@ def search_gains(module: nn.Module, robot: RobotTarget, *, iterations: int, epis
     idx = gain_indices(robot)
     d = len(idx)
     x, lim = np.zeros(d), float(np.log(MAX_GAIN))
-    ex = current_executor()
-    pooled = not isinstance(ex, str) and ex.workers > 1
     runs, total = 0, iterations * (1 + 2 * d)
 
     def vector(logg: np.ndarray) -> np.ndarray:
@@ -164,33 +188,15 @@ def search_gains(module: nn.Module, robot: RobotTarget, *, iterations: int, epis
         if progress:
             progress(runs, total)
 
-    with tempfile.TemporaryDirectory(prefix="xcompile-gains-") as tmp:
-        if pooled:
-            ref = PolicyRef.of(save_torch_policy(Path(tmp) / "policy.pt", module,
-                                                 spec_of(module)), robot)
-        else:
-            base = torch_act(module.eval())
-
-        def score_all(loggs: list[np.ndarray], it: int) -> np.ndarray:
-            """The mean score of each candidate, all on this iteration's episodes."""
-            if pooled:
-                tasks = [GainTask(ref, tuple(float(v) for v in vector(lg)), it * episodes,
-                                  episodes, seed, stream, faults) for lg in loggs]
-                per = ex.map(run_gain_task, tasks, stateful=True, on_done=tick)
-            else:
-                per = []
-                for lg in loggs:
-                    per.append(_scores(base, vector(lg), robot, episodes, seed, stream,
-                                       it * episodes, faults))
-                    tick()
-            return np.array([float(np.mean(s)) for s in per])
-
-        rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        score = _candidate_scorer(module, robot, episodes, seed, stream, faults, tick, stack)
         for it in range(iterations):
             h = step * SHRINK ** it
             unit = np.eye(d) * h
-            f = score_all([x] + [x + unit[j] for j in range(d)] + [x - unit[j] for j in range(d)],
-                          it)
+            cands = [x] + [x + unit[j] for j in range(d)] + [x - unit[j] for j in range(d)]
+            f = np.array([float(np.mean(s))
+                          for s in score([vector(c) for c in cands], it * episodes)])
             f0, fp, fm = f[0], f[1:d + 1], f[d + 1:]
             slope, curv = (fp - fm) / 2, fp - 2 * f0 + fm      # per gain, in units of h
             with np.errstate(divide="ignore", invalid="ignore"):
