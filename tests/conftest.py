@@ -16,7 +16,7 @@ import torch
 from xcompile.models.checkpoint import save_checkpoint
 from xcompile.models.descriptors import joint_descriptors
 from xcompile.models.fat import FatConfig, FatPolicy
-from xcompile.targets import load_robot
+from xcompile.targets import RobotTarget, load_robot
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One test worker per core (pyproject's addopts): each worker, and the processes its tests
@@ -27,6 +27,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 COMPETENT_FAT = Path(__file__).resolve().parent / "fixtures" / "competent_fat.pt"
 TINY = FatConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, desc_hidden=32, desc_layers=1)
+
+
+def short_robot(name: str, episode_s: float) -> RobotTarget:
+    """A built-in robot whose episodes last `episode_s` seconds instead of its task's 10-12: for
+    tests of plumbing (a build runs, two executors agree), where the physics of a whole episode
+    adds minutes and no meaning."""
+    d = load_robot(name).model_dump()
+    d["task"]["episode_s"] = episode_s
+    return RobotTarget.model_validate(d)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import short_robot
 from xcompile.artifact import Artifact
 from xcompile.models.slim import MLPPolicy, load_torch_policy
 from xcompile.passes.base import BuildContext, get_pass
@@ -21,6 +22,10 @@ from xcompile.sim.env import obs_dim
 from xcompile.sim.observations import random_obs
 from xcompile.sim.tasks import obs_layout
 from xcompile.targets import load_hardware, load_robot
+
+# Episodes of the searches below: two reach goals, a few locomotion commands (not the task's
+# 10-12 s): what they check is plumbing and determinism, not what the gains are worth.
+SHORT_S = 3.0
 
 
 def _pinned(ckpt: str, robot, tmp_path):
@@ -75,7 +80,7 @@ def test_folded_gains_equal_scaled_inputs(name, tiny_fat_ckpt, tmp_path):
 
 
 def test_search_is_deterministic_and_bounded(competent_fat_ckpt, tmp_path):
-    robot = load_robot("panda")
+    robot = short_robot("panda", SHORT_S)
     pinned = load_torch_policy(_pinned(competent_fat_ckpt, robot, tmp_path).path)
     runs = [search_gains(pinned, robot, iterations=2, episodes=1, step=0.69, seed=4)
             for _ in range(2)]
@@ -92,7 +97,7 @@ def test_search_on_a_process_pool_finds_the_same_gains(competent_fat_ckpt, tmp_p
     torch-policy file): the same episodes in the same batches, so the same scores and gains."""
     from xcompile.executors import make_executor, use_executor
 
-    robot = load_robot("panda")
+    robot = short_robot("panda", SHORT_S)
     pinned = load_torch_policy(_pinned(competent_fat_ckpt, robot, tmp_path).path)
     kw = dict(iterations=2, episodes=1, step=0.69, seed=4)
     here = search_gains(pinned, robot, **kw)
@@ -138,7 +143,7 @@ def test_search_climbs_a_known_slope(monkeypatch):
 
 
 def test_pass_keeps_a_calibrated_policy_only_when_clearly_better(competent_fat_ckpt, tmp_path):
-    robot = load_robot("a1")
+    robot = short_robot("a1", SHORT_S)
     pinned = _pinned(competent_fat_ckpt, robot, tmp_path)
     cls = get_pass("rl-finetune")
     ctx = BuildContext(robot=robot, hardware=load_hardware("cpu"), workdir=tmp_path / "rl")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import short_robot
 from xcompile.executors import use_executor
 from xcompile.executors.pools import ProcessExecutor, SerialExecutor
 from xcompile.executors.rollouts import PolicyRef
@@ -23,14 +24,7 @@ from xcompile.sim.env import obs_dim
 from xcompile.sim.fault_suite import training_schedule
 from xcompile.sim.procvec import ProcessVecEnvs
 from xcompile.sim.vec import LockstepEnvs
-from xcompile.targets import RobotTarget, load_hardware, load_robot
-
-
-def short(name: str, episode_s: float) -> RobotTarget:
-    """A built-in robot with short episodes, so a few dozen steps see several episode ends."""
-    d = load_robot(name).model_dump()
-    d["task"]["episode_s"] = episode_s
-    return RobotTarget.model_validate(d)
+from xcompile.targets import load_hardware, load_robot
 
 
 def assert_same_step(a, b) -> None:
@@ -43,7 +37,7 @@ def assert_same_step(a, b) -> None:
 @pytest.mark.parametrize("name,episode_s,robust", [("a1", 0.3, False), ("panda", 0.3, False),
                                                    ("a1", 0.3, True)])
 def test_process_vec_envs_equal_lockstep_envs(name, episode_s, robust):
-    robot = short(name, episode_s)
+    robot = short_robot(name, episode_s)
     faults = training_schedule(robot) if robust else None   # a robust build's episodes
     rng = np.random.default_rng(0)
     n, steps = 4, 45
@@ -69,7 +63,7 @@ def test_process_vec_envs_refuse_a_bad_stream():
 @pytest.fixture(scope="module")
 def mlp_files(tmp_path_factory):
     """A tiny MLP teacher and a different tiny MLP student for a short-episode panda, as files."""
-    robot = short("panda", 0.2)
+    robot = short_robot("panda", 0.2)
     tmp = tmp_path_factory.mktemp("dagger")
     refs = []
     for i, name in enumerate(("teacher", "student")):
@@ -97,7 +91,7 @@ def test_dagger_collection_is_the_same_on_serial_and_process(mlp_files):
 
 def test_ppo_learns_the_same_under_the_process_executor(tmp_path, monkeypatch):
     monkeypatch.setattr(ppo_mod, "default_workers", lambda: 2)     # whatever cores CI has
-    robot = short("panda", 0.3)        # 15-step episodes: each env ends 2 per iteration
+    robot = short_robot("panda", 0.3)        # 15-step episodes: each env ends 2 per iteration
     cfg = rl_mod.RLFinetuneConfig(env_steps=2 * 4 * 30, n_envs=4, rollout_steps=30, epochs=2,
                                   minibatch=40, critic_warmup_iters=1, critic_hidden=[16],
                                   eval_episodes=1, lr=3e-4)

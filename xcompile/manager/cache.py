@@ -56,18 +56,19 @@ def _sha(obj: Any) -> str:
 
 def target_fingerprint(robot: RobotTarget, hardware: HardwareTarget) -> dict[str, str]:
     fp = {"robot": robot.name, "hardware": hardware.name,
-          "robot_toml": _file_or_model_hash(robot.source, robot),
-          "hardware_toml": _file_or_model_hash(hardware.source, hardware)}
+          "robot_toml": _model_hash(robot), "hardware_toml": _model_hash(hardware)}
     urdf = robot.urdf_path()
     if urdf is not None:           # an airframe has no URDF: its TOML says all
         fp["urdf"] = file_sha256(urdf) if urdf.is_file() else robot.urdf
     return fp
 
 
-def _file_or_model_hash(source: str, model: Any) -> str:
-    if source and Path(source).is_file():
-        return file_sha256(source)
-    return _sha(model.model_dump())
+def _model_hash(model: Any) -> str:
+    """sha256 of what a robot or hardware target says, not of the file it came from: a target
+    changed in code after loading (a test's shorter episodes, a bench's variant) keeps its
+    `source` but is another target. The path itself is left out, so keys do not depend on where
+    the TOML lies."""
+    return _sha(model.model_dump(exclude={"source"}))
 
 
 # --------------------------------------------------------------------------------------------

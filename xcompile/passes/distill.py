@@ -104,17 +104,15 @@ MIN_OBS_STD = 0.05
 # the teacher; 6 x 8 episodes, 60/300 epochs matched it (1.0) in 35 s.
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     # fast: 3 rounds x 3 episodes left the arm students at 0.25-0.52 (xarm6, panda, kuka_iiwa);
-    # 5 x 8 with 300 final epochs gives xarm6 1.0 for 19 s of distillation.
-    # (The episode counts were cut to a third when episodes grew from 3-4 s to 10-12 s with the
-    # tasks of 2026-11-26: the same seconds of data.)
+    # 5 x 8 with 300 final epochs gives xarm6 1.0 for 19 s of distillation. (Episodes cut to a
+    # third when they grew from 3-4 s to 10-12 s on 2026-11-26: the same seconds of data.)
     "fast": {"rounds": 5, "episodes_per_round": 3, "fit_epochs": 40, "final_fit_epochs": 300,
              "eval_episodes": 1, "heldout_episodes": 1},
     # default: 6 x 8 episodes, 60/300 epochs was enough for the 1.1M sample's teachers; the 4.6M
     # sample's xarm6 teacher then gave a student at 0.876 (seeds 0-9; action error 0.0082), a
     # slow drift off the goal. 8 x 12 episodes, 100/600 epochs: 1.0 (seeds 0-9), 0.97 (seeds
-    # 10-29), action error 0.0048; distillation then took 100-265 s per robot in
-    # `bench/quality.py --profile default` (quadrupeds the longest). (Measured before the seed
-    # streams of xcompile.seeds: "seeds 0-9" are the episodes seeded 0..9, in no stream.)
+    # 10-29; episodes seeded 0..29, before the seed streams), action error 0.0048; 100-265 s
+    # per robot in `bench/quality.py --profile default`.
     "default": {"rounds": 8, "episodes_per_round": 4, "fit_epochs": 100, "final_fit_epochs": 600,
                 "eval_episodes": 2, "heldout_episodes": 1},
     "thorough": {"rounds": 10, "episodes_per_round": 4, "fit_epochs": 80,
@@ -132,12 +130,14 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # Budgets per family and profile, over the profile's. Arms are short of data, not width: kuka's
 # student (teacher 0.417) was 0.258 with 4 episodes per round, 0.254 with [256, 256], 0.402
-# with 8 (report stream, 50 episodes). With 8 the arms' students still fell 4-9% short; their
-# held-out action error was far above the training error (panda: 0.067 vs 0.002 on 8 teacher
-# episodes, 0.017 on 32): too few goals seen. 16 per round, with
-# fewer epochs per fit, closed the gap (bench stream, 30 episodes, paired, student / tuned):
-# xarm6 0.957 [0.92, 0.99] -> 1.001 [0.97, 1.03], panda 0.946 [0.91, 0.98] -> 1.004 [0.98, 1.03],
-# for ~50% more time, which the student's gain search gave up (kept on no arm on 2026-11-27).
+# with 8 (report stream, 50 episodes); panda's held-out action error was 0.067 on 8 teacher
+# episodes (training 0.002), 0.017 on 32: too few goals seen. 16 per round, fewer epochs per fit
+# (bench stream, 30 episodes, student / tuned): xarm6 0.957 [0.92, 0.99] -> 1.001 [0.97, 1.03],
+# panda 0.946 [0.91, 0.98] -> 1.004 [0.98, 1.03], for ~50% more time (the student's gain search,
+# kept on no arm on 2026-11-27, was given up for it). kuka's student stays ~0.01 short of its
+# teacher, and neither width nor data moved that (2026-11-28, int8 - fat, bench stream, 50
+# episodes): [128, 128] -0.011 [-0.021, -0.001], [256, 256] -0.011 [-0.019, -0.005], 32 per
+# round -0.011 [-0.018, -0.004]; nor did the student's gain search (-0.006 [-0.016, +0.004]).
 FAMILY_PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "reach/default": {"episodes_per_round": 16, "fit_epochs": 50, "final_fit_epochs": 300},
     "reach/thorough": {"episodes_per_round": 16, "fit_epochs": 50},
