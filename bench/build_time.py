@@ -6,7 +6,8 @@ and report writing included. `--executor process --workers 2` on a 2-core machin
 default build on 2 cores" of the fine-tuning issue's budget (10 minutes per robot).
 
     python bench/build_time.py --robots laikago              # the slowest built-in robot
-    python bench/build_time.py --quick --robots a1           # profile fast: the test suite's run
+    python bench/build_time.py --quick --passes pin-embodiment,export-onnx --robots short.toml
+                                                             # the test suite's run (profile fast)
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from typing import Any
 import common
 
 BUDGET_S = 600.0      # the issue's "within 10 minutes per robot on 2 cores"
+PASSES = ("fat", "pin-embodiment", "rl-finetune", "distill", "export-onnx", "quantize")
 
 
 def build_robot(args, robot: str) -> tuple[dict[str, Any], list[list[Any]], list[Any]]:
     with tempfile.TemporaryDirectory(prefix="xcompile-build-time-") as tmp:
         out = Path(tmp) / "out"
         cmd = [sys.executable, "-m", "xcompile", "build", str(args.checkpoint), "--target", robot,
-               "--int8", "--profile", args.profile, "--seed", str(args.seed),
+               *(["--passes", args.passes] if args.passes else ["--int8"]),
+               "--profile", args.profile, "--seed", str(args.seed),
                "--executor", args.executor, "--out", str(out), "--cache-dir",
                str(Path(tmp) / "cache"), "--json"]
         if args.workers:
@@ -54,15 +57,14 @@ def build_robot(args, robot: str) -> tuple[dict[str, Any], list[list[Any]], list
     return res, rows, summary
 
 
-PASSES = ("fat", "pin-embodiment", "rl-finetune", "distill", "export-onnx", "quantize")
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = common.parser(__doc__.split("\n\n")[0], ["laikago"])
     ap.add_argument("--executor", choices=("serial", "process"), default="process",
                     help="where the build's work runs (default process)")
     ap.add_argument("--workers", type=int, default=None,
                     help="workers of the process executor (default: the cores)")
+    ap.add_argument("--passes", default=None,
+                    help="the plan, as `xcompile build --passes` (default: the default plan)")
     args = common.parse(ap, argv, "build_time")
     if args.quick:
         args.profile = "fast"
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows += r
         summary.append(s)
     workers = args.workers or os.cpu_count()
-    md = (f"`xcompile build {args.checkpoint} --target ROBOT --int8 --profile {args.profile} "
+    plan = f"--passes {args.passes}" if args.passes else "--int8"
+    md = (f"`xcompile build {args.checkpoint} --target ROBOT {plan} --profile {args.profile} "
           f"--executor {args.executor}"
           + (f" --workers {workers}" if args.executor == "process" else "")
           + f"`, each robot alone on the machine with a fresh pass cache; report episodes "

@@ -52,6 +52,8 @@ SECTIONS = [  # script, title, command
     ("build_cost-default", "Build cost: time and memory per pass (profile default)",
      "python bench/build_cost.py --profiles default --sizes 1M,5M --bodies 8 "
      "--out bench/results/build_cost-default.json"),
+    ("build_time", "Build time: a user's default build on 2 cores, pass by pass",
+     "python bench/build_time.py --robots laikago --workers 2"),
     ("runtime_floor", "Runtime floor: latency vs arithmetic vs call overhead",
      "python bench/runtime_floor.py"),
     ("latency_scaling", "Latency ratio vs fat size: pinned ONNX vs slim int8",

@@ -144,3 +144,18 @@ def test_headroom(competent_fat_ckpt, bench_work, tmp_path):
         lo, hi = p["minus_pinned_ci95"]
         assert lo <= p["minus_pinned"] <= hi
         assert abs(p["score"] - res["pinned"] - p["minus_pinned"]) < 1e-3   # diff_ci95 rounds
+
+
+def test_build_time(tiny_fat_ckpt, bench_work, tmp_path):
+    """A user's build timed per stage: a thin plan on a1 with 2 s episodes (a robot TOML)."""
+    toml = (REPO / "xcompile" / "targets" / "robots" / "a1.toml").read_text()
+    robot = tmp_path / "a1.toml"
+    robot.write_text(toml.replace("episode_s = 12.0", "episode_s = 2.0"))
+    doc = run_script("build_time", tiny_fat_ckpt, bench_work, tmp_path / "bt.json", "--robots",
+                     str(robot), "--passes", "pin-embodiment,export-onnx", "--workers", "2")
+    (res,) = doc["results"]
+    stages = [s["name"] for s in res["stages"]]
+    assert stages == ["fat", "pin-embodiment", "export-onnx"]
+    assert all(s["wall_s"] > 0 for s in res["stages"])
+    assert res["wall_s"] >= sum(s["wall_s"] for s in res["stages"])
+    assert res["within_budget"] and not doc["notes"]

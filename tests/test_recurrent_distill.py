@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_rl_distill import SUMMARIES, run_pass
 
+from tests.conftest import short_robot
 from xcompile.artifact import Artifact
 from xcompile.evaluate import evaluate
 from xcompile.frontends.graph import is_recurrent
@@ -26,7 +27,6 @@ from xcompile.onnx.recurrent import CONTRACT_KEY, StateSpec, contract_value
 from xcompile.passes.students import action_error, fit_student, new_student
 from xcompile.policy import body_descriptors, load_fat_checkpoint, load_policy, torch_act
 from xcompile.sim.env import obs_dim, obs_layout
-from xcompile.targets import RobotTarget, load_robot
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,19 +82,13 @@ def test_history_windows_and_sequences_match_step_by_step_calls():
 # ------------------------------------------------------------------------------ end to end
 
 
-def short(name: str, episode_s: float) -> RobotTarget:
-    d = load_robot(name).model_dump()
-    d["task"]["episode_s"] = episode_s
-    return RobotTarget.model_validate(d)
-
-
 @pytest.fixture(scope="module")
 def teacher(competent_fat_ckpt, tmp_path_factory):
     """The competent fixture pinned to a1 with the example's integral state, as the ONNX policy
     that pin-embodiment makes of a recurrent foreign fat policy (contract and state recorded)."""
     import onnx
 
-    robot = short("a1", 4.0)
+    robot = short_robot("a1", 4.0)
     tmp = tmp_path_factory.mktemp("recurrent-teacher")
     ckpt = load_fat_checkpoint(competent_fat_ckpt, robot)
     pinned = pin(ckpt.model, body_descriptors(ckpt, robot)[0], robot.family).eval()
