@@ -117,6 +117,9 @@ search's pool path came after it and changes no result): the "Default builds" an
 the body" sections. Two robots were built at a time, each build serial (one core each), with a
 niced robustness run and a test run beside them for part of the time (load average about 4 on
 2 cores), so their pass seconds are those of one core, not of a lone build on two.
+
+On 2026-11-28 laikago's default build was timed alone on both cores, as a user runs it with
+`--executor process` ("Build time"); no score section was re-run that day.
 """
 
 
