@@ -91,10 +91,15 @@ from xcompile.targets import HardwareTarget
 
 KEEP_STREAM = "finetune-keep"     # the keep-better comparison of start and tuned policy
 
-# Budgets per build profile, for fields the user did not set (2 busy cores: fast is a ~10 s smoke
-# run, default a minute or two, thorough a real fine-tune). lr, anchor_coef and init_std were
-# chosen on a1 and panda: at lr 1e-4, anchor 2, std 0.15 the tuned reach policy fell from 1.0 to
-# 0.78 held-out; at 3e-5 / 10 / 0.1 both kept the tuned policy.
+# Budgets per build profile, for fields the user did not set (fast is a smoke run; default's gain
+# search is most of a build: 719 s of laikago's 1403 s on 2 cores, bench/RESULTS.md). lr,
+# anchor_coef and init_std were chosen on a1 and panda: at lr 1e-4, anchor 2, std 0.15 the tuned
+# reach policy fell from 1.0 to 0.78 held-out; at 3e-5 / 10 / 0.1 both kept the tuned policy.
+# The default's second search iteration earns its half of the cost (2026-11-28: the gains after
+# one and after two iterations of the default builds, minus pinned, 30 bench episodes, paired):
+# a1 +0.018 [-0.003, +0.037] / +0.033 [+0.015, +0.049], spot +0.009 [-0.002, +0.020] / +0.029
+# [+0.018, +0.040], xarm6 +0.031 [+0.004, +0.047] / +0.053 [+0.037, +0.067]; laikago +0.011
+# after either, within the noise of the guard's 10 episodes and of these 30.
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "fast": {"env_steps": 2_048, "n_envs": 8, "rollout_steps": 64, "epochs": 2,
              "critic_warmup_iters": 1, "eval_episodes": 2,
