@@ -141,6 +141,22 @@ def test_a_real_pass_key_covers_the_simulator():
     assert {"xcompile.passes.distill", "xcompile.evaluate", "xcompile.sim.env"} <= set(closure)
 
 
+def test_a_target_is_keyed_by_what_it_says_not_by_its_file(tmp_path):
+    """A target changed after loading is another target (it keeps its TOML's path); the same TOML
+    in another folder is the same target."""
+    from tests.conftest import short_robot
+    from xcompile.targets import load_hardware, load_robot
+
+    cpu = load_hardware("cpu")
+    a1 = load_robot("a1")
+    key = cache_mod.target_fingerprint(a1, cpu)
+    assert short_robot("a1", 3.0).source == a1.source
+    assert cache_mod.target_fingerprint(short_robot("a1", 3.0), cpu) != key
+    copy = tmp_path / "a1.toml"
+    copy.write_text(Path(a1.source).read_text())
+    assert cache_mod.target_fingerprint(load_robot(str(copy)), cpu) == key
+
+
 # ------------------------------------------------------------------------------ artifacts
 
 
