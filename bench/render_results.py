@@ -119,8 +119,8 @@ niced robustness run and a test run beside them for part of the time (load avera
 2 cores), so their pass seconds are those of one core, not of a lone build on two.
 
 On 2026-11-28 laikago's default build was timed alone on both cores, as a user runs it with
-`--executor process` ("Build time"), and the headroom probe ran on the four robots where
-fine-tuning neither pays nor has a near miss ("Headroom"); no build's scores were re-run that day.
+`--executor process` ("Build time"), and the headroom probe ran on four of the five robots where
+fine-tuning does not pay (not laikago, for time); no build's scores were re-run that day.
 """
 
 
