@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,22 @@ def short_robot(name: str, episode_s: float) -> RobotTarget:
     d = load_robot(name).model_dump()
     d["task"]["episode_s"] = episode_s
     return RobotTarget.model_validate(d)
+
+
+@pytest.fixture(scope="session")
+def short_toml(tmp_path_factory) -> dict[str, str]:
+    """TOML files of a1 and panda whose episodes last 3 s (`short_robot`'s, for the command line):
+    `--target` takes them where a test of a build's plumbing would otherwise simulate 10-12 s
+    episodes. Each keeps its robot's name, so the tiny fat checkpoint serves it."""
+    folder = tmp_path_factory.mktemp("short_targets")
+    paths = {}
+    for name in ("a1", "panda"):
+        text = Path(load_robot(name).source).read_text()
+        short = re.sub(r"(?m)^episode_s = .*$", "episode_s = 3.0", text)
+        assert short != text, f"{name}.toml has no episode_s line to shorten"
+        paths[name] = str(folder / f"{name}.toml")
+        Path(paths[name]).write_text(short)
+    return paths
 
 
 @pytest.fixture(scope="session")

@@ -120,13 +120,13 @@ def test_report_of_a_missing_build(tmp_path):
 
 @pytest.mark.skipif(not HAVE_PASSES, reason="xcompile.passes.pin_embodiment/export_onnx/quantize "
                                             "are not written yet")
-def test_thin_build_end_to_end(tiny_fat_ckpt, tmp_path):
+def test_thin_build_end_to_end(tiny_fat_ckpt, short_toml, tmp_path):
     out, cache = tmp_path / "build" / "a1", tmp_path / "cache"
     cfg = tmp_path / "build.toml"
     # Light checks keep the test in seconds; the passes' own tests cover their defaults.
     cfg.write_text('profile = "fast"\n[pass.pin-embodiment]\nn_check_obs = 256\n'
                    'check_episodes = 0\n[pass.quantize]\ncalibration_episodes = 1\n')
-    args = ["build", tiny_fat_ckpt, "--target", "a1", "--passes",
+    args = ["build", tiny_fat_ckpt, "--target", short_toml["a1"], "--passes",
             "pin-embodiment,export-onnx,quantize", "--episodes", "2", "--config", str(cfg),
             "--out", str(out), "--cache-dir", str(cache), "--max-size-kb", "1000"]
     res = runner.invoke(app, args)

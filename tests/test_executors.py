@@ -100,13 +100,14 @@ def test_ray_missing_and_silent_addresses_are_one_line_errors(tiny_fat_ckpt, mon
         probe_address("nowhere")
 
 
-def test_one_build_scores_its_stages_on_the_pool(competent_fat_ckpt, tmp_path):
+def test_one_build_scores_its_stages_on_the_pool(competent_fat_ckpt, short_toml, tmp_path):
     """`xcompile build --executor process` (one target): the passes run here, the report's
     scoring on the pool, and every stage's per-episode scores equal the serial build's."""
     reports = {}
     for ex, extra in (("serial", []), ("process", ["--workers", "2"])):
         out = tmp_path / ex
-        r = runner.invoke(app, ["build", competent_fat_ckpt, "--target", "panda", "--passes",
+        r = runner.invoke(app, ["build", competent_fat_ckpt, "--target", short_toml["panda"],
+                                "--passes",
                                 "pin-embodiment,export-onnx", "--episodes", "2", "--profile",
                                 "fast", "--out", str(out), "--cache-dir", str(tmp_path / ex / ".."
                                 / f"cache-{ex}"), "--executor", ex, *extra, "--json"])

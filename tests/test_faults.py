@@ -165,7 +165,7 @@ def test_robust_sets_faults_on_the_passes_that_train():
                                   "passes": ["pin-embodiment", "export-onnx"]})
 
 
-def test_build_report_has_the_robustness_table(competent_fat_ckpt, tmp_path):
+def test_build_report_has_the_robustness_table(competent_fat_ckpt, short_toml, tmp_path):
     """`xcompile build --robustness`: every fault of the suite × (fat, final) on the report's
     episodes, paired ratios, in report.json and report.md; a fixed arm's payload is n/a."""
     from xcompile.build import run_build
@@ -175,7 +175,7 @@ def test_build_report_has_the_robustness_table(competent_fat_ckpt, tmp_path):
 
     s = resolve_settings(None, {}, {"profile": "fast",
                                     "passes": ["pin-embodiment", "export-onnx", "quantize"]})
-    res = run_build(competent_fat_ckpt, "panda", None, s.plan, tmp_path / "out",
+    res = run_build(competent_fat_ckpt, short_toml["panda"], None, s.plan, tmp_path / "out",
                     tmp_path / "cache", profile=s.profile, episodes=2, rollout=False,
                     robustness=True)
     rb = res.report["robustness"]

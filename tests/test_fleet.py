@@ -38,13 +38,19 @@ def light_config(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def serial_fleet(tiny_fat_ckpt, light_config, tmp_path_factory):
+def serial_fleet(tiny_fat_ckpt, short_toml, light_config, tmp_path_factory):
+    """a1 and panda as TOML files with 3 s episodes (`short_toml`): each target's folder is
+    still named after its robot."""
     base = tmp_path_factory.mktemp("fleet")
-    args = ["build", tiny_fat_ckpt, "--target", "a1,panda", *THIN, "--config", light_config,
+    args = ["build", tiny_fat_ckpt, "--target", _short_fleet(short_toml), *THIN, "--config", light_config,
             "--out", str(base / "fleet"), "--cache-dir", str(base / "cache")]
     res = runner.invoke(app, [*args, "--json"])
     assert res.exit_code == 0, _out(res)
     return json.loads(res.stdout), base / "fleet", args
+
+
+def _short_fleet(short_toml: dict[str, str]) -> str:
+    return f"{short_toml['a1']},{short_toml['panda']}"
 
 
 def _by_target(doc) -> dict[str, tuple]:
@@ -53,7 +59,7 @@ def _by_target(doc) -> dict[str, tuple]:
 
 def test_a_serial_fleet_writes_one_build_folder_per_target_and_a_report(serial_fleet):
     doc, out, args = serial_fleet
-    assert [r["target"] for r in doc["targets"]] == ["a1", "panda"]
+    assert [r["robot"] for r in doc["targets"]] == ["a1", "panda"]
     assert doc["executor"] == "serial" and doc["built"] == 2 and doc["exit_code"] == 0
     assert all(r["ok"] and r["gates_passed"] and r["final"] == "export-onnx"
                for r in doc["targets"])
@@ -79,10 +85,13 @@ def test_a_serial_fleet_writes_one_build_folder_per_target_and_a_report(serial_f
 
 
 def test_a_process_pool_fleet_from_a_fleet_file_has_the_same_scores(serial_fleet, tiny_fat_ckpt,
-                                                                   light_config, tmp_path):
+                                                                   short_toml, light_config,
+                                                                   tmp_path):
     doc, _, _ = serial_fleet
     fleet = tmp_path / "fleet.toml"
-    fleet.write_text('targets = ["a1", "panda"]\n[target.a1]\nepisodes = 1\nprofile = "fast"\n')
+    a1, panda = short_toml["a1"], short_toml["panda"]
+    fleet.write_text(f'targets = ["{a1}", "{panda}"]\n[target."{a1}"]\nepisodes = 1\n'
+                     'profile = "fast"\n')
     res = runner.invoke(app, ["build", tiny_fat_ckpt, "--fleet", str(fleet), *THIN, "--config",
                               light_config, "--out", str(tmp_path / "out"), "--cache-dir",
                               str(tmp_path / "cache"), "--executor", "process", "--workers", "2",
@@ -184,7 +193,8 @@ def test_fleet_file_settings_and_paths(tmp_path):
 
 @pytest.mark.ray
 def test_ray_local_instance_builds_the_fleet_with_the_same_scores(serial_fleet, tiny_fat_ckpt,
-                                                                 light_config, tmp_path):
+                                                                 short_toml, light_config,
+                                                                 tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'xcompile[ray]')")
     from xcompile.executors import evaluate_file, make_executor
     from xcompile.fleet import prepare_jobs, run_fleet
@@ -194,7 +204,8 @@ def test_ray_local_instance_builds_the_fleet_with_the_same_scores(serial_fleet, 
     doc, _, _ = serial_fleet
     cli = {"passes": parse_plan("pin-embodiment,export-onnx"), "profile": "fast", "episodes": 1,
            "emit": "onnx"}
-    jobs, failed = prepare_jobs(Path(tiny_fat_ckpt), parse_targets("a1,panda"), hardware=None,
+    jobs, failed = prepare_jobs(Path(tiny_fat_ckpt), parse_targets(_short_fleet(short_toml)),
+                                hardware=None,
                                 config=Path(light_config), cli=cli,
                                 cache_dir=tmp_path / "cache", rollout=False)
     with make_executor("ray", 2) as ex:
@@ -202,7 +213,7 @@ def test_ray_local_instance_builds_the_fleet_with_the_same_scores(serial_fleet, 
         # Its workers run at this process's priority, not Ray's default nice 15.
         assert ex.map(lambda _: os.nice(0), [0, 1]) == [os.nice(0)] * 2
         got = run_fleet(jobs, failed, tmp_path / "out", ex)
-        panda = load_robot("panda")
+        panda = load_robot(short_toml["panda"])
         on_ray = evaluate_file(tiny_fat_ckpt, panda, 2, 0, chunk=1, executor=ex)
     assert got["executor"] == "ray" and got["exit_code"] == 0
     assert _by_target(got) == _by_target(doc)

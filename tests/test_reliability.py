@@ -265,15 +265,17 @@ def test_200mb_checkpoint_is_held_once_in_memory(tmp_path):
 # ------------------------------------------------------------------------------ 3. interrupted
 
 
-def _build_cmd(ckpt: str, out: Path, cache: Path, cfg: Path, passes: str) -> list[str]:
-    return [sys.executable, "-m", "xcompile", "build", ckpt, "--target", "a1", "--passes",
+def _build_cmd(ckpt: str, target: str, out: Path, cache: Path, cfg: Path, passes: str
+               ) -> list[str]:
+    return [sys.executable, "-m", "xcompile", "build", ckpt, "--target", target, "--passes",
             passes, "--episodes", "1", "--config", str(cfg), "--out", str(out),
             "--cache-dir", str(cache)]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
                          ids=["SIGINT", "SIGTERM", "SIGKILL"])
-def test_interrupted_build_keeps_previous_output_and_resumes(tiny_fat_ckpt, tmp_path, sig):
+def test_interrupted_build_keeps_previous_output_and_resumes(tiny_fat_ckpt, short_toml, tmp_path,
+                                                            sig):
     out, cache, cfg = tmp_path / "build" / "a1", tmp_path / "cache", tmp_path / "b.toml"
     cfg.write_text(LIGHT + "[pass.rl-finetune]\nenv_steps = 200000\n")
     out.mkdir(parents=True)
@@ -283,7 +285,7 @@ def test_interrupted_build_keeps_previous_output_and_resumes(tiny_fat_ckpt, tmp_
     for name, data in previous.items():
         (out / name).write_bytes(data)
 
-    proc = subprocess.Popen(_build_cmd(tiny_fat_ckpt, out, cache, cfg,
+    proc = subprocess.Popen(_build_cmd(tiny_fat_ckpt, short_toml["a1"], out, cache, cfg,
                                        "pin-embodiment,rl-finetune,export-onnx"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             # A suite started in the background (`cmd &` in a script) inherits
@@ -307,7 +309,7 @@ def test_interrupted_build_keeps_previous_output_and_resumes(tiny_fat_ckpt, tmp_
     assert [p.name for p in out.parent.iterdir()] == ["a1"]
 
     # The re-run resumes: the finished pass comes from the cache.
-    res = subprocess.run([*_build_cmd(tiny_fat_ckpt, out, cache, cfg,
+    res = subprocess.run([*_build_cmd(tiny_fat_ckpt, short_toml["a1"], out, cache, cfg,
                                       "pin-embodiment,export-onnx"), "--json"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
