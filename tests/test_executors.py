@@ -107,10 +107,10 @@ def test_one_build_scores_its_stages_on_the_pool(competent_fat_ckpt, short_toml,
     for ex, extra in (("serial", []), ("process", ["--workers", "2"])):
         out = tmp_path / ex
         r = runner.invoke(app, ["build", competent_fat_ckpt, "--target", short_toml["panda"],
-                                "--passes",
-                                "pin-embodiment,export-onnx", "--episodes", "2", "--profile",
-                                "fast", "--out", str(out), "--cache-dir", str(tmp_path / ex / ".."
-                                / f"cache-{ex}"), "--executor", ex, *extra, "--json"])
+                                "--passes", "pin-embodiment,export-onnx", "--episodes", "2",
+                                "--profile", "fast", "--out", str(out), "--cache-dir",
+                                str(tmp_path / f"cache-{ex}"), "--executor", ex, *extra,
+                                "--json"])
         assert r.exit_code == 0, r.output
         reports[ex] = json.loads((out / "report.json").read_text())
     for s, p in zip(reports["serial"]["stages"], reports["process"]["stages"], strict=True):

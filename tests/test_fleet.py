@@ -37,20 +37,21 @@ def light_config(tmp_path_factory) -> str:
     return str(cfg)
 
 
+def _short_fleet(short_toml: dict[str, str]) -> str:
+    """The `--target` list of a1 and panda with 3 s episodes."""
+    return f"{short_toml['a1']},{short_toml['panda']}"
+
+
 @pytest.fixture(scope="module")
 def serial_fleet(tiny_fat_ckpt, short_toml, light_config, tmp_path_factory):
     """a1 and panda as TOML files with 3 s episodes (`short_toml`): each target's folder is
     still named after its robot."""
     base = tmp_path_factory.mktemp("fleet")
-    args = ["build", tiny_fat_ckpt, "--target", _short_fleet(short_toml), *THIN, "--config", light_config,
-            "--out", str(base / "fleet"), "--cache-dir", str(base / "cache")]
+    args = ["build", tiny_fat_ckpt, "--target", _short_fleet(short_toml), *THIN, "--config",
+            light_config, "--out", str(base / "fleet"), "--cache-dir", str(base / "cache")]
     res = runner.invoke(app, [*args, "--json"])
     assert res.exit_code == 0, _out(res)
     return json.loads(res.stdout), base / "fleet", args
-
-
-def _short_fleet(short_toml: dict[str, str]) -> str:
-    return f"{short_toml['a1']},{short_toml['panda']}"
 
 
 def _by_target(doc) -> dict[str, tuple]:
@@ -205,8 +206,7 @@ def test_ray_local_instance_builds_the_fleet_with_the_same_scores(serial_fleet, 
     cli = {"passes": parse_plan("pin-embodiment,export-onnx"), "profile": "fast", "episodes": 1,
            "emit": "onnx"}
     jobs, failed = prepare_jobs(Path(tiny_fat_ckpt), parse_targets(_short_fleet(short_toml)),
-                                hardware=None,
-                                config=Path(light_config), cli=cli,
+                                hardware=None, config=Path(light_config), cli=cli,
                                 cache_dir=tmp_path / "cache", rollout=False)
     with make_executor("ray", 2) as ex:
         assert ex.started and ex.workers == 2
