@@ -60,6 +60,27 @@ def test_students_with_memory_learn_a_delay_a_plain_mlp_cannot():
     assert err["history_mlp"] < 0.25 * base and err["gru"] < 0.4 * base, (err, base)
 
 
+def test_weighted_fit_follows_the_weighted_labels():
+    """The same observations labelled +1 in half the episodes and -1 in the other half: unweighted,
+    every student answers about 0; with weight 0 on the -1 episodes, about +1."""
+    rng = np.random.default_rng(2)
+    base = [rng.standard_normal((20, 4)).astype(np.float32) for _ in range(4)]
+    obs = base + base
+    act = [np.ones((20, 1), np.float32)] * 4 + [-np.ones((20, 1), np.float32)] * 4
+    weights = [np.ones(20, np.float32)] * 4 + [np.zeros(20, np.float32)] * 4
+    for kind in ("mlp", "history_mlp", "gru"):
+        got = {}
+        for name, w in (("plain", None), ("weighted", weights)):
+            gen = torch.Generator().manual_seed(0)
+            torch.manual_seed(0)
+            s = new_student(kind, 4, 1, [16], "elu", 2, obs[:2], 0.05)
+            fit_student(s, obs, act, 80, 1e-2, 32, gen, weights=w)
+            with torch.inference_mode():
+                got[name] = float(torch.cat(sequence_actions(
+                    s, [torch.as_tensor(x) for x in base])).mean())
+        assert abs(got["plain"]) < 0.2 and got["weighted"] > 0.8, (kind, got)
+
+
 def test_history_windows_and_sequences_match_step_by_step_calls():
     rng = np.random.default_rng(1)
     eps = [rng.standard_normal((n, 5)).astype(np.float32) for n in (7, 3)]

@@ -17,6 +17,8 @@ from xcompile.evaluate import evaluate
 from xcompile.seeds import episode_seed
 from xcompile.sim.env import REACH_SCALE_M, Randomization, RobotEnv
 from xcompile.sim.experts import evaluate_expert, expert_action
+from xcompile.sim.observations import random_obs
+from xcompile.sim.tasks import REACH_WEIGHT_FLOOR, step_weights
 from xcompile.targets import load_robot
 
 
@@ -122,6 +124,19 @@ def test_reach_goals_move_over_the_workspace_and_score_per_step():
     assert max(np.linalg.norm(g - ee0) for g in goals) > 0.3
     assert info["score"] == pytest.approx(np.mean(scores), abs=1e-9)
     assert 0.0 < info["score"] < 0.95
+
+
+def test_step_weights_follow_the_reach_scores_sensitivity_to_distance():
+    """distill's weight of a step: a hand at its goal counts 1 + floor, one 10 cm off about the
+    floor, the weights fall with the distance; locomotion has none (every step alike)."""
+    robot = load_robot("panda")
+    obs = random_obs(robot, 4, seed=0)
+    obs[:, :3] = [[0, 0, 0], [0.01, 0, 0], [0, 0.02, 0], [0, 0, 0.1]]   # goal_minus_ee_b
+    w = step_weights(robot, obs)
+    want = REACH_WEIGHT_FLOOR + np.exp(-2 * np.array([0, 0.01, 0.02, 0.1]) / REACH_SCALE_M)
+    np.testing.assert_allclose(w, want, rtol=1e-6)
+    assert list(np.argsort(-w)) == [0, 1, 2, 3]
+    assert step_weights(load_robot("a1"), random_obs(load_robot("a1"), 4, seed=0)) is None
 
 
 def test_reach_expert_beats_a_slow_one_and_a_still_arm():

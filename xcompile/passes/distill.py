@@ -14,7 +14,8 @@ build's executor (`xcompile.passes.dagger_collect`: episode chunks on the proces
 actors, teacher and student passed as files) with the same data whatever runs them. In every
 round the teacher labels every visited state, the data set grows, and the student is fitted on all
 of it (MSE, Adam, `fit_epochs`, warm-started from the previous round); a final longer fit
-(`final_fit_epochs`, cosine learning rate) follows the last round.
+(`final_fit_epochs`, cosine learning rate) follows the last round; each step's error weighted
+as the task's score depends on it (`weight_steps`, `xcompile.sim.tasks.step_weights`).
 
 The student is `slim.MLPPolicy` over the robot's own flat observation, with observation
 normalisation (mean and std of round 0's data, std at least 0.05 so a near-constant input is not
@@ -89,7 +90,7 @@ from xcompile.policy import onnx_act, torch_act
 from xcompile.sim.env import obs_dim
 from xcompile.sim.fault_suite import FaultSchedule
 from xcompile.sim.observations import random_obs
-from xcompile.targets import RobotTarget
+from xcompile.sim.tasks import step_weights
 
 DAGGER_STREAM = "dagger"             # the DAgger rounds' episodes
 HELDOUT_STREAM = "distill-heldout"   # teacher episodes whose labelled states measure action error
@@ -98,10 +99,7 @@ SEARCH_STREAM = "distill-search"     # the gain search on the student
 KEEP_STREAM = "distill-keep"         # ... and whether its gains are kept
 MIN_OBS_STD = 0.05
 
-# Budgets per build profile for fields the user did not set. Fitting is cheap (a few seconds); the
-# simulator episodes are the cost. Measured on panda (the harder one to distill: a reach score
-# needs the final pose within 5 cm): 4 rounds x 6 episodes, 30/100 epochs gave a student at 0.89 of
-# the teacher; 6 x 8 episodes, 60/300 epochs matched it (1.0) in 35 s.
+# Budgets per build profile for fields the user did not set; the simulator episodes are the cost.
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     # fast: 3 rounds x 3 episodes left the arm students at 0.25-0.52 (xarm6, panda, kuka_iiwa);
     # 5 x 8 with 300 final epochs gives xarm6 1.0 for 19 s of distillation. (Episodes cut to a
@@ -134,10 +132,11 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 # episodes (training 0.002), 0.017 on 32: too few goals seen. 16 per round, fewer epochs per fit
 # (bench stream, 30 episodes, student / tuned): xarm6 0.957 [0.92, 0.99] -> 1.001 [0.97, 1.03],
 # panda 0.946 [0.91, 0.98] -> 1.004 [0.98, 1.03], for ~50% more time (the student's gain search,
-# kept on no arm on 2026-11-27, was given up for it). kuka's student stays ~0.01 short of its
-# teacher (int8 or student - fat, bench stream, 50 episodes); width, data, the gain search, the fit
-# do not move it: [256, 256] -0.011, 32 per round -0.011, gain search -0.006 [-0.016, +0.004];
-# 2000 epochs on the same data cut the training MSE 40% (2.3e-5 -> 1.4e-5) and scored -0.014.
+# kept on no arm on 2026-11-27, was given up for it). kuka's student stayed ~0.01 short of its
+# teacher (student - fat, bench stream, 50 episodes) whatever its width ([256, 256] -0.011), data
+# (32 per round -0.011) or fit (2000 epochs -0.014, a linear skip beside the MLP -0.045 at 200),
+# until the fit weighted each step by the score's sensitivity (`weight_steps`, refit on one build's
+# DAgger data): 0.2 + exp(-d / 2 cm) -0.006 [-0.013, +0.001], 0.05 + exp(-2d / 2 cm) +0.000.
 FAMILY_PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "reach/default": {"episodes_per_round": 16, "fit_epochs": 50, "final_fit_epochs": 300},
     "reach/thorough": {"episodes_per_round": 16, "fit_epochs": 50},
@@ -183,6 +182,9 @@ class DistillConfig(PassConfig):
     heldout_episodes: int = Field(2, ge=1, description="teacher episodes whose labelled states "
                                   "measure the action error after each round")
     faults: Literal["none", "suite"] = Field("none", description=FAULTS_HELP)
+    weight_steps: bool = Field(True, description="weight each labelled step's error by how much "
+                               "the task's score depends on it (xcompile.sim.tasks.step_weights; "
+                               "reach: most near the goal); false, or another family: all alike")
     eval_episodes: int = Field(6, ge=1, description="episodes that score teacher and student "
                                "(the same episodes for both, seed stream distill-score)")
     search_iterations: int = Field(0, ge=0, description="an MLP student: iterations of a search "
@@ -214,7 +216,7 @@ class _Data:
 @register_pass
 class Distill(Pass):
     name = "distill"
-    version = 5     # 5: students with state (history_mlp, gru) and recurrent teachers
+    version = 6     # 6: steps weighted by the score's sensitivity (weight_steps)
     input_format = "torch"
     output_format = "torch"
     input_formats = ("torch", "onnx")
@@ -248,7 +250,10 @@ class Distill(Pass):
             tried: list[dict[str, Any]] = []
             chosen: tuple[Any, dict[str, Any]] | None = None
             for ci, hidden in enumerate(candidates):
-                lat = _latency_us(robot, hidden, cfg, kind)
+                lat = latency_us(new_student(kind, obs_dim(robot), robot.n_joints, hidden,
+                                             cfg.activation, cfg.history,
+                                             [random_obs(robot, 8)], MIN_OBS_STD),
+                                 obs_dim(robot))
                 if cfg.auto and lat > budget_us:
                     tried.append({"hidden": hidden, "latency_us": round(lat, 1),
                                   "over_budget": True})
@@ -353,13 +358,6 @@ def _collect(teacher: PolicyRef, student: nn.Module | None, beta: float, noise_s
                        episodes, stream, first_episode, faults=faults)
 
 
-def _latency_us(robot: RobotTarget, hidden: list[int], cfg: DistillConfig, kind: str) -> float:
-    """Median batch-1 latency of a student of these widths, torch eager on one thread."""
-    student = new_student(kind, obs_dim(robot), robot.n_joints, hidden, cfg.activation,
-                          cfg.history, [random_obs(robot, 8)], MIN_OBS_STD)
-    return latency_us(student, obs_dim(robot))
-
-
 def _score(policy: BatchPolicy, cfg: DistillConfig, ctx: BuildContext) -> float:
     return score_policy(policy, ctx.robot, cfg.eval_episodes, ctx.seed, stream=SCORE_STREAM,
                         faults=fault_schedule(cfg, ctx)).score
@@ -382,7 +380,9 @@ def _dagger(teacher: PolicyRef, kind: str, hidden: list[int], cfg: DistillConfig
                            cfg.history, data.obs[:data.first], MIN_OBS_STD)
 
     def fit(model: nn.Module, epochs: int, cosine: bool = False) -> nn.Module:
-        fit_student(model, data.obs, data.act, epochs, cfg.lr, cfg.batch, gen, cosine)
+        w = [step_weights(robot, o) for o in data.obs] if cfg.weight_steps else [None]
+        fit_student(model, data.obs, data.act, epochs, cfg.lr, cfg.batch, gen, cosine,
+                    None if w[0] is None else w)
         return model
 
     total = cfg.rounds + 1

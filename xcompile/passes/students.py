@@ -7,8 +7,10 @@
                    truncated back-propagation through time (`TBPTT` steps per update, the state
                    carried across updates, detached).
 
-Every fit is MSE to the teacher's actions with Adam (cosine learning rate for the final fit); the
-data are per episode, since a recurrent student's input at a step depends on the steps before it.
+Every fit is MSE to the teacher's actions with Adam (cosine learning rate for the final fit),
+each step weighted when the caller gives weights (distill: `xcompile.sim.tasks.step_weights`,
+rescaled to mean 1 over the data); the data are per episode, since a recurrent student's input at
+a step depends on the steps before it.
 Observation normalisation starts from the first round's data (std at least `min_std`).
 """
 
@@ -61,16 +63,24 @@ def new_student(kind: str, obs_dim: int, n_act: int, hidden: list[int], activati
 
 def fit_student(student: nn.Module, obs: Sequence[np.ndarray], act: Sequence[np.ndarray],
                 epochs: int, lr: float, batch: int, gen: torch.Generator,
-                cosine: bool = False) -> float:
-    """Fit `student` to the labels `act` of the episodes `obs`; the last epoch's mean loss."""
+                cosine: bool = False, weights: Sequence[np.ndarray] | None = None) -> float:
+    """Fit `student` to the labels `act` of the episodes `obs` (each step's squared error times
+    its entry of `weights`, per episode, rescaled to mean 1; None: all 1); the last epoch's mean
+    loss."""
+    w = None
+    if weights is not None:
+        flat = np.concatenate(weights).astype(np.float32)
+        cuts = np.cumsum([len(x) for x in weights])[:-1]
+        w = [torch.as_tensor(x) for x in np.split(flat / max(float(flat.mean()), 1e-12), cuts)]
     if isinstance(student, GRUStudent):
-        return _fit_sequences(student, obs, act, epochs, lr, gen, cosine)
+        return _fit_sequences(student, obs, act, epochs, lr, gen, cosine, w)
     y = torch.as_tensor(np.concatenate(act))
+    w_steps = torch.cat(w) if w is not None else None
     if isinstance(student, HistoryMLP):
         return _fit_steps(student.mlp, torch.as_tensor(windows(obs, student.history)), y,
-                          epochs, lr, batch, gen, cosine)
+                          epochs, lr, batch, gen, cosine, w_steps)
     return _fit_steps(student, torch.as_tensor(np.concatenate(obs)), y, epochs, lr, batch, gen,
-                      cosine)
+                      cosine, w_steps)
 
 
 def action_error(student: nn.Module, obs: Sequence[np.ndarray], act: Sequence[np.ndarray]
@@ -107,8 +117,9 @@ def _finite(loss: float) -> float:
 
 
 def _fit_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float,
-               batch: int, gen: torch.Generator, cosine: bool) -> float:
-    """MSE fit on minibatches of steps."""
+               batch: int, gen: torch.Generator, cosine: bool,
+               w: torch.Tensor | None = None) -> float:
+    """(Weighted) MSE fit on minibatches of steps."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = _schedule(opt, epochs * math.ceil(len(x) / batch), lr, cosine)
     model.train()
@@ -118,7 +129,8 @@ def _fit_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, 
         loss_sum, n_mb = 0.0, 0
         for s in range(0, len(x), batch):
             mb = perm[s:s + batch]
-            loss = torch.mean((model(x[mb]) - y[mb]) ** 2)
+            err = ((model(x[mb]) - y[mb]) ** 2).mean(-1)
+            loss = (err * w[mb]).mean() if w is not None else err.mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -131,9 +143,12 @@ def _fit_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, 
 
 
 def _fit_sequences(student: GRUStudent, obs: Sequence[np.ndarray], act: Sequence[np.ndarray],
-                   epochs: int, lr: float, gen: torch.Generator, cosine: bool) -> float:
-    """MSE fit on batches of whole episodes, truncated BPTT with an update every TBPTT steps."""
+                   epochs: int, lr: float, gen: torch.Generator, cosine: bool,
+                   ws: Sequence[torch.Tensor] | None = None) -> float:
+    """(Weighted) MSE fit on batches of whole episodes, truncated BPTT with an update every
+    TBPTT steps."""
     xs, ys = [torch.as_tensor(x) for x in obs], [torch.as_tensor(y) for y in act]
+    ws = ws if ws is not None else [torch.ones(len(x)) for x in xs]
     n = len(xs)
     updates = sum(math.ceil(max(len(xs[i]) for i in range(s, min(n, s + SEQ_BATCH))) / TBPTT)
                   for s in range(0, n, SEQ_BATCH))
@@ -148,11 +163,12 @@ def _fit_sequences(student: GRUStudent, obs: Sequence[np.ndarray], act: Sequence
             idx = perm[s:s + SEQ_BATCH]
             x = nn.utils.rnn.pad_sequence([xs[i] for i in idx], batch_first=True)
             y = nn.utils.rnn.pad_sequence([ys[i] for i in idx], batch_first=True)
+            w = nn.utils.rnn.pad_sequence([ws[i] for i in idx], batch_first=True)
             live = torch.arange(x.shape[1])[None] < torch.tensor([len(xs[i]) for i in idx])[:, None]
             (h,) = reset_states(student, len(idx))
             for t0 in range(0, x.shape[1], TBPTT):
                 pred, h = student.sequence(x[:, t0:t0 + TBPTT], h)
-                err = ((pred - y[:, t0:t0 + TBPTT]) ** 2).mean(-1)
+                err = ((pred - y[:, t0:t0 + TBPTT]) ** 2).mean(-1) * w[:, t0:t0 + TBPTT]
                 loss = err[live[:, t0:t0 + TBPTT]].mean()
                 opt.zero_grad()
                 loss.backward()

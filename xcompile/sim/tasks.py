@@ -48,6 +48,8 @@ REACH_SCALE_M = 0.02
 VEL_AVERAGE_S = 0.2          # the base velocity scored is averaged (exponentially) over this
 STAND_PROBABILITY = 0.1      # share of commands that are "stand still"
 WITHIN_M = 0.01              # reach: "time to within 1 cm"
+# distill's weight of a labelled reach step where the hand is far from its goal, against 1 at it
+REACH_WEIGHT_FLOOR = 0.05
 
 
 def obs_dim(robot: RobotTarget) -> int:
@@ -157,3 +159,24 @@ def locomotion_step_score(vel_error_mps: float, yaw_rate_error_rps: float) -> fl
 
 def reach_step_score(distance_m: float) -> float:
     return math.exp(-distance_m / REACH_SCALE_M)
+
+
+def step_weights(robot: RobotTarget, obs: np.ndarray) -> np.ndarray | None:
+    """How much the action at each observation (rows of `obs`) counts towards the score, for a fit
+    to a teacher's actions (distill); None where the family has no such weight (every step alike).
+
+    Reach: the square of the per-step score's sensitivity to the hand's distance d, relative to
+    at the goal, exp(-2 d / 2 cm) (a squared error weighted so approximates the squared loss of
+    score), plus `REACH_WEIGHT_FLOOR` so the moves between goals are still learned. Near its goal
+    an arm's action error of a few thousandths of a radian moves the hand millimetres, and there
+    the score falls fastest with them: kuka's student, fitted unweighted, settled further from the
+    goals than its teacher (`xcompile.passes.distill`, FAMILY_PROFILE_DEFAULTS)."""
+    if robot.family != "reach":
+        return None
+    at = 0
+    for name, width in obs_layout(robot):
+        if name == "goal_minus_ee_b":
+            break
+        at += width
+    d = np.linalg.norm(np.asarray(obs, dtype=np.float64)[:, at:at + 3], axis=1)
+    return (REACH_WEIGHT_FLOOR + np.exp(-2 * d / REACH_SCALE_M)).astype(np.float32)
