@@ -15,6 +15,7 @@ No simulation here: it re-reads per-episode scores, so it runs in a second.
 
     python bench/finetune.py                       # reads bench/results/quality-default.json
     python bench/finetune.py --source other.json --out bench/results/finetune-other.json
+    python bench/finetune.py --source all.json arms.json   # arms.json's robots replace all.json's
 """
 
 from __future__ import annotations
@@ -72,14 +73,20 @@ def robot_row(res: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--source", default=str(common.REPO / "bench/results/quality-default.json"),
-                    help="a quality.py --profile default results file")
+    ap.add_argument("--source", nargs="+",
+                    default=[str(common.REPO / "bench/results/quality-default.json")],
+                    help="quality.py --profile default results files; a robot in a later file "
+                    "replaces the same robot of an earlier one (a re-run of some robots)")
     ap.add_argument("--out", default=str(common.REPO / "bench/results/finetune.json"))
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    src = json.loads(Path(args.source).read_text())
+    srcs = [json.loads(Path(f).read_text()) for f in args.source]
+    src, by_robot, origin = srcs[0], {}, {}
+    for f, doc in zip(args.source, srcs):
+        for res in doc["results"]:
+            by_robot[res["robot"]], origin[res["robot"]] = res, f
     results, rows = [], []
-    for res in src["results"]:
+    for res in by_robot.values():
         if res.get("error"):
             rows.append([res["robot"], f"build failed: {res['error']}"] + [""] * 10)
             continue
@@ -89,7 +96,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pays = sum(1 for r in results if (r["int8_minus_pinned_ci95"] or [0])[0] > 0)
     lower = [r["robot"] for r in results if (r["int8_minus_pinned_ci95"] or [0, 0])[1] < 0]
     eps = len((src["results"][0]["stages"]["pinned"] or {}).get("scores") or [])
-    md = (f"From `{Path(args.source).name}` (`{src['command']}`): {eps} report episodes per stage, "
+    froms = "; ".join(
+        f"`{Path(f).name}` (`{doc['command']}`)"
+        + ("" if len(srcs) == 1 else ": " + ", ".join(r for r, o in origin.items() if o == f))
+        for f, doc in zip(args.source, srcs) if f in origin.values())
+    md = (f"From {froms}: {eps} report episodes per stage, "
           "the same for every stage; differences and ratios paired, bootstrap 95%.\n\n"
           + common.md_table(["robot", "pinned", "tuned", "int8", "tuned − pinned [95%]",
                              "int8 − pinned [95%]", "int8 / tuned [95%]",
@@ -103,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "quick": False, "checkpoint": src["checkpoint"], "checkpoint_id": src["checkpoint_id"],
            "robots": [r["robot"] for r in results], "machine": src["machine"],
            "protocol": src["protocol"], "wall_s": round(time.perf_counter() - t0, 1),
-           "source_wall_s": src["wall_s"], "notes": [], "results": results, "markdown": md}
+           "source_wall_s": sum(d["wall_s"] for d in srcs), "notes": [], "results": results,
+           "markdown": md}
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(md)
     return doc
