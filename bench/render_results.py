@@ -19,8 +19,12 @@ SECTIONS = [  # script, title, command
      "python bench/quality.py --plan thin"),
     ("quality-default", "Default builds: every stage of `xcompile build --int8`, all robots",
      "python bench/quality.py --profile default"),
+    ("quality-default-arms", "Default builds of the arms, distill's steps weighted by the score",
+     "python bench/quality.py --profile default --episodes 50 --workers 2 --robots kuka_iiwa "
+     "panda xarm6 --out bench/results/quality-default-arms.json"),
     ("finetune", "Fine-tuning for the body: what it adds, and what the slim policy keeps "
-     "(default builds)", "python bench/finetune.py   # after quality.py --profile default"),
+     "(default builds)", "python bench/finetune.py --source bench/results/quality-default.json "
+     "bench/results/quality-default-arms.json"),
     ("quality-unseen", "A body the fat policy never saw: the default build of the unseen arm",
      "python bench/quality.py --profile default --episodes 50 --robots "
      "examples/unseen_arm/arm5.toml --out bench/results/quality-unseen.json"),
@@ -47,6 +51,9 @@ SECTIONS = [  # script, title, command
     ("robustness-robust-quadrupeds", "Robustness of mini cheetah's and aliengo's robust builds",
      "python bench/robustness.py --profile default --episodes 50 --workers 2 --robust --robots "
      "mini_cheetah aliengo --out bench/results/robustness-robust-quadrupeds.json"),
+    ("robustness-robust-laikago", "Robustness of laikago's robust build",
+     "python bench/robustness.py --profile default --episodes 50 --workers 1 --robust --robots "
+     "laikago --out bench/results/robustness-robust-laikago.json"),
     ("build_cost", "Build cost: time and memory per pass (profile fast)",
      "python bench/build_cost.py --profiles fast --bodies 2,8"),
     ("build_cost-default", "Build cost: time and memory per pass (profile default)",
@@ -132,6 +139,7 @@ both cores).
 SCORED = ("quality", "quality-thin", "quality-default",  # sections with scores
           "finetune", "robustness", "robustness-robust", "robustness-arms",
           "robustness-robust-arms", "robustness-robust-xarm6", "robustness-robust-quadrupeds",
+          "quality-default-arms", "robustness-robust-laikago",
           "headroom",
           "quality-unseen", "finetune-unseen")
 WORLD_FREE = ("raptor", "quadrotor")   # sections that use neither the sample fat policy nor
@@ -149,12 +157,20 @@ PER_CHANNEL = ("**Built before weight-only int8 kept one scale per output channe
                "matrix. Not re-run. ")
 ARMS_16 = ("**Built before the arms' distillation went to 16 DAgger episodes per round** (8 "
            "here). Not re-run. ")
+WEIGHTED = ("**Built before distill weighted each labelled step by how much the score depends on "
+            "it** (2026-11-28, `weight_steps`: the reach students). Not re-run. ")
 CHANGED_SINCE = {
     "robustness": BEFORE_SEARCH + ARMS_4 + PER_CHANNEL,
     "robustness-robust": BEFORE_SEARCH + ARMS_4 + PER_CHANNEL,
-    "robustness-arms": BEFORE_SEARCH + PER_CHANNEL,
-    "robustness-robust-arms": BEFORE_SEARCH + PER_CHANNEL,
-    "robustness-robust-xarm6": ARMS_16 + PER_CHANNEL,
+    "robustness-arms": BEFORE_SEARCH + PER_CHANNEL + WEIGHTED,
+    "robustness-robust-arms": BEFORE_SEARCH + PER_CHANNEL + WEIGHTED,
+    "robustness-robust-xarm6": ARMS_16 + PER_CHANNEL + WEIGHTED,
+    "quality-default": ("**The arms' rows were built before distill weighted each labelled step "
+                        "by how much the score depends on it** (2026-11-28, `weight_steps`): "
+                        "the next section re-runs the arms, and the fine-tuning table takes "
+                        "their rows from it."),
+    "quality-unseen": WEIGHTED,
+    "finetune-unseen": WEIGHTED,
     "quality-thin": PER_CHANNEL,
     "inference": PER_CHANNEL,
     "c_backend": PER_CHANNEL,

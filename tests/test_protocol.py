@@ -294,7 +294,7 @@ def test_distill_rounds_and_rungs_never_share_episodes(panda_pinned, reset_seeds
         return 1.0 if len(calls) == 1 else 0.0
 
     monkeypatch.setattr(distill_mod, "_score", score)
-    monkeypatch.setattr(distill_mod, "_latency_us", lambda robot, hidden, *_: 1.0)
+    monkeypatch.setattr(distill_mod, "student_latency_us", lambda *_: 1.0)
     run_pass("distill", pinned, robot, tmp / "distill", auto=True, ladder=[[8], [16]],
              min_score_fraction=1.0, rounds=2, episodes_per_round=1, fit_epochs=1,
              final_fit_epochs=0, eval_episodes=1, heldout_episodes=1)

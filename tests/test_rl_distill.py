@@ -237,8 +237,8 @@ def test_student_exports_to_onnx(distilled):
 def test_auto_picks_smallest_rung_that_meets_score_and_latency(pinned_panda, monkeypatch):
     robot, pinned, tmp = pinned_panda
     # Latency is faked so the outcome does not depend on the machine: rung [64] is over budget.
-    monkeypatch.setattr(distill_mod, "_latency_us",
-                        lambda robot, hidden, *_: 10.0 * hidden[0])   # cpu budget: 500 µs
+    monkeypatch.setattr(distill_mod, "student_latency_us",
+                        lambda robot, kind, hidden, *_: 10.0 * hidden[0])   # cpu budget: 500 µs
     tiny = dict(rounds=1, episodes_per_round=1, fit_epochs=2, final_fit_epochs=0,
                 eval_episodes=1, heldout_episodes=1)
     _, m = run_pass("distill", pinned, robot, tmp / "auto0", auto=True,

@@ -84,7 +84,7 @@ from xcompile.passes.base import (
 )
 from xcompile.passes.dagger_collect import Collected, collect
 from xcompile.passes.gain_search import search_and_keep
-from xcompile.passes.students import action_error, fit_student, latency_us, new_student
+from xcompile.passes.students import action_error, fit_student, new_student, student_latency_us
 from xcompile.passes.training import FAULTS_HELP, fault_schedule, start_training
 from xcompile.policy import onnx_act, torch_act
 from xcompile.sim.env import obs_dim
@@ -250,10 +250,8 @@ class Distill(Pass):
             tried: list[dict[str, Any]] = []
             chosen: tuple[Any, dict[str, Any]] | None = None
             for ci, hidden in enumerate(candidates):
-                lat = latency_us(new_student(kind, obs_dim(robot), robot.n_joints, hidden,
-                                             cfg.activation, cfg.history,
-                                             [random_obs(robot, 8)], MIN_OBS_STD),
-                                 obs_dim(robot))
+                lat = student_latency_us(robot, kind, hidden, cfg.activation, cfg.history,
+                                         MIN_OBS_STD)
                 if cfg.auto and lat > budget_us:
                     tried.append({"hidden": hidden, "latency_us": round(lat, 1),
                                   "over_budget": True})

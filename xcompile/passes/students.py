@@ -36,6 +36,9 @@ from xcompile.models.recurrent import (
     sequence_actions,
     windows,
 )
+from xcompile.sim.observations import random_obs
+from xcompile.sim.tasks import obs_dim
+from xcompile.targets import RobotTarget
 
 KINDS = ("mlp", "history_mlp", "gru")
 TBPTT = 50          # GRU: steps per update
@@ -103,6 +106,14 @@ def latency_us(student: nn.Module, obs_dim: int, n: int = 300) -> float:
             if i >= 30:
                 times.append(time.perf_counter_ns() - t)
     return float(np.median(times) / 1e3)
+
+
+def student_latency_us(robot: RobotTarget, kind: str, hidden: list[int], activation: str,
+                       history: int, min_std: float) -> float:
+    """`latency_us` of a new student of `kind` and these widths for `robot` (random weights)."""
+    s = new_student(kind, obs_dim(robot), robot.n_joints, hidden, activation, history,
+                    [random_obs(robot, 8)], min_std)
+    return latency_us(s, obs_dim(robot))
 
 
 def _schedule(opt: torch.optim.Optimizer, steps: int, lr: float, cosine: bool) -> Any:
