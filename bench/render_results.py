@@ -131,8 +131,14 @@ fine-tuning does not pay (not laikago, for time); no build's scores were re-run 
 
 Later on 2026-11-28 mini cheetah's and aliengo's robust builds were made and scored under the
 fault suite (50 bench episodes per cell), each build on one core with the other beside it;
-laikago's robust build is still not measured (a robust build of it takes about 25 minutes of
-both cores).
+laikago's robust build was measured the next session.
+
+On 2026-11-28 distill began weighting each labelled step by how much the task's score depends on
+it (`weight_steps`; the reach family only: near the goal most). The arms' default builds were
+re-run with it (kuka, panda, xarm6; 50 report episodes, two robots at a time, one core each,
+beside laikago's robust build and a test run: their pass seconds are inflated) in "Default builds
+of the arms", and the fine-tuning table takes the arms' rows from that run; laikago's robust
+build (locomotion: no weights, unchanged by it) was scored under the fault suite beside them.
 """
 
 
@@ -177,7 +183,9 @@ CHANGED_SINCE = {
     "foreign": ("**Part 2's int8 rows were measured before 2026-11-27,** when quantize kept a "
                 "recurrent student's recurrent weights in float (its first/last-layer walk "
                 "started at the state's inputs and outputs): the GRU's int8 file is 0.91x its "
-                "float one here, about 0.41x with quantize as it is now. Not re-run."),
+                "float one here, about 0.41x with quantize as it is now. Not re-run. "
+                + WEIGHTED.replace(" Not re-run. ",
+                                   " Its panda rows are of the distill before it; not re-run.")),
 }
 
 
