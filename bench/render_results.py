@@ -131,7 +131,7 @@ fine-tuning does not pay (not laikago, for time); no build's scores were re-run 
 
 Later on 2026-11-28 mini cheetah's and aliengo's robust builds were made and scored under the
 fault suite (50 bench episodes per cell), each build on one core with the other beside it;
-laikago's robust build was measured the next session.
+laikago's followed (next paragraph).
 
 On 2026-11-28 distill began weighting each labelled step by how much the task's score depends on
 it (`weight_steps`; the reach family only: near the goal most). The arms' default builds were
