@@ -55,7 +55,9 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -101,16 +103,12 @@ MIN_OBS_STD = 0.05
 
 # Budgets per build profile for fields the user did not set; the simulator episodes are the cost.
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
-    # fast: 3 rounds x 3 episodes left the arm students at 0.25-0.52 (xarm6, panda, kuka_iiwa);
-    # 5 x 8 with 300 final epochs gives xarm6 1.0 for 19 s of distillation. (Episodes cut to a
-    # third when they grew from 3-4 s to 10-12 s on 2026-11-26: the same seconds of data.)
+    # fast: 3 rounds x 3 episodes left the arm students at 0.25-0.52; 5 x 8 (of 3-4 s; a third of
+    # that since episodes grew to 10-12 s) with 300 final epochs gave xarm6 1.0 in 19 s.
     "fast": {"rounds": 5, "episodes_per_round": 3, "fit_epochs": 40, "final_fit_epochs": 300,
              "eval_episodes": 1, "heldout_episodes": 1},
-    # default: 6 x 8 episodes, 60/300 epochs was enough for the 1.1M sample's teachers; the 4.6M
-    # sample's xarm6 teacher then gave a student at 0.876 (seeds 0-9; action error 0.0082), a
-    # slow drift off the goal. 8 x 12 episodes, 100/600 epochs: 1.0 (seeds 0-9), 0.97 (seeds
-    # 10-29; episodes seeded 0..29, before the seed streams), action error 0.0048; 100-265 s
-    # per robot in `bench/quality.py --profile default`.
+    # default: 6 x 8 episodes, 60/300 epochs left the 4.6M sample's xarm6 student at 0.876 of its
+    # teacher (a slow drift off the goal); 8 x 12, 100/600 epochs: 1.0 (seeds 0-9), 0.97 (10-29).
     "default": {"rounds": 8, "episodes_per_round": 4, "fit_epochs": 100, "final_fit_epochs": 600,
                 "eval_episodes": 2, "heldout_episodes": 1},
     "thorough": {"rounds": 10, "episodes_per_round": 4, "fit_epochs": 80,
@@ -127,14 +125,13 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "quadrotor": {"hidden": [32], "ladder": [[16], [32], [64]]},
 }
 # Budgets per family and profile, over the profile's. Arms are short of data, not width: kuka's
-# student (teacher 0.417) was 0.258 with 4 episodes per round, 0.254 with [256, 256], 0.402
-# with 8 (report stream, 50 episodes); panda's held-out action error was 0.067 on 8 teacher
-# episodes (training 0.002), 0.017 on 32: too few goals seen. 16 per round, fewer epochs per fit
-# (bench stream, 30 episodes, student / tuned): xarm6 0.957 [0.92, 0.99] -> 1.001 [0.97, 1.03],
-# panda 0.946 [0.91, 0.98] -> 1.004 [0.98, 1.03], for ~50% more time (the student's gain search,
-# kept on no arm on 2026-11-27, was given up for it). kuka's student stayed ~0.01 short of its
-# teacher (student - fat, bench stream, 50 episodes) whatever its width ([256, 256] -0.011), data
-# (32 per round -0.011) or fit (2000 epochs -0.014, a linear skip beside the MLP -0.045 at 200),
+# student (teacher 0.417) was 0.258 with 4 episodes per round, 0.254 with [256, 256], 0.402 with 8
+# (report, 50 episodes); panda's held-out action error 0.067 on 8, 0.017 on 32. 16 per round,
+# fewer epochs per fit (bench, 30 episodes, student / tuned): xarm6 0.957 [0.92, 0.99] -> 1.001
+# [0.97, 1.03], panda 0.946 [0.91, 0.98] -> 1.004 [0.98, 1.03], for ~50% more time (the student's
+# gain search, kept on no arm on 2026-11-27, was given up for it). kuka's student stayed ~0.01
+# short of its teacher (student - fat, bench, 50 episodes) whatever its width ([256, 256] -0.011),
+# data (32 per round -0.011) or fit (2000 epochs -0.014, a linear skip beside the MLP -0.045 at 200),
 # until the fit weighted each step by the score's sensitivity (`weight_steps`, refit on one build's
 # DAgger data): 0.2 + exp(-d / 2 cm) -0.006 [-0.013, +0.001], 0.05 + exp(-2d / 2 cm) +0.000.
 FAMILY_PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -198,16 +195,22 @@ class DistillConfig(PassConfig):
 
 @dataclass
 class _Data:
-    """The labelled episodes so far (observations and the teacher's actions, per episode)."""
+    """The labelled episodes so far, per episode: observations, the teacher's actions and each
+    step's weight in the fit, `weigh(obs)` as the episode is added (empty where `weigh` is None
+    or gives None: the task weighs every step alike)."""
 
+    weigh: Callable[[np.ndarray], np.ndarray | None] | None = None
     obs: list[np.ndarray] = field(default_factory=list)
     act: list[np.ndarray] = field(default_factory=list)
+    weights: list[np.ndarray] = field(default_factory=list)
     first: int = 0          # episodes of the first round (the normalisation's statistics)
 
     def add(self, got: Collected) -> None:
         self.first = self.first or len(got.obs)
         self.obs += got.obs
         self.act += got.labels
+        w = [self.weigh(o) for o in got.obs] if self.weigh else []
+        self.weights += [x for x in w if x is not None]
 
     def __len__(self) -> int:
         return sum(len(o) for o in self.obs)
@@ -245,7 +248,7 @@ class Distill(Pass):
             heldout = _collect(teacher_ref, None, 0.0, 0.0, ctx, cfg.heldout_episodes,
                                HELDOUT_STREAM)
             teacher_score = _score(teacher, cfg, ctx)
-            data = _Data()
+            data = _Data(partial(step_weights, robot) if cfg.weight_steps else None)
             candidates = cfg.ladder if cfg.auto else [cfg.hidden]
             tried: list[dict[str, Any]] = []
             chosen: tuple[Any, dict[str, Any]] | None = None
@@ -378,9 +381,8 @@ def _dagger(teacher: PolicyRef, kind: str, hidden: list[int], cfg: DistillConfig
                            cfg.history, data.obs[:data.first], MIN_OBS_STD)
 
     def fit(model: nn.Module, epochs: int, cosine: bool = False) -> nn.Module:
-        w = [step_weights(robot, o) for o in data.obs] if cfg.weight_steps else [None]
         fit_student(model, data.obs, data.act, epochs, cfg.lr, cfg.batch, gen, cosine,
-                    None if w[0] is None else w)
+                    data.weights or None)
         return model
 
     total = cfg.rounds + 1

@@ -37,7 +37,6 @@ from xcompile.models.recurrent import (
     windows,
 )
 from xcompile.sim.observations import random_obs
-from xcompile.sim.tasks import obs_dim
 from xcompile.targets import RobotTarget
 
 KINDS = ("mlp", "history_mlp", "gru")
@@ -70,20 +69,19 @@ def fit_student(student: nn.Module, obs: Sequence[np.ndarray], act: Sequence[np.
     """Fit `student` to the labels `act` of the episodes `obs` (each step's squared error times
     its entry of `weights`, per episode, rescaled to mean 1; None: all 1); the last epoch's mean
     loss."""
-    w = None
+    w = None                 # one weight per step of every episode, in order
     if weights is not None:
         flat = np.concatenate(weights).astype(np.float32)
-        cuts = np.cumsum([len(x) for x in weights])[:-1]
-        w = [torch.as_tensor(x) for x in np.split(flat / max(float(flat.mean()), 1e-12), cuts)]
+        w = torch.as_tensor(flat / max(float(flat.mean()), 1e-12))
     if isinstance(student, GRUStudent):
-        return _fit_sequences(student, obs, act, epochs, lr, gen, cosine, w)
+        ws = None if w is None else w.split([len(x) for x in obs])
+        return _fit_sequences(student, obs, act, epochs, lr, gen, cosine, ws)
     y = torch.as_tensor(np.concatenate(act))
-    w_steps = torch.cat(w) if w is not None else None
     if isinstance(student, HistoryMLP):
         return _fit_steps(student.mlp, torch.as_tensor(windows(obs, student.history)), y,
-                          epochs, lr, batch, gen, cosine, w_steps)
+                          epochs, lr, batch, gen, cosine, w)
     return _fit_steps(student, torch.as_tensor(np.concatenate(obs)), y, epochs, lr, batch, gen,
-                      cosine, w_steps)
+                      cosine, w)
 
 
 def action_error(student: nn.Module, obs: Sequence[np.ndarray], act: Sequence[np.ndarray]
@@ -111,9 +109,9 @@ def latency_us(student: nn.Module, obs_dim: int, n: int = 300) -> float:
 def student_latency_us(robot: RobotTarget, kind: str, hidden: list[int], activation: str,
                        history: int, min_std: float) -> float:
     """`latency_us` of a new student of `kind` and these widths for `robot` (random weights)."""
-    s = new_student(kind, obs_dim(robot), robot.n_joints, hidden, activation, history,
-                    [random_obs(robot, 8)], min_std)
-    return latency_us(s, obs_dim(robot))
+    x = random_obs(robot, 8)
+    s = new_student(kind, x.shape[1], robot.n_joints, hidden, activation, history, [x], min_std)
+    return latency_us(s, x.shape[1])
 
 
 def _schedule(opt: torch.optim.Optimizer, steps: int, lr: float, cosine: bool) -> Any:
